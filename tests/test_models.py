@@ -315,7 +315,7 @@ class MyDecoder(nn.Module):
 def test_as_vae_protocol_against_direct_computation():
     torch.manual_seed(0)
     enc, dec = MyEncoder(), MyDecoder()
-    model = as_vae(enc, dec, latent_dim=2)
+    model = as_vae(enc, dec, decoder_output="logits", latent_dim=2)
     assert model.input_shape == (3, 4) and model.latent_dim == 2 and model.likelihood == "bernoulli"
     x = torch.rand(5, 3, 4)
     mu, lv = model.encode(x)
@@ -334,7 +334,7 @@ def test_as_vae_protocol_against_direct_computation():
 def test_as_vae_lazy_shape_mean_output_and_gaussian():
     torch.manual_seed(1)
     enc, dec = MyEncoder(), MyDecoder()
-    lazy = as_vae(enc, dec)
+    lazy = as_vae(enc, dec, decoder_output="logits")
     with pytest.raises(ValueError, match="not known yet"):
         _ = lazy.input_shape
     x = torch.rand(4, 3, 4)
@@ -350,7 +350,7 @@ def test_as_vae_lazy_shape_mean_output_and_gaussian():
     torch.testing.assert_close(mm.decode(z), torch.sigmoid(dec(z)))  # exact decoder mean
     torch.testing.assert_close(mm.log_likelihood(x, z), lazy.log_likelihood(x, z), atol=1e-4, rtol=1e-5)
 
-    g = as_vae(enc, dec, likelihood="gaussian", gaussian_std=0.5, input_shape=(3, 4))
+    g = as_vae(enc, dec, likelihood="gaussian", decoder_output="mean", gaussian_std=0.5, input_shape=(3, 4))
     ref = stats.norm.logpdf(x.flatten(1).numpy(), dec(z).detach().flatten(1).numpy(), 0.5).sum(1)
     np.testing.assert_allclose(g.log_likelihood(x, z).detach().numpy(), ref, rtol=1e-5)
     assert vaefast.as_vae is as_vae
@@ -358,16 +358,16 @@ def test_as_vae_lazy_shape_mean_output_and_gaussian():
 
 def test_as_vae_mismatch_and_bad_arguments():
     with pytest.raises(ValueError, match="encoder/decoder mismatch"):
-        as_vae(MyEncoder(), MyDecoder(d_out=10, out_shape=(10,)), input_shape=(12,))
+        as_vae(MyEncoder(), MyDecoder(d_out=10, out_shape=(10,)), decoder_output="logits", input_shape=(12,))
     with pytest.raises(ValueError, match="decoder failed"):
-        as_vae(MyEncoder(d=2), MyDecoder(d=3), input_shape=(12,))
+        as_vae(MyEncoder(d=2), MyDecoder(d=3), decoder_output="logits", input_shape=(12,))
     with pytest.raises(ValueError, match="latent_dim=3"):
-        as_vae(MyEncoder(d=2), MyDecoder(d=2), input_shape=(12,), latent_dim=3)
+        as_vae(MyEncoder(d=2), MyDecoder(d=2), decoder_output="logits", input_shape=(12,), latent_dim=3)
     with pytest.raises(ValueError, match=r"\(mu, logvar\)"):
-        as_vae(nn.Linear(12, 2), MyDecoder(), input_shape=(12,))
+        as_vae(nn.Linear(12, 2), MyDecoder(), decoder_output="logits", input_shape=(12,))
     with pytest.raises(ValueError, match="likelihood"):
-        as_vae(MyEncoder(), MyDecoder(), likelihood="poisson")
+        as_vae(MyEncoder(), MyDecoder(), likelihood="poisson", decoder_output="logits")
     with pytest.raises(ValueError, match="decoder_output"):
         as_vae(MyEncoder(), MyDecoder(), decoder_output="probs")
     with pytest.raises(TypeError, match="encoder"):
-        as_vae(lambda x: x, MyDecoder())
+        as_vae(lambda x: x, MyDecoder(), decoder_output="logits")

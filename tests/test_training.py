@@ -106,7 +106,7 @@ def test_train_foreign_model():
             return mu, lv
 
     dec = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Unflatten(1, (1, 8, 8)))
-    model = as_vae(Enc(), dec, input_shape=(1, 8, 8))
+    model = as_vae(Enc(), dec, decoder_output="logits", input_shape=(1, 8, 8))
     x = data.load("digits").x[:256]
     before = float(model.elbo(x, seed=0).mean().detach())
     train(model, x, epochs=5, batch_size=32, lr=1e-2, progress=False)

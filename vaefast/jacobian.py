@@ -8,21 +8,25 @@ Three ways to ``||J||_F``:
 - Hutchinson: ``||J||_F^2 = E_v ||v^T J||^2`` for probes with ``E[v v^T] = I`` (Rademacher or Gaussian), one VJP per
   probe; unbiased for ``||J||_F^2`` and reported with its standard error.
 
-``fn`` must treat points independently (no batch statistics, e.g. BatchNorm in training mode). Results carry no
-autograd graph and the parameters' ``requires_grad`` flags are left alone.
+An ``nn.Module`` ``fn`` runs in eval mode (dropout off, BatchNorm on its running statistics; every submodule's own
+training flag is restored afterwards), so a mean encoder left in training mode gives the trained model's Jacobian; a
+plain function must treat points independently itself. Results carry no autograd graph and the parameters'
+``requires_grad`` flags are left alone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from vaefast import reference
-from vaefast._checks import check_positive_int, check_seed, check_tensor
+from vaefast._checks import check_positive_int, check_seed, check_tensor, eval_mode
 from vaefast.ops import mlp_jacobian_frobenius
 
 __all__ = ["MLPSpec", "encoder_jacobian", "jacobian_frobenius", "jacobian_spectral", "mlp_spec"]
@@ -165,7 +169,21 @@ def _check_inputs(fn: object, x: object) -> torch.Tensor:
 
 # --- public API ----------------------------------------------------------------------------------
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
+
+def _in_eval_mode(func: _F) -> _F:
+    """Decorator: call ``func(fn, ...)`` with ``fn`` in eval mode when it is an ``nn.Module`` (modes restored)."""
+
+    @functools.wraps(func)
+    def wrapper(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        with eval_mode(fn):
+            return func(fn, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_in_eval_mode
 def encoder_jacobian(fn: Callable, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """``J[b, i, j] = d mu_i / d x_j`` at each point -> [B, d, D] (input flattened), detached.
 
@@ -234,6 +252,7 @@ def _hutchinson(
     return mean, stderr
 
 
+@_in_eval_mode
 def jacobian_frobenius(
     fn: Callable,
     x: torch.Tensor,
@@ -290,6 +309,7 @@ def jacobian_frobenius(
         return (value, torch.zeros_like(value)) if return_stderr else value
 
 
+@_in_eval_mode
 def jacobian_spectral(
     fn: Callable, x: torch.Tensor, row_scale: torch.Tensor | None = None, chunk_size: int | None = None
 ) -> torch.Tensor:

@@ -10,6 +10,10 @@ Streaming: decoder batches hold at most ``max_batch_elements`` output numbers (p
 of a point are processed in chunks of ``sample_chunk`` and points in chunks of ``point_chunk``. Because eps is keyed
 by global (point, sample) indices, every result is independent of the chunking. For ``r*`` the S distances of the
 points of one point chunk are kept (``point_chunk x S`` floats) and reduced with ``kthvalue`` before the next chunk.
+
+Every entry point is an analysis of a trained model (:func:`vaefast._checks.analysis`): the model runs in eval mode
+(dropout off, batch norm on its running statistics) and every submodule's own training flag is restored afterwards;
+a model that does not know its input shape yet (an ``as_vae`` adapter built without one) learns it from ``x``.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from torch import nn
 
 from vaefast import ops
 from vaefast._checks import (
+    analysis,
     as_radii,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_seed,
     check_tensor,
+    model_input_shape,
 )
 from vaefast._results import ResultMixin
 from vaefast.stats import clopper_pearson, sequential_decision, sequential_schedule
@@ -155,21 +161,6 @@ class MarginBound(ResultMixin):
 
 
 # --- input handling --------------------------------------------------------------------------------------------------
-def _model_input_shape(model: Any, x: torch.Tensor) -> tuple[int, ...]:
-    for attr in ("encode", "decode"):
-        if not callable(getattr(model, attr, None)):
-            raise TypeError(
-                f"model must implement the vaefast model protocol (missing {attr}()), got {type(model).__name__}"
-            )
-    try:
-        shape = model.input_shape
-    except ValueError:  # an as_vae adapter that has not seen an input yet: one encode call resolves it
-        with torch.no_grad():
-            model.encode(x[:1])
-        shape = model.input_shape
-    return tuple(int(s) for s in shape)
-
-
 def _model_float(model: Any, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the model's parameters (x's own for parameterless models)."""
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
@@ -183,7 +174,7 @@ def _model_float(model: Any, x: torch.Tensor) -> tuple[torch.device, torch.dtype
 def _prepare(model: Any, x: object, delta: object | None) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     """Validate ``x[B, *input_shape]`` (and ``delta`` of x's shape or ``input_shape``); cast to the model's dtype."""
     x = check_tensor("x", x)
-    shape = _model_input_shape(model, x)
+    shape = model_input_shape(model, x)
     if tuple(x.shape[1:]) != shape or x.dim() != len(shape) + 1:
         raise ValueError(
             f"x must have shape [B, {', '.join(map(str, shape))}] (model.input_shape), got {tuple(x.shape)}"
@@ -286,6 +277,7 @@ def _count_hits(
 
 
 # --- the estimator ---------------------------------------------------------------------------------------------------
+@analysis
 def estimate_r_robustness(
     model: nn.Module,
     x: torch.Tensor,
@@ -356,6 +348,7 @@ def estimate_r_robustness(
 
 
 # --- the sequential test ---------------------------------------------------------------------------------------------
+@analysis
 def is_r_robust(
     model: nn.Module,
     x: torch.Tensor,
@@ -466,6 +459,7 @@ def _column_for(estimate: object, r: float, x: object) -> RRobustnessResult:
 
 
 # --- the margin bound ------------------------------------------------------------------------------------------------
+@analysis
 def margin_bound(
     model: nn.Module,
     x: torch.Tensor,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vaefast._checks import check_positive_int, check_seed, check_tensor
+from vaefast._checks import analysis, check_positive_int, check_seed, check_tensor
 from vaefast.attacks.base import (
     CONSTRAINTS,
     AttackResult,
@@ -94,6 +94,7 @@ class MaxDamageAttack:
         sq = (recon - reference.unsqueeze(1)).pow(2).sum(-1)
         return torch.sqrt(sq + 1e-20).mean(1)
 
+    @analysis
     def attack(
         self,
         x: torch.Tensor,
@@ -104,7 +105,8 @@ class MaxDamageAttack:
         """Attack every point of ``x[B, *input_shape]``. ``eps`` overrides the configured radius;
         ``point_ids`` (global indices, default ``arange(B)``) key the random numbers, so a point gets the same
         attack in any batch; ``init`` (shape of x) warm-starts the first restart (PGD/Adam), e.g. with the
-        perturbation found at a nearby radius rescaled to the new one."""
+        perturbation found at a nearby radius rescaled to the new one. The model runs in eval mode (every
+        submodule's training flag restored afterwards); a model without a known input shape learns it from x."""
         x = check_inputs(self.model, x)
         b = x.shape[0]
         eps_list, curve = parse_eps(self.eps if eps is None else eps, b, x.device)

@@ -6,15 +6,24 @@ from dataclasses import dataclass
 
 import torch
 
-from vaefast._checks import check_tensor
+from vaefast._checks import analysis, check_tensor
 from vaefast.attacks.base import check_inputs, check_model
 
 
 @dataclass
 class LikelihoodDegradation:
-    """Per point: ``relative = |log p(x|z*) - log p(x|z)| / log p(x|z)`` (negative when log p < 0, e.g. Bernoulli;
-    0 = no damage), ``drop = log p(x|z) - log p(x|z*)`` (> 0 = damage), and both log-likelihoods, with
-    ``z = mu(x)``, ``z* = mu(x + delta)``, always scored on the clean x."""
+    """Per-point likelihood damage of an input perturbation ``delta`` (SPEC §1), ``z = mu(x)``, ``z* = mu(x + delta)``,
+    both log-likelihoods scored on the *clean* x:
+
+    - ``relative = |log p(x|z*) - log p(x|z)| / |log p(x|z)|`` (>= 0; 0 = no damage);
+    - ``drop = log p(x|z) - log p(x|z*)`` in nats (> 0: the perturbation lowered the likelihood of x);
+    - ``log_lik_clean = log p(x|z)``, ``log_lik_adv = log p(x|z*)``.
+
+    So ``relative == |drop| / |log_lik_clean|`` exactly. The paper writes ``|log p(x|z*) - log p(x|z)| / log p(x|z)``:
+    the same magnitude, but negative whenever ``log p < 0`` (every Bernoulli model) and meaningless where
+    ``log p`` can be near 0 (Gaussian likelihoods, whose densities may exceed 1); there ``drop`` is the quantity
+    to report.
+    """
 
     relative: torch.Tensor
     drop: torch.Tensor
@@ -41,28 +50,47 @@ def _check_delta(model, x: torch.Tensor, delta: object) -> torch.Tensor:
     return delta
 
 
+def _relative(drop: torch.Tensor, log_lik: torch.Tensor) -> torch.Tensor:
+    """``|drop| / |log_lik|``, with ``0 / 0 = 0`` (no change of a zero log-likelihood is no damage)."""
+    num = drop.abs()
+    return torch.where(num == 0, torch.zeros_like(num), num / log_lik.abs())
+
+
+@analysis
 @torch.no_grad()
 def likelihood_degradation(model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> LikelihoodDegradation:
-    """Relative log-likelihood degradation and plain drop of SPEC §1 (δ usually from the max-damage attack)."""
+    """Relative log-likelihood degradation and plain drop of SPEC §1 (delta usually from the max-damage attack).
+
+    Args:
+        model: a protocol model with ``log_likelihood(x, z)``; run in eval mode (modes restored afterwards); a
+            model without a known input shape learns it from ``x``.
+        x: clean points ``[B, *input_shape]``.
+        delta: perturbations of x's shape.
+
+    Returns:
+        :class:`LikelihoodDegradation` with ``ll = log p(x|mu(x))``, ``ll* = log p(x|mu(x + delta))``,
+        ``drop = ll - ll*`` (nats) and ``relative = |ll* - ll| / |ll|`` (>= 0; 0 where ``drop == 0``).
+    """
     model = check_model(model)
     if not hasattr(model, "log_likelihood"):
         raise TypeError("model must implement log_likelihood(x, z)")
     x = check_inputs(model, x)
     delta = _check_delta(model, x, delta)
-    z = model.encode(x)[0]
-    z_adv = model.encode(x + delta)[0]
-    ll = model.log_likelihood(x, z)
-    ll_adv = model.log_likelihood(x, z_adv)
-    return LikelihoodDegradation((ll_adv - ll).abs() / ll, ll - ll_adv, ll, ll_adv)
+    ll = model.log_likelihood(x, model.encode(x)[0])
+    ll_adv = model.log_likelihood(x, model.encode(x + delta)[0])
+    drop = ll - ll_adv
+    return LikelihoodDegradation(_relative(drop, ll), drop, ll, ll_adv)
 
 
+@analysis
 @torch.no_grad()
 def distances(
     model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, target: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """Per-point L2 distances: ``input`` ``||delta||``, ``reconstruction`` ``||g(mu(x+delta)) - g(mu(x))||``,
     ``latent`` ``||mu(x+delta) - mu(x)||``, and with a target ``target`` ``||g(mu(x+delta)) - x_t||`` and
-    ``latent_target`` ``||mu(x+delta) - mu(x_t)||``."""
+    ``latent_target`` ``||mu(x+delta) - mu(x_t)||``. The model runs in eval mode (modes restored afterwards); a
+    model without a known input shape learns it from ``x``."""
     model = check_model(model)
     x = check_inputs(model, x)
     delta = _check_delta(model, x, delta)

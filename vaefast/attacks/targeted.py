@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vaefast._checks import check_positive_float, check_positive_int, check_seed
+from vaefast._checks import analysis, check_positive_float, check_positive_int, check_seed
 from vaefast.attacks.base import (
     AttackResult,
     LoopConfig,
@@ -64,6 +64,7 @@ class TargetedAttack:
         progress: bool = False,
     ) -> None:
         self.model = check_model(model)
+        # a model without a known input shape (lazy as_vae adapter) learns it from the target, in eval mode
         self.target = check_inputs(self.model, target, "target").detach()
         self.mode = check_choice("mode", mode, TARGET_MODES)
         self.lam = check_positive_float("lam", lam, allow_zero=True)
@@ -113,6 +114,7 @@ class TargetedAttack:
             raise ValueError(f"target must have batch size 1 or {x.shape[0]} (that of x), got {t.shape[0]}")
         return t.to(x.dtype)
 
+    @analysis
     def attack(
         self,
         x: torch.Tensor,
@@ -121,7 +123,8 @@ class TargetedAttack:
         point_ids: torch.Tensor | None = None,
     ) -> AttackResult:
         """Attack ``x[B, *input_shape]`` toward the target(s); ``objective`` is the attack loss (without the
-        penalty), lower is a stronger attack; ``extra`` holds the distances."""
+        penalty), lower is a stronger attack; ``extra`` holds the distances. The model runs in eval mode (every
+        submodule's training flag restored afterwards)."""
         x = check_inputs(self.model, x)
         target = self._targets(x)
         lam = self.lam if lam is None else check_positive_float("lam", lam, allow_zero=True)
@@ -170,6 +173,7 @@ class TargetedAttack:
 
     __call__ = attack
 
+    @analysis
     def sweep(
         self,
         x: torch.Tensor,

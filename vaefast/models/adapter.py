@@ -7,12 +7,18 @@ import math
 import torch
 from torch import nn
 
-from vaefast._checks import check_positive_float, check_positive_int
+from vaefast._checks import check_positive_float, check_positive_int, eval_mode
 from vaefast.models.likelihoods import make_likelihood
 from vaefast.models.vae import BaseVAE
 
 ADAPTER_LIKELIHOODS = ("bernoulli", "gaussian", "continuous_bernoulli")
 DECODER_OUTPUTS = ("logits", "mean")
+DECODER_OUTPUT_HELP = (
+    "decoder_output says what the decoder returns, and it changes every distance and bound: "
+    "'logits' = pre-activation logits (vaefast applies the likelihood's mean map, e.g. sigmoid for bernoulli), "
+    "'mean' = the likelihood mean g(z) itself (e.g. probabilities in [0, 1] for bernoulli; gaussian decoders "
+    "always return the mean)"
+)
 
 
 class _MeanOf(nn.Module):
@@ -69,15 +75,12 @@ class ForeignVAE(BaseVAE):
 
     @staticmethod
     def _probe(module: nn.Module, arg: torch.Tensor, name: str) -> object:
-        training = module.training
-        module.eval()
+        """``module(arg)`` in eval mode without gradients (every submodule's own mode is restored)."""
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(module):
                 return module(arg)
         except Exception as exc:  # noqa: BLE001  (re-raised with context)
             raise ValueError(f"{name} failed on an input of shape {tuple(arg.shape)}: {exc}") from exc
-        finally:
-            module.train(training)
 
     def _resolve(self, input_shape: tuple[int, ...]) -> None:
         if not input_shape or any(not isinstance(s, int) or s < 1 for s in input_shape):
@@ -153,21 +156,85 @@ class ForeignVAE(BaseVAE):
         return f"likelihood={self.likelihood}, decoder_output={self.decoder_output_kind}"
 
 
+def _check_decoder_output(likelihood: str, decoder_output: object) -> str:
+    """The declared decoder output kind, consistent with ``likelihood``.
+
+    Args:
+        likelihood: one of :data:`ADAPTER_LIKELIHOODS` (already checked).
+        decoder_output: ``"logits"`` or ``"mean"``; ``None`` (not given) is refused.
+
+    Returns:
+        ``decoder_output``.
+
+    Raises:
+        TypeError: ``decoder_output`` was not given (there is no safe default: a decoder returning probabilities
+            read as logits gives silently wrong reconstructions ``sigmoid(p)``).
+        ValueError: an unknown kind, or one the likelihood has no meaning for (gaussian logits, continuous
+            Bernoulli means).
+    """
+    if decoder_output is None:
+        raise TypeError(f"as_vae() needs decoder_output='logits' or 'mean': {DECODER_OUTPUT_HELP}")
+    if decoder_output not in DECODER_OUTPUTS:
+        raise ValueError(
+            f"decoder_output must be one of {list(DECODER_OUTPUTS)}, got {decoder_output!r}: {DECODER_OUTPUT_HELP}"
+        )
+    if likelihood == "gaussian" and decoder_output == "logits":
+        raise ValueError(
+            "decoder_output='logits' is inconsistent with likelihood='gaussian': a Gaussian decoder returns the "
+            "mean g(z) directly (no mean map is applied); pass decoder_output='mean'"
+        )
+    if likelihood == "continuous_bernoulli" and decoder_output == "mean":
+        raise ValueError("decoder_output='mean' is not supported for likelihood='continuous_bernoulli'; return logits")
+    return decoder_output
+
+
+def _check_shape_args(
+    input_shape: int | tuple[int, ...] | None, latent_dim: int | None
+) -> tuple[tuple[int, ...] | None, int | None]:
+    """``input_shape`` as a tuple of positive ints (an int is one dimension) and ``latent_dim`` a positive int."""
+    if input_shape is not None:
+        input_shape = (input_shape,) if isinstance(input_shape, int) else tuple(input_shape)
+        for s in input_shape:
+            check_positive_int("input_shape", s)
+    if latent_dim is not None:
+        check_positive_int("latent_dim", latent_dim)
+    return input_shape, latent_dim
+
+
 def as_vae(
     encoder: nn.Module,
     decoder: nn.Module,
     likelihood: str = "bernoulli",
-    decoder_output: str = "logits",
-    input_shape: tuple[int, ...] | None = None,
+    *,
+    decoder_output: str | None = None,
+    input_shape: int | tuple[int, ...] | None = None,
     latent_dim: int | None = None,
     gaussian_std: float = 1.0,
 ) -> ForeignVAE:
     """Wrap ``encoder: x -> (mu, logvar)`` and ``decoder: z -> logits | mean`` as a protocol model.
 
-    ``likelihood``: ``bernoulli`` (``decoder_output="logits"``: logits, ``"mean"``: probabilities),
-    ``gaussian`` (std ``gaussian_std``; the decoder output is the mean either way) or ``continuous_bernoulli``
-    (logits only). The returned model has ``encode``, ``decode``, ``log_likelihood``, ``elbo``, ``loss``
-    (plain ELBO, so ``vaefast.train`` works on it) and ``mean_encoder``.
+    Args:
+        encoder: ``x[B, *input_shape] -> (mu[B, d], logvar[B, d])``, the Gaussian posterior ``q(z|x)``.
+        decoder: ``z[N, d] -> out[N, *input_shape]`` (or ``[N, D]``).
+        likelihood: ``"bernoulli"``, ``"gaussian"`` (``N(x; g(z), gaussian_std^2 I)``) or
+            ``"continuous_bernoulli"``.
+        decoder_output: required, keyword-only; what ``out`` is. ``"logits"``: pre-activation logits ``l``, and
+            vaefast applies the likelihood's mean map, ``g(z) = sigmoid(l)`` (bernoulli) or the continuous
+            Bernoulli mean. ``"mean"``: the likelihood mean ``g(z)`` itself (bernoulli: probabilities in [0, 1],
+            scored as ``logit(p)``; gaussian: the mean, the only valid choice there). Inconsistent combinations
+            (gaussian with "logits", continuous_bernoulli with "mean") are refused.
+        input_shape: the per-point input shape; with ``latent_dim`` both may be omitted, then the first input
+            seen (every vaefast entry point encodes ``x[:1]`` once) fixes them.
+        latent_dim: ``d``; alone it fixes ``input_shape`` by one decoder probe.
+        gaussian_std: the Gaussian likelihood's fixed standard deviation.
+
+    Returns:
+        A :class:`ForeignVAE` with ``encode``, ``decode`` (``g(z)``), ``log_likelihood``, ``elbo``, ``loss`` (plain
+        ELBO, so ``vaefast.train`` works on it) and ``mean_encoder``.
+
+    Raises:
+        TypeError: a non-module encoder/decoder, or ``decoder_output`` not given.
+        ValueError: an unknown likelihood/decoder_output, an inconsistent pair, or an encoder/decoder mismatch.
     """
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
@@ -175,20 +242,8 @@ def as_vae(
         raise TypeError(f"decoder must be an nn.Module, got {type(decoder).__name__}")
     if likelihood not in ADAPTER_LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {list(ADAPTER_LIKELIHOODS)}, got {likelihood!r}")
-    if decoder_output not in DECODER_OUTPUTS:
-        raise ValueError(f"decoder_output must be one of {list(DECODER_OUTPUTS)}, got {decoder_output!r}")
-    if likelihood == "continuous_bernoulli" and decoder_output == "mean":
-        raise ValueError("decoder_output='mean' is not supported for likelihood='continuous_bernoulli'; return logits")
-    if likelihood == "gaussian":
-        decoder_output = "mean"
-    if input_shape is not None:
-        if isinstance(input_shape, int):
-            input_shape = (input_shape,)
-        input_shape = tuple(input_shape)
-        for s in input_shape:
-            check_positive_int("input_shape", s)
-    if latent_dim is not None:
-        check_positive_int("latent_dim", latent_dim)
+    decoder_output = _check_decoder_output(likelihood, decoder_output)
+    input_shape, latent_dim = _check_shape_args(input_shape, latent_dim)
     check_positive_float("gaussian_std", gaussian_std)
     return ForeignVAE(encoder, decoder, likelihood, decoder_output, input_shape, latent_dim, gaussian_std)
 
