@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 
@@ -102,3 +105,109 @@ def as_radii(name: str, value: object, *, dtype: torch.dtype = torch.float64, de
     if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
         raise ValueError(f"{name} must be finite and > 0, got {t.tolist()}")
     return t
+
+
+# --- the model under analysis ----------------------------------------------------------------------------------------
+@contextmanager
+def eval_mode(model: object) -> Iterator[object]:
+    """Run ``model`` in eval mode (dropout off, batch-norm on running statistics) and restore afterwards.
+
+    Every submodule gets its own ``training`` flag back, so a caller's mixed modes survive. Objects that are not
+    ``nn.Module`` pass through unchanged.
+
+    Args:
+        model: the model (any object; only ``torch.nn.Module`` instances are switched).
+
+    Yields:
+        ``model`` itself.
+    """
+    if not isinstance(model, torch.nn.Module):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def analysis(fn: _F) -> _F:
+    """Decorator: run ``fn(model, ...)`` (or a method whose object has ``.model``) with the model in eval mode.
+
+    Every estimator, attack and margin entry point is an analysis of a trained model: dropout and batch
+    statistics must not change its answer, and the caller's training mode is restored afterwards.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else kwargs.get("model")
+        model = getattr(first, "model", first) if not isinstance(first, torch.nn.Module) else first
+        with eval_mode(model):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def model_input_shape(model: object, x: torch.Tensor) -> tuple[int, ...]:
+    """``model.input_shape``, resolved from ``x`` when the model does not know it yet (an ``as_vae`` adapter built
+    without ``input_shape``: one encode of ``x[:1]`` fixes it).
+
+    Args:
+        model: a protocol model (``encode``, ``decode``, ``input_shape``).
+        x: a batch ``[B, *input_shape]``.
+
+    Returns:
+        The per-point input shape.
+    """
+    for attr in ("encode", "decode"):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(
+                f"model must implement the vaefast model protocol (missing {attr}()), got {type(model).__name__}"
+            )
+    try:
+        shape = model.input_shape  # type: ignore[attr-defined]
+    except ValueError:
+        with torch.no_grad(), eval_mode(model):
+            model.encode(x[:1])  # type: ignore[attr-defined]
+        shape = model.input_shape  # type: ignore[attr-defined]
+    return tuple(int(s) for s in shape)
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """A CPU or CUDA device that exists on this machine.
+
+    Args:
+        name: the argument's name for error messages (e.g. ``"--device"`` or ``"device"``).
+        value: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` (CUDA when a GPU is visible, else CPU) or a
+            ``torch.device`` of type cpu or cuda.
+
+    Returns:
+        The resolved ``torch.device``.
+
+    Raises:
+        TypeError: ``value`` is neither a str nor a ``torch.device``.
+        ValueError: an unknown device, a CUDA request with no visible GPU, or a CUDA index past the device count.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name} must be a str or torch.device, got {type(value).__name__}")
+    try:
+        device = torch.device(value.strip().lower() if isinstance(value, str) else value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ValueError(f"{name} must be one of ['cpu', 'cuda', 'cuda:N', 'auto'], got {str(value)!r}")
+    if device.type == "cuda":
+        hint = f"use {name} cpu" if name.startswith("-") else f"use {name}='cpu'"
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {value}: no CUDA GPU is visible (torch.cuda.is_available() is False); {hint}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name} {value}: only {count} CUDA device(s) visible (indices 0..{count - 1})")
+    return device
