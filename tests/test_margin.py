@@ -174,6 +174,71 @@ def test_bound_below_numerical_margin_on_digits(digits_setup):
     assert all(rad <= float(res.max_radius[i]) + 1e-9 for i, ev in enumerate(res.evaluations) for rad, _ in ev)
 
 
+def test_evidence_breaks_r_robustness_at_the_margin(digits_setup):
+    """Every bracketed margin > 0 comes with the δ that broke r-robustness: ‖δ‖ = margin, inside the box, and the
+    p̂ the search saw there (<= 1/2) replays exactly from the search's own stream."""
+    from vaefast.robustness import is_r_robust
+
+    model, x, _ = digits_setup
+    r, tol = 1.5, 0.02
+    res = numerical_margin(model, x, r, num_samples=500, steps=20, tol=tol, seed=5, point_offset=100, progress=False)
+    ok = (res.margin > 0) & res.bracketed
+    assert bool(ok.any()) and res.delta.shape == x.shape
+    norms = res.delta.flatten(1).double().norm(dim=1)
+    torch.testing.assert_close(norms[ok], res.margin[ok], rtol=1e-5, atol=0)
+    assert bool((norms[~ok] == 0).all())
+    adv = x + res.delta
+    assert float(adv.min()) >= -1e-6 and float(adv.max()) <= 1 + 1e-6
+    assert bool((res.upper[ok] == res.margin[ok]).all())
+    assert bool((res.lower[ok] < res.margin[ok]).all() and (res.margin[ok] - res.lower[ok] <= tol + 1e-12).all())
+    assert bool((res.p_hat_delta[ok] <= 0.5).all())
+    assert bool(
+        (res.ci_low_delta[ok] <= res.p_hat_delta[ok]).all() and (res.p_hat_delta[ok] <= res.ci_high_delta[ok]).all()
+    )
+    torch.testing.assert_close(res.p_hat_delta[ok], res.hits_delta[ok].double() / res.samples_delta[ok].double())
+    i = int(ok.nonzero()[0])
+    replay = is_r_robust(
+        model, x[i : i + 1], r, delta=res.delta[i : i + 1], max_samples=500, seed=5, point_offset=100 + i
+    )
+    assert not bool(replay.robust[0]) and bool(replay.decided[0])
+    assert int(replay.hits[0]) == int(res.hits_delta[i]) and int(replay.samples_used[0]) == int(res.samples_delta[i])
+
+
+def test_one_clean_point_decision_with_the_bound(lin):
+    """At r = r* (p_r(x, 0) = 1/2 exactly: every point is borderline) the bound and the search decide the clean
+    point from one estimate: certified exactly when the margin is > 0."""
+    from vaefast.robustness import estimate_r_robustness, margin_bound
+
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    r = lin.r_star()
+    est = estimate_r_robustness(lin, x, r, num_samples=1000, seed=3)
+    mb = margin_bound(lin, x, r, estimate=est)
+    assert 0 < int(mb.certified.sum()) < 16  # borderline: both outcomes occur
+    nm = numerical_margin(
+        lin, x, r, box=None, num_samples=1000, mode="mean", steps=10, seed=3, estimate=est, progress=False
+    )
+    assert torch.equal(nm.margin > 0, mb.certified)
+    assert torch.equal(nm.p_hat_delta[~mb.certified], est.p_hat[~mb.certified, 0])  # δ = 0 is its own evidence
+    with pytest.raises(ValueError, match="no column for r"):
+        numerical_margin(lin, x, 2 * r, box=None, estimate=est, progress=False)
+    with pytest.raises(ValueError, match="covers 16 points"):
+        numerical_margin(lin, x[:3], r, box=None, estimate=est, progress=False)
+
+
+def test_grid_evidence_and_one_at_a_time_evidence(lin):
+    x = torch.randn(2, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw = dict(box=None, num_samples=2000, mode="mean", steps=15, seed=2, progress=False)
+    grid = numerical_margin(lin, x, R, method="grid", granularity=0.05, max_radius=0.5, **kw)
+    assert bool(grid.bracketed.all()) and bool((grid.margin > 0).all())
+    torch.testing.assert_close(grid.upper, grid.margin + 0.05)
+    torch.testing.assert_close(grid.delta.flatten(1).norm(dim=1), grid.upper)
+    assert bool((grid.p_hat_delta <= 0.5).all())
+    batched = numerical_margin(lin, x, R, tol=0.02, **kw)
+    single = numerical_margin(lin, x, R, tol=0.02, one_at_a_time=True, **kw)
+    torch.testing.assert_close(single.delta, batched.delta)
+    torch.testing.assert_close(single.hits_delta, batched.hits_delta)
+
+
 def test_cli_margin(digits_setup, tmp_path, capsys):
     from vaefast.cli import main
 

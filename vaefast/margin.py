@@ -1,22 +1,31 @@
-"""Numerical robustness margin (SPEC §1): the smallest ``||delta||_2`` at which a maximum-damage attack breaks
-r-robustness, ``R_num(x) = min{R : p_hat_r(x, delta*_R) <= 1/2}``, ``delta*_R`` the sphere attack ``||delta|| = R``.
+"""Numerical robustness margin: the smallest ``||delta||_2`` at which a maximum-damage attack breaks r-robustness,
+``R_num(x) = min{R : p_hat_r(x, delta*_R) <= 1/2}``, ``delta*_R`` the sphere attack ``||delta|| = R``, returned
+with its evidence (the breaking ``delta`` and the ``p_hat`` seen there) so that anyone can replay it.
 
 Decision at a radius R: attack with :class:`~vaefast.attacks.MaxDamageAttack` (``constraint="sphere"``,
 ``eps=R``), then decide r-robustness of the attacked input with the sequential test
-:func:`vaefast.robustness.is_r_robust` (``decision="sequential"``; undecided points fall back to ``p_hat > 1/2``)
-or with a fixed number of samples (``decision="fixed"``, :func:`~vaefast.robustness.estimate_r_robustness`).
+:func:`vaefast.robustness.is_r_robust` (``decision="sequential"``: broken only when the test decides
+``p <= 1/2``) or with a fixed number of samples (``decision="fixed"``: broken when ``p_hat <= 1/2``).
+
+The clean point (radius 0) is decided once: by ``estimate`` when given (the same
+:class:`~vaefast.robustness.RRobustnessResult` that :func:`~vaefast.robustness.margin_bound` certifies from, so
+the two never disagree: certified exactly when ``hits > S/2``), else by the search's own test. Borderline points
+(``p_hat`` near 1/2) are therefore certified or not by that one estimate, and a certified point always gets a
+positive margin.
 
 - ``method="bisection"`` (fast, batched over all points): radii grow by doubling from ``start_radius`` (capped at
-  ``max_radius``) until the attack breaks r-robustness, then each point's bracket ``[lo, hi]`` (robust at lo,
-  broken at hi) is halved until ``hi - lo <= tol``; every round is one batched attack with per-point radii,
-  warm-started from the point's previous / breaking perturbation (``warm_start``).
-  The margin is ``hi``; a point still robust at ``max_radius`` gets ``margin = max_radius``, ``bracketed=False``.
+  ``max_radius``) until the attack breaks r-robustness, then each point's bracket ``[lower, upper]`` (robust at
+  lower, broken at upper) is halved until ``upper - lower <= tol``; every round is one batched attack with
+  per-point radii, warm-started from the point's previous / breaking perturbation (``warm_start``).
+  The margin is ``upper``; a point still robust at ``max_radius`` gets ``margin = max_radius``,
+  ``bracketed=False`` and no evidence.
 - ``method="grid"`` (the original protocol): radii ``max_radius, max_radius - granularity, ...`` from large to
   small; the margin is the first (largest) radius at which the attacked input is still r-robust (``bracketed``
-  is False when that is ``max_radius`` itself; 0 when no grid radius is robust).
+  is False when that is ``max_radius`` itself; 0 when no grid radius is robust); the evidence is the attack at
+  the grid radius above it (``upper``).
 
-Points with ``p_hat_r(x, 0) <= 1/2`` get margin 0. ``max_radius`` defaults to the largest L2 perturbation the data
-box allows at each point (its farthest corner), or ``start_radius * 2**20`` without a box.
+Points whose clean point is not r-robust get margin 0. ``max_radius`` defaults to the largest L2 perturbation the
+data box allows at each point (its farthest corner), or ``start_radius * 2**20`` without a box.
 """
 
 from __future__ import annotations
@@ -28,11 +37,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vaefast._checks import check_positive_float, check_positive_int, check_probability, check_seed
+from vaefast._checks import analysis, check_positive_float, check_positive_int, check_probability, check_seed
 from vaefast._results import ResultMixin
 from vaefast.attacks.base import box_offsets, check_box, check_choice, check_inputs, check_model
 from vaefast.attacks.max_damage import MODES, MaxDamageAttack
 from vaefast.attacks.projections import max_l2_norm
+from vaefast.robustness import RRobustnessResult
+from vaefast.stats import clopper_pearson
 
 METHODS = ("bisection", "grid")
 DECISIONS = ("sequential", "fixed")
@@ -42,108 +53,131 @@ __all__ = ["NumericalMargin", "numerical_margin"]
 
 @dataclasses.dataclass
 class NumericalMargin(ResultMixin):
-    """``margin[B]``, ``bracketed[B]`` (False: still robust at ``max_radius``, margin is only a lower estimate),
-    ``evaluations``: per point the ``(radius, p_hat)`` pairs evaluated (radius 0 = the clean input),
-    ``max_radius[B]``, ``r``, ``method``."""
+    """Numerical margins with their evidence, per point ``b`` of a batch of ``B``.
+
+    Attributes:
+        margin: ``[B]`` the numerical margin (bisection: the upper end of the final bracket; grid: the first grid
+            radius, from the top, at which the attacked input is still r-robust, as in the original protocol).
+            0 where the clean point is not r-robust.
+        lower: ``[B]`` the largest radius at which the attack failed to break r-robustness (0 if none).
+        upper: ``[B]`` the radius of the evidence: ``||delta_b||_2 = upper_b`` (bisection: ``= margin``; grid:
+            the smallest grid radius that broke r-robustness). 0 where there is no evidence.
+        bracketed: ``[B]`` False where the point was still r-robust at ``max_radius`` (the margin is then only the
+            search limit, a lower estimate, and there is no evidence).
+        delta: ``[B, *input_shape]`` the perturbation that broke r-robustness at ``upper`` (inside the box);
+            zeros where the margin is 0 (the clean point is its own evidence) or the search did not bracket.
+        p_hat_delta: ``[B]`` the estimate of ``p_r(x, delta)`` the search saw there, ``hits_delta /
+            samples_delta`` (``<= 1/2`` by construction); for margin 0 the clean ``p_r(x, 0)``; NaN where unbracketed.
+        hits_delta, samples_delta: ``[B]`` the counts behind ``p_hat_delta`` (0, 0 where unbracketed).
+        ci_low_delta, ci_high_delta: ``[B]`` two-sided Clopper–Pearson interval of ``p_hat_delta`` at
+            ``confidence`` (NaN where unbracketed).
+        evaluations: per point the ``(radius, p_hat)`` pairs evaluated (radius 0: the clean input).
+        max_radius: ``[B]`` the search limit (default: the largest L2 perturbation the box allows).
+        r, method, confidence: the settings; ``point_index``: the global point ids keying the random numbers.
+    """
 
     margin: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
     bracketed: torch.Tensor
+    delta: torch.Tensor
+    p_hat_delta: torch.Tensor
+    hits_delta: torch.Tensor
+    samples_delta: torch.Tensor
+    ci_low_delta: torch.Tensor
+    ci_high_delta: torch.Tensor
     evaluations: list[list[tuple[float, float]]]
     max_radius: torch.Tensor
     r: float
     method: str
+    confidence: float
     point_index: torch.Tensor
 
+    _PER_POINT = (
+        "margin", "lower", "upper", "bracketed", "p_hat_delta", "hits_delta", "samples_delta", "ci_low_delta",
+        "ci_high_delta", "max_radius",
+    )  # fmt: skip
+
     def to_rows(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "point": int(self.point_index[b]),
-                "r": self.r,
-                "method": self.method,
-                "margin": float(self.margin[b]),
-                "bracketed": bool(self.bracketed[b]),
-                "max_radius": float(self.max_radius[b]),
-                "evaluations": len(self.evaluations[b]),
-            }
-            for b in range(len(self))
-        ]
+        """One dict per point: the per-point fields above (``delta`` left out) and the number of evaluations."""
+        rows = []
+        for b in range(len(self)):
+            row: dict[str, Any] = {"point": int(self.point_index[b]), "r": self.r, "method": self.method}
+            row.update({name: getattr(self, name)[b].item() for name in self._PER_POINT})
+            row["evaluations"] = len(self.evaluations[b])
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def concat(parts: list[NumericalMargin]) -> NumericalMargin:
+        """The results of consecutive point blocks as one result (same r, method and confidence)."""
+        first = parts[0]
+        fields = {
+            f.name: torch.cat([getattr(p, f.name) for p in parts])
+            for f in dataclasses.fields(first)
+            if isinstance(getattr(first, f.name), torch.Tensor)
+        }
+        fields.update(
+            evaluations=[e for p in parts for e in p.evaluations],
+            r=first.r,
+            method=first.method,
+            confidence=first.confidence,
+        )
+        return NumericalMargin(**fields)
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """Decisions at one set of attacked inputs: ``robust[n]``, ``hits[n]`` of ``samples[n]`` (int64, CPU)."""
+
+    robust: torch.Tensor
+    hits: torch.Tensor
+    samples: torch.Tensor
+
+    @property
+    def p_hat(self) -> torch.Tensor:
+        return self.hits.to(torch.float64) / self.samples.to(torch.float64)
 
 
 class _Decider:
-    """Attack at per-point radii then decide r-robustness of the attacked inputs (robust[b], p_hat[b])."""
+    """Attack at per-point radii, then decide r-robustness of the attacked inputs."""
 
-    def __init__(
-        self,
-        model,
-        x,
-        r,
-        attack: MaxDamageAttack,
-        warm_attack: MaxDamageAttack,
-        decision,
-        num_samples,
-        confidence,
-        seed,
-        offset,
-    ):
+    def __init__(self, model, x, r, attack, warm_attack, decision, num_samples, confidence, seed, offset):
         self.model, self.x, self.r, self.attack, self.warm_attack = model, x, r, attack, warm_attack
-        self.decision, self.num_samples, self.confidence, self.seed, self.offset = (
-            decision,
-            num_samples,
-            confidence,
-            seed,
-            offset,
-        )
-        self.attacks_run = 0
+        self.decision, self.num_samples, self.confidence = decision, num_samples, confidence
+        self.seed, self.offset = seed, offset
 
-    def decide(self, idx: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decide(self, idx: torch.Tensor, delta: torch.Tensor | None) -> _Outcome:
+        """r-robustness of ``x[idx] + delta`` (``delta=None``: the clean points), on the Monte-Carlo stream keyed
+        by ``(seed, offset + idx)``. Sequential: not robust only when the test *decides* ``p <= 1/2`` at the
+        confidence level (an undecided test at ``max_samples`` counts as robust, so every breaking perturbation is
+        backed by a decision); fixed: ``p_hat <= 1/2`` with ``num_samples`` samples."""
         from vaefast.robustness import estimate_r_robustness, is_r_robust
 
-        robust = torch.empty(idx.shape[0], dtype=torch.bool)
-        p_hat = torch.empty(idx.shape[0], dtype=torch.float64)
-        ids = idx.tolist()
-        pos = 0
-        while pos < len(ids):  # runs of consecutive point ids share one call (RNG keyed by global id)
-            end = pos + 1
-            while end < len(ids) and ids[end] == ids[end - 1] + 1:
-                end += 1
-            sel = idx[pos:end].to(self.x.device)
-            d = None if delta is None else delta[pos:end]
-            offset = self.offset + ids[pos]
+        n = idx.shape[0]
+        out = _Outcome(
+            torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+        )
+        for pos, length, first in _runs(idx):  # runs of consecutive point ids share one call (RNG keyed by id)
+            sl = slice(pos, pos + length)
+            xs = self.x[first : first + length]
+            d = None if delta is None else delta[sl]
+            common = dict(delta=d, seed=self.seed, confidence=self.confidence, point_offset=self.offset + first)
             if self.decision == "sequential":
-                res = is_r_robust(
-                    self.model,
-                    self.x[sel],
-                    self.r,
-                    delta=d,
-                    confidence=self.confidence,
-                    max_samples=self.num_samples,
-                    seed=self.seed,
-                    point_offset=offset,
-                )
-                robust[pos:end], p_hat[pos:end] = res.robust.cpu(), res.p_hat.cpu().to(torch.float64)
+                res = is_r_robust(self.model, xs, self.r, max_samples=self.num_samples, **common)
+                broken = res.decided & ~res.robust  # an undecided test is no evidence of a break
+                out.robust[sl], out.hits[sl], out.samples[sl] = ~broken.cpu(), res.hits.cpu(), res.samples_used.cpu()
             else:
-                res = estimate_r_robustness(
-                    self.model,
-                    self.x[sel],
-                    self.r,
-                    num_samples=self.num_samples,
-                    delta=d,
-                    seed=self.seed,
-                    confidence=self.confidence,
-                    point_offset=offset,
-                )
-                robust[pos:end], p_hat[pos:end] = res.robust[:, 0].cpu(), res.p_hat[:, 0].cpu()
-            pos = end
-        return robust, p_hat
+                res = estimate_r_robustness(self.model, xs, self.r, num_samples=self.num_samples, **common)
+                out.robust[sl], out.hits[sl] = res.robust[:, 0].cpu(), res.hits[:, 0].cpu()
+                out.samples[sl] = res.num_samples
+        return out
 
     def at(
-        self,
-        idx: torch.Tensor,
-        radii: torch.Tensor,
-        init: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, idx: torch.Tensor, radii: torch.Tensor, init: torch.Tensor | None = None
+    ) -> tuple[_Outcome, torch.Tensor]:
         """Attack points ``idx`` at ``radii`` (warm-started from ``init`` rescaled to the radii, if given) and
-        decide; returns (robust, p_hat, delta)."""
+        decide; returns the outcome and the attack's perturbations."""
         sel = idx.to(self.x.device)
         radii = radii.to(self.x.device)
         if init is None:
@@ -154,9 +188,55 @@ class _Decider:
             res = self.warm_attack.attack(
                 self.x[sel], eps=radii, point_ids=idx + self.offset, init=scaled.to(self.x.dtype).view_as(init)
             )
-        self.attacks_run += 1
-        robust, p_hat = self.decide(idx, res.delta)
-        return robust, p_hat, res.delta
+        return self.decide(idx, res.delta), res.delta
+
+
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive integers in ``ids``: ``(position, length, first id)``."""
+    values = ids.tolist()
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append((start, i - start, values[start]))
+            start = i
+    return runs
+
+
+@dataclasses.dataclass
+class _Search:
+    """The state of a margin search over ``B`` points: bracket ends, evidence and evaluations."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor  # inf until the attack broke r-robustness
+    delta: torch.Tensor  # [B, *input_shape] the perturbation that broke r-robustness at upper
+    hits: torch.Tensor
+    samples: torch.Tensor
+    evaluations: list[list[tuple[float, float]]]
+
+    @classmethod
+    def start(cls, x: torch.Tensor, clean: _Outcome) -> _Search:
+        b = x.shape[0]
+        evaluations = [[(0.0, float(p))] for p in clean.p_hat.tolist()]
+        return cls(
+            lower=torch.zeros(b, dtype=torch.float64),
+            upper=torch.full((b,), math.inf, dtype=torch.float64),
+            delta=torch.zeros_like(x),
+            hits=clean.hits.clone(),
+            samples=clean.samples.clone(),
+            evaluations=evaluations,
+        )
+
+    def record(self, idx: torch.Tensor, radii: torch.Tensor, out: _Outcome, delta: torch.Tensor) -> None:
+        """Log the evaluations; a point broken at a radius below its upper end takes it (and its δ) as evidence."""
+        for j, i in enumerate(idx.tolist()):
+            self.evaluations[i].append((float(radii[j]), float(out.p_hat[j])))
+        broken = ~out.robust & (radii < self.upper[idx])
+        held = out.robust & (radii > self.lower[idx])
+        self.lower[idx[held]] = radii[held]
+        sel = idx[broken]
+        self.upper[sel] = radii[broken]
+        self.delta[sel.to(self.delta.device)] = delta[broken.to(delta.device)].to(self.delta.dtype)
+        self.hits[sel], self.samples[sel] = out.hits[broken], out.samples[broken]
 
 
 def _check_max_radius(max_radius, b, device) -> torch.Tensor | None:
@@ -169,6 +249,7 @@ def _check_max_radius(max_radius, b, device) -> torch.Tensor | None:
     return torch.full((b,), check_positive_float("max_radius", float(max_radius)), dtype=torch.float64)
 
 
+@analysis
 def numerical_margin(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -192,20 +273,45 @@ def numerical_margin(
     warm_steps: int | None = None,
     seed: int = 0,
     point_offset: int = 0,
+    estimate: RRobustnessResult | None = None,
     progress: bool = True,
 ) -> NumericalMargin:
-    """Numerical margin of every point of ``x[B, *input_shape]`` at reconstruction radius ``r`` (module docstring).
+    """Numerical margin ``R_num(x) = min{R : p_hat_r(x, delta*_R) <= 1/2}`` of every point, with its evidence.
 
-    ``num_samples``: the sequential test's ``max_samples`` (or the fixed sample count); ``restarts``, ``steps``,
-    ``num_noise_samples``, ``mode``, ``optimizer`` configure the sphere attack; ``one_at_a_time`` runs the points
-    one by one (the original protocol's execution; results equal the batched run up to floating-point noise).
-    ``warm_start`` (bisection, PGD/Adam): after the first round, each round starts its first restart from the
-    point's previous attack (doubling) or from the perturbation that broke r-robustness at the upper bracket end
-    (bisection), rescaled to the new radius, and runs ``warm_steps`` steps (default ``max(5, steps // 3)``).
-    Random numbers are keyed by ``point_offset + b``.
+    Args:
+        model: a protocol model (run in eval mode; the caller's mode is restored).
+        x: points ``[B, *input_shape]`` (an ``as_vae`` model learns its input shape from them).
+        r: the reconstruction radius of r-robustness.
+        method: ``"bisection"`` (batched bracketing and halving) or ``"grid"`` (the original protocol).
+        tol: bisection stops when ``upper - lower <= tol``.
+        max_radius: search limit, a float or ``[B]`` tensor (default: the largest L2 perturbation the box allows
+            at each point, or ``start_radius * 2**20`` without a box).
+        granularity: the grid step.
+        num_samples: the sequential test's ``max_samples`` (or the fixed sample count).
+        restarts, steps, num_noise_samples, mode, optimizer: the sphere attack (:class:`MaxDamageAttack`).
+        box: the data range ``(low, high)`` or None.
+        decision: how r-robustness of an attacked input is decided: ``"sequential"``
+            (:func:`~vaefast.robustness.is_r_robust`: a radius breaks r-robustness only when the test decides
+            ``p_r <= 1/2`` at ``confidence``, so the evidence survives a replay with fresh samples) or ``"fixed"``
+            (:func:`~vaefast.robustness.estimate_r_robustness`: ``p_hat <= 1/2`` from ``num_samples`` samples, the
+            original protocol's rule).
+        confidence: confidence of the sequential test and of the evidence's Clopper–Pearson interval.
+        start_radius: first radius of the bisection's doubling phase.
+        one_at_a_time: run the points one by one (the original protocol's execution).
+        warm_start, warm_steps: bisection rounds after the first start from the point's previous (or breaking)
+            perturbation rescaled to the new radius, with ``warm_steps`` steps (default ``max(5, steps // 3)``).
+        seed, point_offset: Monte-Carlo and attack random numbers are keyed by ``(seed, point_offset + b)``.
+        estimate: an :class:`~vaefast.robustness.RRobustnessResult` of these points at radius ``r`` (e.g. the one
+            :func:`~vaefast.robustness.margin_bound` used): the clean point is then decided by it
+            (``robust = p_hat > 1/2``), so the margin search and the bound decide the clean point identically.
+            Without it the search decides the clean point with its own test (``decision``).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`NumericalMargin`: per point the margin, the bracket, and the perturbation that broke
+        r-robustness at its upper end with the ``p_hat`` (and interval) the search saw there.
     """
-    model = check_model(model)
-    x = check_inputs(model, x)
+    x = check_inputs(check_model(model), x)
     r = check_positive_float("r", r)
     method = check_choice("method", method, METHODS)
     decision = check_choice("decision", decision, DECISIONS)
@@ -215,11 +321,72 @@ def numerical_margin(
     confidence = check_probability("confidence", confidence)
     check_choice("mode", mode, MODES)
     seed = check_seed("seed", seed)
-    if isinstance(point_offset, bool) or not isinstance(point_offset, int) or point_offset < 0:
-        raise ValueError(f"point_offset must be an int >= 0, got {point_offset!r}")
+    point_offset = check_seed("point_offset", point_offset)
     box = check_box(box)
-    b = x.shape[0]
-    caps = _check_max_radius(max_radius, b, x.device)
+    clean = None if estimate is None else _clean_outcome(estimate, r, x)
+    caps, start_radius = _limits(x, box, max_radius, start_radius, tol)
+    steps = check_positive_int("steps", steps)
+    warm_steps = max(5, steps // 3) if warm_steps is None else check_positive_int("warm_steps", warm_steps)
+    kw = dict(
+        norm="L2", constraint="sphere", mode=mode, restarts=restarts, num_noise_samples=num_noise_samples, box=box,
+        optimizer=optimizer, seed=seed,
+    )  # fmt: skip
+    search = _SearchSettings(
+        method=method,
+        tol=tol,
+        granularity=granularity,
+        start_radius=start_radius,
+        warm_start=bool(warm_start) and optimizer != "lbfgsb",
+        attack=MaxDamageAttack(model, 1.0, steps=steps, **kw),
+        warm_attack=MaxDamageAttack(model, 1.0, steps=warm_steps, **kw),
+        decision=decision,
+        num_samples=num_samples,
+        confidence=confidence,
+        seed=seed,
+    )
+    if not one_at_a_time:
+        return _run(model, x, r, caps, search, point_offset, clean, progress)
+    parts = [
+        _run(model, x[i : i + 1], r, caps[i : i + 1], search, point_offset + i, _slice(clean, i), False)
+        for i in tqdm(range(x.shape[0]), desc=f"margin ({method}, per point)", disable=not progress)
+    ]
+    return NumericalMargin.concat(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SearchSettings:
+    method: str
+    tol: float
+    granularity: float
+    start_radius: float
+    warm_start: bool
+    attack: MaxDamageAttack
+    warm_attack: MaxDamageAttack
+    decision: str
+    num_samples: int
+    confidence: float
+    seed: int
+
+
+def _clean_outcome(estimate: object, r: float, x: torch.Tensor) -> _Outcome:
+    """The clean-point decision of an estimate at radius ``r``: ``robust = p_hat > 1/2`` from its hits."""
+    from vaefast.robustness import _column_for
+
+    col = _column_for(estimate, r, x)
+    hits = col.hits[:, 0].cpu()
+    samples = torch.full_like(hits, col.num_samples)
+    return _Outcome(2 * hits > samples, hits, samples)
+
+
+def _slice(clean: _Outcome | None, i: int) -> _Outcome | None:
+    if clean is None:
+        return None
+    return _Outcome(clean.robust[i : i + 1], clean.hits[i : i + 1], clean.samples[i : i + 1])
+
+
+def _limits(x, box, max_radius, start_radius, tol) -> tuple[torch.Tensor, float]:
+    """Per-point search limits (checked against the box's largest perturbation) and the first bracketing radius."""
+    caps = _check_max_radius(max_radius, x.shape[0], x.device)
     if start_radius is not None:
         start_radius = check_positive_float("start_radius", start_radius)
     lo_box, hi_box = box_offsets(x, box)
@@ -236,142 +403,99 @@ def numerical_margin(
     if start_radius is None:
         start_radius = max(2 * tol, 0.25) if caps is None else max(2 * tol, min(0.25, float(caps.min()) / 4))
     if caps is None:
-        caps = torch.full((b,), start_radius * 2.0**20, dtype=torch.float64)
-    steps = check_positive_int("steps", steps)
-    warm_steps = max(5, steps // 3) if warm_steps is None else check_positive_int("warm_steps", warm_steps)
-    warm_start = bool(warm_start) and optimizer != "lbfgsb"
-    kw = dict(
-        norm="L2",
-        constraint="sphere",
-        mode=mode,
-        restarts=restarts,
-        num_noise_samples=num_noise_samples,
-        box=box,
-        optimizer=optimizer,
-        seed=seed,
-    )
-    attack = MaxDamageAttack(model, 1.0, steps=steps, **kw)
-    warm_attack = MaxDamageAttack(model, 1.0, steps=warm_steps, **kw)
-
-    def run(xs: torch.Tensor, cs: torch.Tensor, offset: int, show: bool) -> NumericalMargin:
-        return _run(
-            model, xs, r, method, tol, cs, granularity, attack, warm_attack, warm_start, decision, num_samples,
-            confidence, start_radius, seed, offset, show,
-        )  # fmt: skip
-
-    if one_at_a_time:
-        parts = [
-            run(x[i : i + 1], caps[i : i + 1], point_offset + i, False)
-            for i in tqdm(range(b), desc=f"margin ({method}, per point)", disable=not progress)
-        ]
-        return NumericalMargin(
-            margin=torch.cat([p.margin for p in parts]),
-            bracketed=torch.cat([p.bracketed for p in parts]),
-            evaluations=[e for p in parts for e in p.evaluations],
-            max_radius=caps,
-            r=r,
-            method=method,
-            point_index=torch.arange(point_offset, point_offset + b),
-        )
-    return run(x, caps, point_offset, progress)
+        caps = torch.full((x.shape[0],), start_radius * 2.0**20, dtype=torch.float64)
+    return caps, start_radius
 
 
-def _run(
-    model,
-    x,
-    r,
-    method,
-    tol,
-    caps,
-    granularity,
-    attack,
-    warm_attack,
-    warm_start,
-    decision,
-    num_samples,
-    confidence,
-    start_radius,
-    seed,
-    point_offset,
-    progress,
-) -> NumericalMargin:
-    b = x.shape[0]
-    decider = _Decider(model, x, r, attack, warm_attack, decision, num_samples, confidence, seed, point_offset)
-    all_idx = torch.arange(b)
-    robust0, p0 = decider.decide(all_idx, None)
-    evaluations: list[list[tuple[float, float]]] = [[(0.0, float(p0[i]))] for i in range(b)]
-    margin = torch.zeros(b, dtype=torch.float64)
-    bracketed = torch.ones(b, dtype=torch.bool)
-    if method == "bisection":
-        _bisection(decider, robust0, caps, start_radius, tol, margin, bracketed, evaluations, progress, warm_start)
+def _run(model, x, r, caps, search: _SearchSettings, point_offset, clean, progress) -> NumericalMargin:
+    decider = _Decider(
+        model, x, r, search.attack, search.warm_attack, search.decision, search.num_samples, search.confidence,
+        search.seed, point_offset,
+    )  # fmt: skip
+    if clean is None:
+        clean = decider.decide(torch.arange(x.shape[0]), None)
+    state = _Search.start(x, clean)
+    if search.method == "bisection":
+        _bisection(decider, clean.robust, caps, search, state, progress)
     else:
-        _grid(decider, robust0, caps, granularity, margin, bracketed, evaluations, progress)
+        _grid(decider, clean.robust, caps, search.granularity, state, progress)
+    return _finish(state, clean.robust, caps, r, search, point_offset)
+
+
+def _finish(state: _Search, robust0, caps, r, search: _SearchSettings, point_offset) -> NumericalMargin:
+    """Margins from the final brackets; evidence NaN/zero where the search did not bracket."""
+    found = torch.isfinite(state.upper)
+    bracketed = ~robust0 | found
+    upper = torch.where(found & robust0, state.upper, torch.zeros_like(state.upper))
+    if search.method == "bisection":
+        margin = torch.where(robust0, torch.where(found, state.upper, caps), torch.zeros_like(caps))
+    else:  # the protocol's answer: the first grid radius (from the top) still r-robust
+        margin = torch.where(robust0, state.lower, torch.zeros_like(caps))
+    hits = torch.where(bracketed, state.hits, torch.zeros_like(state.hits))
+    samples = torch.where(bracketed, state.samples, torch.zeros_like(state.samples))
+    p_hat = torch.where(bracketed, hits.to(torch.float64) / samples.clamp_min(1), torch.full_like(upper, math.nan))
+    ci_low, ci_high = clopper_pearson(hits, samples.clamp_min(1), search.confidence)
+    nan = torch.full_like(upper, math.nan)
+    delta = state.delta * (found & robust0).to(state.delta.dtype).view(-1, *[1] * (state.delta.dim() - 1)).to(
+        state.delta.device
+    )
     return NumericalMargin(
         margin=margin,
+        lower=torch.where(robust0, state.lower, torch.zeros_like(caps)),
+        upper=upper,
         bracketed=bracketed,
-        evaluations=evaluations,
+        delta=delta,
+        p_hat_delta=p_hat,
+        hits_delta=hits,
+        samples_delta=samples,
+        ci_low_delta=torch.where(bracketed, ci_low, nan),
+        ci_high_delta=torch.where(bracketed, ci_high, nan),
+        evaluations=state.evaluations,
         max_radius=caps,
         r=r,
-        method=method,
-        point_index=torch.arange(point_offset, point_offset + b),
+        method=search.method,
+        confidence=search.confidence,
+        point_index=torch.arange(point_offset, point_offset + caps.shape[0]),
     )
 
 
-def _record(evaluations, idx, radii, p_hat) -> None:
-    for j, i in enumerate(idx.tolist()):
-        evaluations[i].append((float(radii[j]), float(p_hat[j])))
-
-
-def _bisection(
-    decider: _Decider, robust0, caps, start, tol, margin, bracketed, evaluations, progress, warm_start: bool
-) -> None:
+def _bisection(decider: _Decider, robust0, caps, search: _SearchSettings, state: _Search, progress: bool) -> None:
+    """Bracket by doubling from ``start_radius`` (capped), then halve every open bracket at once."""
     b = robust0.shape[0]
-    lo = torch.zeros(b, dtype=torch.float64)
-    hi = torch.full((b,), math.inf, dtype=torch.float64)
-    radius = torch.minimum(torch.full((b,), start, dtype=torch.float64), caps)
+    radius = torch.minimum(torch.full((b,), search.start_radius, dtype=torch.float64), caps)
     growing = robust0.clone()
     bar = tqdm(desc="margin (bisection)", unit="round", disable=not progress)
-    breaking = torch.zeros_like(decider.x)  # the perturbation that broke r-robustness at hi (warm starts)
     last = torch.zeros_like(decider.x)  # the latest attack per point (warm start of the next doubling)
     first = True
-    while bool(growing.any()):  # bracket: double until the attack breaks r-robustness or the cap is reached
+    while bool(growing.any()):
         idx = growing.nonzero().squeeze(1)
         dev = idx.to(last.device)
-        robust, p_hat, delta = decider.at(idx, radius[idx], init=None if first or not warm_start else last[dev])
+        init = None if first or not search.warm_start else last[dev]
+        out, delta = decider.at(idx, radius[idx], init=init)
         first = False
         last[dev] = delta
-        _record(evaluations, idx, radius[idx], p_hat)
-        broken = idx[~robust]
-        held = idx[robust]
-        breaking[broken.to(breaking.device)] = delta[~robust.to(delta.device)]
-        hi[broken] = radius[broken]
-        lo[held] = radius[held]
-        growing[broken] = False
-        at_cap = held[radius[held] >= caps[held]]
-        growing[at_cap] = False
+        state.record(idx, radius[idx], out, delta)
+        growing[idx[~out.robust]] = False
+        held = idx[out.robust]
+        growing[held[radius[held] >= caps[held]]] = False
         radius = torch.minimum(2 * radius, caps)
         bar.update(1)
-    while True:  # bisect every open bracket at once
-        open_ = torch.isfinite(hi) & (hi - lo > tol) & robust0
+    while True:
+        open_ = torch.isfinite(state.upper) & (state.upper - state.lower > search.tol) & robust0
         if not bool(open_.any()):
             break
         idx = open_.nonzero().squeeze(1)
-        mid = 0.5 * (lo[idx] + hi[idx])
-        dev = idx.to(breaking.device)
-        robust, p_hat, delta = decider.at(idx, mid, init=breaking[dev] if warm_start else None)
-        _record(evaluations, idx, mid, p_hat)
-        nb = ~robust.to(delta.device)
-        breaking[dev[nb]] = delta[nb]
-        lo[idx[robust]] = mid[robust]
-        hi[idx[~robust]] = mid[~robust]
+        mid = 0.5 * (state.lower[idx] + state.upper[idx])
+        init = state.delta[idx.to(state.delta.device)] if search.warm_start else None
+        out, delta = decider.at(idx, mid, init=init)
+        state.record(idx, mid, out, delta)
         bar.update(1)
     bar.close()
-    found = torch.isfinite(hi)
-    margin.copy_(torch.where(robust0, torch.where(found, hi, caps), torch.zeros_like(margin)))
-    bracketed.copy_(~robust0 | found)
 
 
-def _grid(decider: _Decider, robust0, caps, granularity, margin, bracketed, evaluations, progress) -> None:
+def _grid(decider: _Decider, robust0, caps, granularity, state: _Search, progress: bool) -> None:
+    """Radii ``caps, caps - granularity, ...`` until the attacked input is r-robust (points with margin 0 and
+    non-robust clean points are never attacked)."""
     active = robust0.clone()
     steps = int(math.floor(float(caps.max()) / granularity + 1e-9))
     bar = tqdm(total=steps, desc="margin (grid)", unit="radius", disable=not progress)
@@ -381,12 +505,8 @@ def _grid(decider: _Decider, robust0, caps, granularity, margin, bracketed, eval
         if not bool(todo.any()):
             break
         idx = todo.nonzero().squeeze(1)
-        robust, p_hat, _ = decider.at(idx, radius[idx])
-        _record(evaluations, idx, radius[idx], p_hat)
-        held = idx[robust]
-        margin[held] = radius[held]
-        bracketed[held] = k > 0
-        active[held] = False
+        out, delta = decider.at(idx, radius[idx])
+        state.record(idx, radius[idx], out, delta)
+        active[idx[out.robust]] = False
         bar.update(1)
     bar.close()
-    # points never robust on the grid keep margin 0 (robust only at delta = 0); non-robust points: margin 0

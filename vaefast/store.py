@@ -20,25 +20,39 @@ input_shape TEXT, likelihood TEXT, weights_sha256 TEXT)``
     the swept data points; ``pos`` is the point's position in the sweep (the global point index that keys
     the random numbers), ``idx`` its index in the dataset split.
 ``units(unit_id TEXT PRIMARY KEY, model TEXT, r REAL, first_pos INTEGER, n_points INTEGER, rank INTEGER,
-world_size INTEGER, seconds_estimate REAL, seconds_bound REAL, seconds_margin REAL, seconds_attack REAL,
+world_size INTEGER, seconds_estimate REAL, seconds_bound REAL, seconds_margin REAL, seconds_evidence REAL,
 seconds_curve REAL, seconds_total REAL, finished_at TEXT)``
     one row per completed work unit: the commit marker used by resume, plus wall-clock timings (the only
     non-deterministic columns of the database; per-item time = ``seconds_total / n_points``).
 ``results(item_id TEXT PRIMARY KEY, unit_id TEXT, model TEXT, pos INTEGER, r REAL, seed INTEGER, p_hat REAL,
 ci_low REAL, ci_high REAL, hits INTEGER, num_samples INTEGER, robust INTEGER, r_star REAL, bound REAL,
 certified_bound REAL, spectral_bound REAL, whitened_bound REAL, latent_margin REAL, sigma_min REAL,
-jac_frobenius REAL, jac_spectral REAL, certified INTEGER, margin REAL, bracketed INTEGER, margin_evals INTEGER,
-attack_eps REAL, adv_norm REAL, ll_clean REAL, ll_adv REAL, ll_drop REAL, rel_ll_degradation REAL,
-p_hat_adv REAL, delta BLOB, recon_clean BLOB, recon_adv BLOB)``
-    one row per (model, point, r): p̂_r(x) with its Clopper-Pearson interval, r*, every bound variant and
-    its components (SPEC §1), the numerical margin (bisection), and the max-damage attack at budget
-    ``attack_eps`` = the point's numerical margin: its δ, ‖δ‖, the log-likelihood of the clean x under
-    z = μ(x) and z* = μ(x+δ), their drop and relative degradation, p̂_r under δ, and the reconstructions
-    g(μ(x)) and g(μ(x+δ)). Attack columns are NULL where the margin is 0 (no attack needed).
+jac_frobenius REAL, jac_spectral REAL, certified INTEGER, max_radius REAL, margin REAL, margin_lower REAL,
+bracketed INTEGER, margin_evals INTEGER, adv_norm REAL, p_hat_adv REAL, ci_low_adv REAL, ci_high_adv REAL,
+hits_adv INTEGER, num_samples_adv INTEGER, ll_clean REAL, ll_adv REAL, ll_drop REAL, rel_ll_degradation REAL,
+delta BLOB, recon_clean BLOB, recon_adv BLOB)``
+    one row per (model, point, r). The clean point: p̂_r(x) = hits / num_samples with its Clopper–Pearson
+    interval, r*, every bound variant and its components, ``certified`` (p̂ > 1/2: the one clean-point decision
+    that both the bound and the margin search use). ``max_radius``: the largest ‖δ‖₂ the data box allows at the
+    point (the search limit; NULL without a box). The numerical margin: ``margin`` (upper end of the bisection
+    bracket, where the attack broke r-robustness), ``margin_lower`` (largest radius where it did not),
+    ``bracketed``, ``margin_evals``. Its **evidence**: ``delta`` (the perturbation that broke r-robustness at
+    ``margin``, ‖δ‖₂ = ``adv_norm`` = ``margin``, x + δ inside the box), the p̂ the search saw there
+    (``p_hat_adv`` = ``hits_adv / num_samples_adv`` ≤ 1/2, with its interval ``ci_low_adv``/``ci_high_adv``,
+    drawn with ``seed`` and the point's ``pos``), the log-likelihood of the clean x under z = μ(x) and
+    z* = μ(x+δ) (``ll_clean``, ``ll_adv``), the drop ``ll_drop`` = ll_clean − ll_adv in nats and
+    ``rel_ll_degradation`` = |ll_adv − ll_clean| / |ll_clean| (≥ 0), and the reconstructions g(μ(x))
+    (``recon_clean``, always) and g(μ(x+δ)) (``recon_adv``). Evidence columns are NULL where the margin is 0
+    (the clean point is not r-robust: δ = 0 is its own evidence) or the search did not bracket.
 ``curves(item_id TEXT PRIMARY KEY, unit_id TEXT, model TEXT, pos INTEGER, r REAL, eps REAL, p_hat REAL,
 ci_low REAL, ci_high REAL, adv_norm REAL, ll_drop REAL, rel_ll_degradation REAL)``
     one row per (model, point, r, attack budget eps): p̂_r under the max-damage attack with ‖δ‖ ≤ eps (the
     p̂-vs-attack-norm curves) and the likelihood degradation at that fixed budget.
+``verifications(item_id TEXT, kind TEXT, p_hat REAL, ci_low REAL, ci_high REAL, hits INTEGER, num_samples INTEGER,
+seed INTEGER, confidence REAL, confirmed INTEGER, reason TEXT, checked_at TEXT, PRIMARY KEY (item_id, kind))``
+    written by ``vaefast verify`` (:mod:`vaefast.verify`): one row per replayed claim of a results row, ``kind``
+    ``"delta"`` (x + δ is not r-robust) or ``"clean"`` (the certified point is r-robust at δ = 0), with the fresh
+    estimate from an independent random stream, its interval at ``confidence``, and whether it confirmed the claim.
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 RESULT_COLUMNS: tuple[str, ...] = (
     "item_id",
@@ -77,16 +91,21 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "jac_frobenius",
     "jac_spectral",
     "certified",
+    "max_radius",
     "margin",
+    "margin_lower",
     "bracketed",
     "margin_evals",
-    "attack_eps",
     "adv_norm",
+    "p_hat_adv",
+    "ci_low_adv",
+    "ci_high_adv",
+    "hits_adv",
+    "num_samples_adv",
     "ll_clean",
     "ll_adv",
     "ll_drop",
     "rel_ll_degradation",
-    "p_hat_adv",
     "delta",
     "recon_clean",
     "recon_adv",
@@ -116,15 +135,32 @@ UNIT_COLUMNS: tuple[str, ...] = (
     "seconds_estimate",
     "seconds_bound",
     "seconds_margin",
-    "seconds_attack",
+    "seconds_evidence",
     "seconds_curve",
     "seconds_total",
     "finished_at",
 )
 BLOB_COLUMNS = frozenset({"delta", "recon_clean", "recon_adv", "x"})
 
-_INT_COLUMNS = frozenset({"pos", "seed", "hits", "num_samples", "robust", "certified", "bracketed", "margin_evals"})
-_TEXT_COLUMNS = frozenset({"item_id", "unit_id", "model"})
+VERIFY_COLUMNS: tuple[str, ...] = (
+    "item_id",
+    "kind",
+    "p_hat",
+    "ci_low",
+    "ci_high",
+    "hits",
+    "num_samples",
+    "seed",
+    "confidence",
+    "confirmed",
+    "reason",
+    "checked_at",
+)
+_INT_COLUMNS = frozenset(
+    {"pos", "seed", "hits", "num_samples", "robust", "certified", "bracketed", "margin_evals", "hits_adv"}
+    | {"num_samples_adv", "confirmed"}
+)
+_TEXT_COLUMNS = frozenset({"item_id", "unit_id", "model", "kind", "reason", "checked_at"})
 
 
 def _column_type(name: str) -> str:
@@ -162,7 +198,11 @@ SCHEMA: tuple[str, ...] = (
     ),
     _create_table("results", RESULT_COLUMNS),
     _create_table("curves", CURVE_COLUMNS),
+    "CREATE TABLE IF NOT EXISTS verifications ("
+    + ", ".join(f"{c} {_column_type(c)}" for c in VERIFY_COLUMNS)
+    + ", PRIMARY KEY (item_id, kind))",
 )
+TABLES = ("meta", "models", "points", "units", "results", "curves", "verifications")
 
 DETERMINISTIC_TABLES = ("models", "points", "results", "curves")
 
@@ -189,7 +229,11 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
         raise FileNotFoundError(f"results database {str(path)!r} does not exist")
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)  # explicit BEGIN/COMMIT below
-    conn.execute("PRAGMA journal_mode=WAL")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:  # e.g. a CSV file: "file is not a database"
+        conn.close()
+        raise ValueError(f"{str(path)!r} is not a vaefast results database (SQLite says: {exc})") from None
     conn.execute("PRAGMA synchronous=NORMAL")
     if create:
         with transaction(conn):
@@ -202,6 +246,14 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
         if missing:
             conn.close()
             raise ValueError(f"{str(path)!r} is not a vaefast results database (missing tables {sorted(missing)})")
+        version = get_meta(conn).get("schema_version")
+        if version != SCHEMA_VERSION:
+            conn.close()
+            raise ValueError(
+                f"{str(path)!r} has results schema {version}, this vaefast reads schema {SCHEMA_VERSION}: "
+                "run the sweep again with this version"
+            )
+        conn.execute(SCHEMA[-1])  # the verifications table (created on first verify)
     return conn
 
 
@@ -228,9 +280,23 @@ def set_meta(conn: sqlite3.Connection, values: Mapping[str, str]) -> None:
         conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
 
 
-def _insert(conn: sqlite3.Connection, table: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
-    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-    data = [tuple(row.get(c) for c in columns) for row in rows]
+def _insert(
+    conn: sqlite3.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    verb: str = "INSERT",
+) -> int:
+    """Insert ``rows`` (dicts with exactly the keys ``columns``: an unknown or missing key is a ``KeyError``)."""
+    sql = f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    wanted = set(columns)
+    data = []
+    for row in rows:
+        if row.keys() != wanted:
+            unknown, missing = sorted(row.keys() - wanted), sorted(wanted - row.keys())
+            raise KeyError(f"{table} row: unknown keys {unknown}, missing keys {missing}")
+        data.append(tuple(row[c] for c in columns))
     conn.executemany(sql, data)
     return len(data)
 
@@ -260,6 +326,12 @@ def commit_unit(
         _insert(conn, "results", RESULT_COLUMNS, results)
         _insert(conn, "curves", CURVE_COLUMNS, curves)
         _insert(conn, "units", UNIT_COLUMNS, [row])
+
+
+def write_verifications(conn: sqlite3.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Store replayed claims (``verifications`` rows) in one transaction, replacing earlier checks of the same claim."""
+    with transaction(conn):
+        _insert(conn, "verifications", VERIFY_COLUMNS, rows, verb="INSERT OR REPLACE")
 
 
 def completed_units(conn: sqlite3.Connection) -> set[str]:
@@ -300,16 +372,17 @@ def merge_into(conn: sqlite3.Connection, shard_path: str | Path) -> int:
 
 def table_rows(conn: sqlite3.Connection, table: str) -> list[tuple]:
     """All rows of ``table`` ordered by its primary key (the canonical content used to compare databases)."""
-    if table not in ("meta", "models", "points", "units", "results", "curves"):
-        raise ValueError(f"table must be one of the results tables, got {table!r}")
-    key = {"meta": "key", "models": "name", "points": "pos", "units": "unit_id"}.get(table, "item_id")
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {list(TABLES)}, got {table!r}")
+    key = {"meta": "key", "models": "name", "points": "pos", "units": "unit_id", "verifications": "item_id, kind"}
+    key = key.get(table, "item_id")
     return conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()
 
 
 def read_table(conn: sqlite3.Connection, table: str, *, blobs: bool = False) -> list[dict[str, Any]]:
     """Rows of ``table`` as dicts (blob columns dropped unless ``blobs``)."""
-    if table not in ("meta", "models", "points", "units", "results", "curves"):
-        raise ValueError(f"table must be one of the results tables, got {table!r}")
+    if table not in TABLES:
+        raise ValueError(f"table must be one of {list(TABLES)}, got {table!r}")
     cur = conn.execute(f"SELECT * FROM {table}")
     names = [d[0] for d in cur.description]
     out = []

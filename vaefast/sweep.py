@@ -9,30 +9,31 @@ merges the per-rank shard databases into one. Each unit yields one ``results`` r
 one ``curves`` row per (model, point, r, eps).
 
 Determinism. Every random number is keyed by the item's identity, never by execution order:
-Monte-Carlo estimates use ``seed = H(base seed, model, r)`` with ``point_offset = pos`` (the counter-based
-sampler keys noise by global point index), the attacks (at the margin scale and for the curves) use
-``H(base seed, "attack"|"curve", model, r)`` with ``point_ids = pos``, and the margin search uses the
-Monte-Carlo seed with ``point_offset = first_pos`` (a unit's block is fixed by the enumeration); H is SHA-256. A unit
-therefore gives the same numbers whichever process computes it, in whatever order, so sharded, resumed and
-uninterrupted runs produce identical tables (timings, kept in ``units``, excepted). Bit-for-bit equality
-across runs also needs the same number of intra-op threads (``OMP_NUM_THREADS``): CPU reductions may split by
-thread.
+Monte-Carlo estimates use ``seed = H(base seed, "mc", model, r)`` with ``point_offset = pos`` (the counter-based
+sampler keys noise by global point index); the margin search decides on that same stream (its attacks use it as
+their seed too, with ``point_ids = pos``); the curves' attacks use ``H(base seed, "curve", model, r)``; H is
+SHA-256. A unit therefore gives the same numbers whichever process computes it, in whatever order, so sharded,
+resumed and uninterrupted runs produce identical tables (timings, kept in ``units``, excepted). Bit-for-bit
+equality across runs also needs the same number of intra-op threads (``OMP_NUM_THREADS``): CPU reductions may
+split by thread.
 
-Per (model, point, r): p̂_r(x) with its Clopper-Pearson interval and r*(x) (``estimate_r_robustness``),
-the bound variants and components (``margin_bound``), the numerical margin by batched bisection
-(``numerical_margin``), and the max-damage attack with budget eps = that point's numerical margin (the
-margin scale): its δ, the likelihood degradation it causes (``likelihood_degradation``) and p̂_r under δ.
-Per (model, point, r, eps) for r in ``curve_radii``: p̂_r under the max-damage attack with ‖δ‖ ≤ eps.
+Per (model, point, r), in stages: p̂_r(x) with its Clopper-Pearson interval and r*(x)
+(``estimate_r_robustness``); the bound variants and components from that same estimate (``margin_bound``); the
+numerical margin by batched bisection from that same clean-point decision (``numerical_margin(estimate=...)``)
+with its evidence — the perturbation δ that broke r-robustness at the margin and the p̂ the search saw there —
+and the likelihood degradation and reconstruction under that δ. Per (model, point, r, eps) for r in
+``curve_radii``: p̂_r under the max-damage attack with ‖δ‖ ≤ eps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from vaefast._checks import as_radii, check_positive_float, check_positive_int, 
 # ----------------------------------------------------------------------------------------------------------
 # identities and seeds
 
-SWEEP_FORMAT = "2"  # bump when the per-unit computation changes: resuming across versions is then refused
+SWEEP_FORMAT = "3"  # bump when the per-unit computation changes: resuming across versions is then refused
 
 
 def derive_seed(base: int, *parts: object) -> int:
@@ -288,8 +289,24 @@ def _f(t: torch.Tensor, i: int) -> float:
     return float(t.reshape(-1)[i])
 
 
+class _Timer:
+    """Wall-clock seconds per stage: ``with timer("margin"): ...`` adds to ``timer.seconds["seconds_margin"]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"seconds_{stage}"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+
+
 def _likelihood_terms(model: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SPEC §1 via ``likelihood_degradation``: log p(x|μ(x)), log p(x|μ(x+δ)), their drop and relative degradation."""
+    """log p(x|μ(x)), log p(x|μ(x+δ)), their drop in nats and the relative degradation (``likelihood_degradation``)."""
     from vaefast.attacks import likelihood_degradation
 
     deg = likelihood_degradation(model, x, delta)
@@ -299,33 +316,11 @@ def _likelihood_terms(model: nn.Module, x: torch.Tensor, delta: torch.Tensor) ->
 _MARGIN_ATTACK_KEYS = ("restarts", "steps", "num_noise_samples", "mode", "optimizer", "box")
 
 
-def compute_unit(
-    model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Compute one work unit: returns its ``units`` row, its ``results`` rows and its ``curves`` rows."""
-    from vaefast.attacks import MaxDamageAttack
-    from vaefast.margin import numerical_margin
-    from vaefast.robustness import estimate_r_robustness, margin_bound
-
-    r, a, name = unit.r, unit.first_pos, unit.model
-    seed_mc = derive_seed(spec.seed, "mc", name, _rkey(r))
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    t0 = time.perf_counter()
-    est = estimate_r_robustness(
-        model, x, [r], num_samples=spec.num_samples, seed=seed_mc, confidence=spec.confidence, point_offset=a
-    )
-    timings["seconds_estimate"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    mb = margin_bound(model, x, r, point_offset=a, estimate=est)  # reuses est's samples: same p_hat
-    timings["seconds_bound"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    # the margin search's sphere attack shares the max-damage attack's settings unless margin_kwargs says otherwise
+def margin_settings(spec: SweepSpec) -> dict[str, Any]:
+    """Keyword arguments of :func:`~vaefast.margin.numerical_margin` for a sweep: bisection at ``margin_tol``, the
+    sweep's sample count and confidence, the max-damage attack's settings unless ``margin_kwargs`` overrides them."""
     shared = {k: v for k, v in spec.attack_kwargs.items() if k in _MARGIN_ATTACK_KEYS}
-    margin_kwargs = {
+    kwargs = {
         "method": "bisection",
         "tol": spec.margin_tol,
         "num_samples": spec.num_samples,
@@ -334,131 +329,169 @@ def compute_unit(
         **spec.margin_kwargs,
     }
     if spec.margin_max_radius is not None:
-        margin_kwargs.setdefault("max_radius", spec.margin_max_radius)
-    # same Monte-Carlo stream as the estimate: the search's r-robustness test at delta = 0 sees the estimate's
-    # first samples, so the two rarely disagree on whether the clean point is r-robust
-    nm = numerical_margin(model, x, r, seed=seed_mc, point_offset=a, progress=False, **margin_kwargs)
-    timings["seconds_margin"] = time.perf_counter() - t0
+        kwargs.setdefault("max_radius", spec.margin_max_radius)
+    return kwargs
 
+
+def _box_limit(x: torch.Tensor, box: object) -> torch.Tensor | None:
+    """Per point the largest ‖δ‖₂ that keeps x + δ in the box (None without a box)."""
+    from vaefast.attacks.base import box_offsets, check_box
+    from vaefast.attacks.projections import max_l2_norm
+
+    lo, hi = box_offsets(x, check_box(box))
+    return None if lo is None else max_l2_norm(lo, hi).cpu()
+
+
+def _clean_columns(est, mb, b: int) -> dict[str, Any]:
+    """The clean point's estimate and bound columns of results row ``b``."""
+    cols = {
+        "p_hat": _f(est.p_hat, b),
+        "ci_low": _f(est.ci_low, b),
+        "ci_high": _f(est.ci_high, b),
+        "hits": int(est.hits.reshape(-1)[b]),
+        "num_samples": int(est.num_samples),
+        "robust": int(bool(est.robust.reshape(-1)[b])),
+        "r_star": _f(est.r_star, b),
+        "certified": int(bool(mb.certified.reshape(-1)[b])),
+    }
+    for name in ("bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "sigma_min"):
+        cols[name] = _f(getattr(mb, name), b)
+    cols["jac_frobenius"], cols["jac_spectral"] = _f(mb.jac_frobenius, b), _f(mb.jac_spectral, b)
+    return cols
+
+
+_EVIDENCE_COLUMNS = (
+    "adv_norm", "p_hat_adv", "ci_low_adv", "ci_high_adv", "hits_adv", "num_samples_adv", "ll_clean", "ll_adv",
+    "ll_drop", "rel_ll_degradation", "delta", "recon_adv",
+)  # fmt: skip
+
+
+def _evidence_columns(model: nn.Module, x: torch.Tensor, nm) -> list[dict[str, Any]]:
+    """Per point the evidence of its margin: the breaking δ the search returned, the p̂ it saw there, and the
+    likelihood degradation and reconstruction under that same δ (NULL where the margin is 0 or unbracketed)."""
+    has = ((nm.margin > 0) & nm.bracketed).tolist()
+    out: list[dict[str, Any]] = [dict.fromkeys(_EVIDENCE_COLUMNS) for _ in has]
+    idx = [b for b, h in enumerate(has) if h]
+    if not idx:
+        return out
+    sel = torch.tensor(idx, device=x.device)
+    delta = nm.delta[sel].to(x.dtype)
+    terms = _likelihood_terms(model, x[sel], delta)
     with torch.no_grad():
-        recon_clean = model.decode(model.encode(x)[0])
+        recon_adv = model.decode(model.encode(x[sel] + delta)[0])
+    for j, b in enumerate(idx):
+        out[b] = {
+            "adv_norm": float(delta[j].flatten().double().norm()),
+            "p_hat_adv": _f(nm.p_hat_delta, b),
+            "ci_low_adv": _f(nm.ci_low_delta, b),
+            "ci_high_adv": _f(nm.ci_high_delta, b),
+            "hits_adv": int(nm.hits_delta[b]),
+            "num_samples_adv": int(nm.samples_delta[b]),
+            "ll_clean": _f(terms["ll_clean"], j),
+            "ll_adv": _f(terms["ll_adv"], j),
+            "ll_drop": _f(terms["drop"], j),
+            "rel_ll_degradation": _f(terms["rel"], j),
+            "delta": store.to_blob(delta[j]),
+            "recon_adv": store.to_blob(recon_adv[j]),
+        }
+    return out
 
-    # the max-damage attack at the margin scale: eps = each point's numerical margin (points with margin 0
-    # are already non-robust: no attack). One batched call; point_ids key the attack's random numbers.
-    t0 = time.perf_counter()
-    margins = nm.margin.reshape(-1).to(torch.float64).cpu()
-    attacked = (margins > 0).nonzero().reshape(-1)
-    positions = torch.arange(a, a + unit.n_points)
-    delta_full = torch.zeros_like(x)
-    extra: dict[int, dict[str, Any]] = {}
-    if attacked.numel():
-        attack = MaxDamageAttack(
-            model, eps=1.0, seed=derive_seed(spec.seed, "attack", name, _rkey(r)), **spec.attack_kwargs
-        )
-        adv = attack.attack(x[attacked], eps=margins[attacked].to(x.device), point_ids=positions[attacked])
-        delta = adv.delta.detach().reshape(x[attacked].shape).to(x.dtype)
-        delta_full[attacked] = delta
-        terms = _likelihood_terms(model, x[attacked], delta)
-        est_adv = estimate_r_robustness(
-            model,
-            x,
-            [r],
-            num_samples=spec.num_samples,
-            delta=delta_full,
-            seed=seed_mc,
-            confidence=spec.confidence,
+
+def _curve_rows(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec, seed_mc: int) -> list[dict]:
+    """``curves`` rows: p̂_r and likelihood degradation under the max-damage attack with ‖δ‖ ≤ eps, every eps."""
+    from vaefast.attacks import MaxDamageAttack
+    from vaefast.robustness import estimate_r_robustness
+
+    name, r, a = unit.model, unit.r, unit.first_pos
+    seed_curve = derive_seed(spec.seed, "curve", name, _rkey(r))
+    attack = MaxDamageAttack(model, eps=list(spec.attack_eps), seed=seed_curve, **spec.attack_kwargs)
+    adv = attack.attack(x, point_ids=torch.arange(a, a + unit.n_points))
+    deltas = adv.delta.detach().reshape(len(spec.attack_eps), *x.shape)
+    rows = []
+    for e, eps in enumerate(spec.attack_eps):
+        d = deltas[e]
+        est = estimate_r_robustness(
+            model, x, [r], num_samples=spec.num_samples, delta=d, seed=seed_mc, confidence=spec.confidence,
             point_offset=a,
-        )
-        with torch.no_grad():
-            recon_adv = model.decode(model.encode(x[attacked] + delta)[0])
-        for j, b in enumerate(attacked.tolist()):
-            extra[b] = {
-                "attack_eps": float(margins[b]),
-                "adv_norm": float(delta[j].flatten().norm()),
-                "ll_clean": _f(terms["ll_clean"], j),
-                "ll_adv": _f(terms["ll_adv"], j),
-                "ll_drop": _f(terms["drop"], j),
-                "rel_ll_degradation": _f(terms["rel"], j),
-                "p_hat_adv": _f(est_adv.p_hat, b),
-                "delta": store.to_blob(delta[j]),
-                "recon_adv": store.to_blob(recon_adv[j]),
-            }
+        )  # fmt: skip
+        terms = _likelihood_terms(model, x, d)
+        norms = d.flatten(1).norm(dim=1)
+        for b, pos in enumerate(unit.positions):
+            rows.append(
+                {
+                    "item_id": curve_item_id(name, r, eps, pos),
+                    "unit_id": unit.unit_id,
+                    "model": name,
+                    "pos": pos,
+                    "r": r,
+                    "eps": eps,
+                    "p_hat": _f(est.p_hat, b),
+                    "ci_low": _f(est.ci_low, b),
+                    "ci_high": _f(est.ci_high, b),
+                    "adv_norm": _f(norms, b),
+                    "ll_drop": _f(terms["drop"], b),
+                    "rel_ll_degradation": _f(terms["rel"], b),
+                }
+            )
+    return rows
+
+
+def compute_unit(
+    model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Compute one work unit: estimate → bound → margin with its evidence → curves.
+
+    The clean point is decided once: the estimate ``est`` feeds both the bound and the margin search
+    (``estimate=est``), so a point is certified by the bound exactly when the search treats it as r-robust.
+
+    Args:
+        model: a protocol model (eval mode is applied by every stage).
+        x: the unit's points ``[n_points, *input_shape]`` on the model's device.
+        unit: the work unit (model name, r, first point position).
+        spec: the sweep specification.
+
+    Returns:
+        ``(units row, results rows, curves rows)`` as dicts keyed by the store's column names.
+    """
+    from vaefast.margin import numerical_margin
+    from vaefast.robustness import estimate_r_robustness, margin_bound
+
+    r, a, name = unit.r, unit.first_pos, unit.model
+    seed_mc = derive_seed(spec.seed, "mc", name, _rkey(r))
+    timer = _Timer()
+    with timer("total"):
+        with timer("estimate"):
+            est = estimate_r_robustness(
+                model, x, [r], num_samples=spec.num_samples, seed=seed_mc, confidence=spec.confidence, point_offset=a
+            )
+        with timer("bound"):
+            mb = margin_bound(model, x, r, point_offset=a, estimate=est)
+        with timer("margin"):
+            settings = margin_settings(spec)
+            nm = numerical_margin(model, x, r, seed=seed_mc, point_offset=a, estimate=est, progress=False, **settings)
+        with timer("evidence"):
+            evidence = _evidence_columns(model, x, nm)
+            with torch.no_grad():
+                recon_clean = model.decode(model.encode(x)[0])
+            box_limit = _box_limit(x, settings.get("box", (0.0, 1.0)))
+        with timer("curve"):
+            curves = _curve_rows(model, x, unit, spec, seed_mc) if spec.curves_at(r) else []
     results = []
     for b, pos in enumerate(unit.positions):
-        row: dict[str, Any] = {
-            "item_id": item_id(name, r, pos),
-            "unit_id": unit.unit_id,
-            "model": name,
-            "pos": pos,
-            "r": r,
-            "seed": seed_mc,
-            "p_hat": _f(est.p_hat, b),
-            "ci_low": _f(est.ci_low, b),
-            "ci_high": _f(est.ci_high, b),
-            "hits": int(est.hits.reshape(-1)[b]),
-            "num_samples": int(est.num_samples),
-            "robust": int(bool(est.robust.reshape(-1)[b])),
-            "r_star": _f(est.r_star, b),
-            "bound": _f(mb.bound, b),
-            "certified_bound": _f(mb.certified_bound, b),
-            "spectral_bound": _f(mb.spectral_bound, b),
-            "whitened_bound": _f(mb.whitened_bound, b),
-            "latent_margin": _f(mb.latent_margin, b),
-            "sigma_min": _f(mb.sigma_min, b),
-            "jac_frobenius": _f(mb.jac_frobenius, b),
-            "jac_spectral": _f(mb.jac_spectral, b),
-            "certified": int(bool(mb.certified.reshape(-1)[b])),
-            "margin": float(margins[b]),
-            "bracketed": int(bool(nm.bracketed.reshape(-1)[b])),
-            "margin_evals": len(nm.evaluations[b]),
-            "recon_clean": store.to_blob(recon_clean[b]),
-            **extra.get(b, {}),
-        }
+        row = {"item_id": item_id(name, r, pos), "unit_id": unit.unit_id, "model": name, "pos": pos, "r": r}
+        row.update(seed=seed_mc, **_clean_columns(est, mb, b))
+        row.update(
+            max_radius=None if box_limit is None else float(box_limit[b]),
+            margin=_f(nm.margin, b),
+            margin_lower=_f(nm.lower, b),
+            bracketed=int(bool(nm.bracketed[b])),
+            margin_evals=len(nm.evaluations[b]),
+            recon_clean=store.to_blob(recon_clean[b]),
+            **evidence[b],
+        )
         results.append(row)
-    timings["seconds_attack"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    curves = []
-    if spec.curves_at(r):
-        seed_curve = derive_seed(spec.seed, "curve", name, _rkey(r))
-        attack = MaxDamageAttack(model, eps=list(spec.attack_eps), seed=seed_curve, **spec.attack_kwargs)
-        adv = attack.attack(x, point_ids=positions)
-        deltas = adv.delta.detach().reshape(len(spec.attack_eps), *x.shape)
-        for e, eps in enumerate(spec.attack_eps):
-            d = deltas[e]
-            est_e = estimate_r_robustness(
-                model,
-                x,
-                [r],
-                num_samples=spec.num_samples,
-                delta=d,
-                seed=seed_mc,
-                confidence=spec.confidence,
-                point_offset=a,
-            )
-            terms = _likelihood_terms(model, x, d)
-            norms = d.flatten(1).norm(dim=1)
-            for b, pos in enumerate(unit.positions):
-                curves.append(
-                    {
-                        "item_id": curve_item_id(name, r, eps, pos),
-                        "unit_id": unit.unit_id,
-                        "model": name,
-                        "pos": pos,
-                        "r": r,
-                        "eps": eps,
-                        "p_hat": _f(est_e.p_hat, b),
-                        "ci_low": _f(est_e.ci_low, b),
-                        "ci_high": _f(est_e.ci_high, b),
-                        "adv_norm": _f(norms, b),
-                        "ll_drop": _f(terms["drop"], b),
-                        "rel_ll_degradation": _f(terms["rel"], b),
-                    }
-                )
-    timings["seconds_curve"] = time.perf_counter() - t0
-    timings["seconds_total"] = time.perf_counter() - t_all
-    unit_row = {"unit_id": unit.unit_id, "model": name, "r": r, "first_pos": a, "n_points": unit.n_points, **timings}
-    return unit_row, results, curves
+    unit_row = {"unit_id": unit.unit_id, "model": name, "r": r, "first_pos": a, "n_points": unit.n_points}
+    return {**unit_row, **timer.seconds}, results, curves
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Evidence of a sweep: properties of every stored δ, one clean-point decision, and `verify` on a clean and on a
+tampered database (library and command line)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from vaefast import store
+from vaefast.cli import main
+from vaefast.data import load
+from vaefast.models import VAE, VAEConfig
+from vaefast.sweep import run_sweep
+from vaefast.training import train
+from vaefast.verify import verify_sweep
+
+torch.set_num_threads(1)
+
+X = load("digits", "test").x[:6]
+SWEEP = {"radii": [0.3, 0.6], "num_samples": 256, "batch_size": 3, "margin_tol": 0.03, "attack_kwargs": {"steps": 8}}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cfg = VAEConfig(
+        input_shape=(1, 8, 8), hidden=(32,), latent_dim=3, likelihood="gaussian", gaussian_std=0.2, beta=1.0
+    )
+    run = tmp_path_factory.mktemp("run") / "m"
+    model = VAE(cfg, seed=0)
+    train(model, load("digits", "train").x, epochs=3, batch_size=64, lr=3e-3, progress=False)  # r* about 0.3
+    model.save(run)
+    return run
+
+
+@pytest.fixture
+def swept(run_dir, tmp_path):
+    db = tmp_path / "r.db"
+    run_sweep({"m": str(run_dir)}, X, db=db, progress=False, **SWEEP)
+    return db
+
+
+def _rows(db):
+    conn = store.connect(db, create=False)
+    try:
+        return store.read_table(conn, "results", blobs=True)
+    finally:
+        conn.close()
+
+
+def test_every_stored_delta_is_evidence(swept):
+    rows = _rows(swept)
+    assert any(r["margin"] > 0 for r in rows) and any(r["margin"] == 0 for r in rows)
+    for row in rows:
+        assert bool(row["certified"]) == (row["p_hat"] > 0.5) == (row["margin"] > 0)  # one clean-point decision
+        if row["margin"] > 0 and row["bracketed"]:
+            delta = store.from_blob(row["delta"]).astype(np.float64)
+            x = X[row["pos"]].flatten().double().numpy()
+            assert np.linalg.norm(delta) == pytest.approx(row["margin"], rel=1e-5)
+            assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
+            assert row["p_hat_adv"] <= 0.5 and row["hits_adv"] / row["num_samples_adv"] == row["p_hat_adv"]
+            assert row["ci_low_adv"] <= row["p_hat_adv"] <= row["ci_high_adv"]
+            assert row["adv_norm"] == pytest.approx(row["margin"], rel=1e-5)
+            assert row["rel_ll_degradation"] >= 0
+        else:
+            assert row["delta"] is None and row["p_hat_adv"] is None
+
+
+def test_verify_confirms_a_clean_database(swept):
+    rep = verify_sweep(swept, sample=None)
+    rows = _rows(swept)
+    n_delta = sum(1 for r in rows if r["margin"] > 0 and r["bracketed"])
+    n_clean = sum(1 for r in rows if r["certified"])
+    assert rep.checked == n_delta + n_clean and n_delta > 0 and n_clean > 0
+    assert rep.all_confirmed, rep.failed
+    assert all(r["num_samples"] == 4 * SWEEP["num_samples"] for r in rep.rows)
+    conn = store.connect(swept, create=False)
+    stored = store.read_table(conn, "verifications")
+    conn.close()
+    assert len(stored) == rep.checked and all(r["confirmed"] == 1 for r in stored)
+    # an independent stream: the replay's seeds differ from the sweep's
+    assert {r["seed"] for r in rep.rows}.isdisjoint({r["seed"] for r in rows})
+    assert verify_sweep(swept, sample=2).checked <= 4
+
+
+def _robust_victim(db):
+    """An evidence row whose clean point is clearly r-robust (p_hat >= 0.8)."""
+    rows = [r for r in _rows(db) if r["delta"] is not None]
+    victim = max(rows, key=lambda r: (r["p_hat"], r["item_id"]))
+    assert victim["p_hat"] >= 0.8
+    return victim
+
+
+def _tamper(db, item_id, blob):
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE results SET delta = ? WHERE item_id = ?", (blob, item_id))
+    conn.commit()
+    conn.close()
+
+
+def test_verify_catches_a_zeroed_delta(swept, capsys):
+    victim = _robust_victim(swept)
+    _tamper(swept, victim["item_id"], store.to_blob(np.zeros(64, np.float32)))
+    rep = verify_sweep(swept)
+    failed = {(r["item_id"], r["kind"]) for r in rep.failed}
+    assert failed == {(victim["item_id"], "delta")}
+    (reason,) = [r["reason"] for r in rep.failed]
+    assert "!= margin" in reason
+    assert main(["verify", str(swept), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {victim['item_id']} [delta]" in out and "claims confirmed" in out
+
+
+def test_verify_catches_a_consistent_delta_that_does_not_break(swept):
+    """δ and margin shrunk together (the exact checks pass): only the fresh estimate can tell that x + δ is still
+    r-robust."""
+    victim = _robust_victim(swept)
+    small = store.from_blob(victim["delta"]) * 0.05  # toward x: stays in the box
+    conn = sqlite3.connect(swept)
+    conn.execute(
+        "UPDATE results SET delta = ?, margin = ?, adv_norm = ? WHERE item_id = ?",
+        (store.to_blob(small), 0.05 * victim["margin"], 0.05 * victim["margin"], victim["item_id"]),
+    )
+    conn.commit()
+    conn.close()
+    rep = verify_sweep(swept)
+    assert [(r["item_id"], r["kind"]) for r in rep.failed] == [(victim["item_id"], "delta")]
+    assert rep.failed[0]["reason"].startswith("fresh interval") and rep.failed[0]["ci_low"] > 0.5
+
+
+def test_verify_cli_all_confirmed_and_usage_errors(swept, capsys, tmp_path):
+    assert main(["verify", str(swept), "--no-progress", "--sample", "3"]) == 0
+    assert "claims confirmed" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "missing.db")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["verify", str(swept), "--factor", "0"]) == 2
+    assert "factor" in capsys.readouterr().err
+
+
+def test_verify_refuses_other_weights(swept, tmp_path):
+    other = tmp_path / "other"
+    cfg = VAEConfig(
+        input_shape=(1, 8, 8), hidden=(32,), latent_dim=3, likelihood="gaussian", gaussian_std=0.2, beta=1.0
+    )
+    VAE(cfg, seed=1).save(other)
+    with pytest.raises(ValueError, match="weights differ"):
+        verify_sweep(swept, models={"m": str(other)})
+    with pytest.raises(ValueError, match="not in the database"):
+        verify_sweep(swept, models={"zz": str(other)})
