@@ -1,7 +1,10 @@
 """The report's figures, drawn from a sweep database with matplotlib (Agg backend, PNG files).
 
 Each ``plot_*`` function takes :class:`vaefast.report.SweepData` and an output path, draws one figure and
-returns the path, or ``None`` when the sweep holds no data for that figure (e.g. no attack budgets, no β).
+returns the path, or ``None`` when the sweep holds no data for that figure (e.g. no attack budgets, no β). The
+figures' captions are :data:`vaefast.report.FIGURES`. Bounds are always shown capped to the largest perturbation
+the data box allows (:func:`vaefast.report.capped_bound`), with capped values marked; no value is left out of a
+figure without the figure saying how many.
 """
 
 from __future__ import annotations
@@ -19,9 +22,19 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vaefast import store  # noqa: E402
-from vaefast.report import SweepData, bound_stats, comparable, model_kind  # noqa: E402
+from vaefast.report import (  # noqa: E402
+    SweepData,
+    bound_stats,
+    capped_bound,
+    comparable,
+    exceeds_box,
+    is_gaussian,
+    model_kind,
+)
 
 DPI = 120
+CAPPED_STYLE = {"marker": "H", "s": 80, "facecolors": "none", "edgecolors": "k", "linewidths": 0.9}
+CAPPED_LABEL = "black hexagon: bound(s) capped to the box"
 
 
 def _colors(names: Sequence[str]) -> dict[str, Any]:
@@ -42,144 +55,236 @@ def _spread(values: np.ndarray) -> bool:
     return v.size > 1 and v.max() / v.min() > 30
 
 
-def plot_bound_vs_margin(data: SweepData, path: Path) -> Path | None:
-    """Figure 1: bound (y) vs numerical margin (x), y = x, least-squares fit, Pearson/Spearman per model and pooled."""
-    comp = comparable(data.results)
-    if len(comp) < 2:
-        return None
+def _set_value_scale(ax, values: np.ndarray, axis: str = "y") -> str:
+    """Pick a scale that shows every value: log (all > 0 and spread), symlog (zeros/negatives and spread), linear.
+
+    Args:
+        ax: the axes.
+        values: the plotted values of that axis.
+        axis: ``"x"`` or ``"y"``.
+
+    Returns:
+        The scale chosen.
+    """
+    v = np.asarray(values, float)
+    nz = np.abs(v[v != 0])
+    setter = ax.set_yscale if axis == "y" else ax.set_xscale
+    if v.size and (v > 0).all() and _spread(v):
+        setter("log")
+        return "log"
+    if nz.size > 1 and (v <= 0).any() and nz.max() / nz.min() > 30:
+        setter("symlog", linthresh=float(np.quantile(nz, 0.1)))
+        return "symlog"
+    return "linear"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 1: bound vs margin
+
+
+def _bound_margin_title(rows: Sequence[Mapping[str, Any]], left_out: int) -> str:
+    """Title of figure 1: correlations, validity over comparable items, and the counts left out or capped."""
+    st = bound_stats(rows)
+    extra = f"; {left_out} items with a value ≤ 0 not on the log axes" if left_out else ""
+    return (
+        f"Bound vs numerical margin — pooled Pearson r = {st['pearson']:.3f}, Spearman ρ = {st['spearman']:.3f}\n"
+        f"valid (bound ≤ margin) on {st['validity']:.1%} of {st['n_comparable']} comparable items; left out: "
+        f"{st['n_uncertified']} uncertified, {st['n_unbracketed']} unbracketed{extra}\n"
+        f"bound exceeds box: {st['n_bound_exceeds_box']} items (capped to max_radius, black hexagons)"
+    )
+
+
+def _scatter_bounds(ax, data: SweepData, comp: Sequence[Mapping[str, Any]]) -> None:
+    """One colour per model, one marker per radius; capped bounds get a black hexagon around them."""
     colors = _colors(data.model_names)
-    fig, ax = plt.subplots(figsize=(6.6, 5.6))
-    allm = np.array([r["margin"] for r in comp], float)
-    allb = np.array([r["bound"] for r in comp], float)
-    markers = "osD^v<>pP*X"
-    radii = data.radii
+    markers = "osD^v<>pP*"
     for name in data.model_names:
         rows = [r for r in comp if r["model"] == name]
         if not rows:
             continue
         st = bound_stats(rows)
         label = f"{name} (ρ={st['spearman']:.2f}, valid {st['validity']:.0%})"
-        for k, rr in enumerate(radii):
+        for k, rr in enumerate(data.radii):
             sub = [r for r in rows if r["r"] == rr]
-            if not sub:
-                continue
-            ax.scatter(
-                [r["margin"] for r in sub],
-                [r["bound"] for r in sub],
-                s=14,
-                alpha=0.7,
-                color=colors[name],
-                marker=markers[k % len(markers)],
-                edgecolors="none",
-                label=label,
-            )
-            label = None
-    lo = max(min(allm.min(), allb[allb > 0].min() if (allb > 0).any() else allm.min()) * 0.8, 1e-6)
-    hi = max(allm.max(), allb.max()) * 1.2
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-    pooled = bound_stats(data.results)
-    log_axes = _spread(allm) or _spread(allb)
-    xs = np.geomspace(lo, hi, 200) if log_axes else np.linspace(0, hi, 200)
-    positive = (allm > 0) & (allb > 0)
+            if sub:
+                ax.scatter(
+                    [r["margin"] for r in sub],
+                    [capped_bound(r) for r in sub],
+                    s=14,
+                    alpha=0.7,
+                    color=colors[name],
+                    marker=markers[k % len(markers)],
+                    edgecolors="none",
+                    label=label,
+                )
+                label = None
+    capped = [r for r in comp if exceeds_box(r)]
+    if capped:
+        label = f"bound > box, capped to max_radius ({len(capped)})"
+        ax.scatter([r["margin"] for r in capped], [capped_bound(r) for r in capped], label=label, **CAPPED_STYLE)
+
+
+def _fit_line(ax, m: np.ndarray, b: np.ndarray, xs: np.ndarray, log_axes: bool, pooled: Mapping) -> None:
+    positive = (m > 0) & (b > 0)
     if log_axes and positive.sum() >= 2:  # a power law is a straight line on these axes
-        a, c = np.polyfit(np.log(allm[positive]), np.log(allb[positive]), 1)
-        ax.plot(
-            xs,
-            np.exp(c) * xs**a,
-            color="crimson",
-            lw=1.2,
-            label=f"least squares in log-log: bound = {np.exp(c):.3g}·margin^{a:.2f}",
-        )
+        a, c = np.polyfit(np.log(m[positive]), np.log(b[positive]), 1)
+        label = f"least squares in log-log: bound = {np.exp(c):.3g}·margin^{a:.2f}"
+        ax.plot(xs, np.exp(c) * xs**a, color="crimson", lw=1.2, label=label)
     elif not math.isnan(pooled["slope"]):
-        ax.plot(
-            xs,
-            pooled["slope"] * xs + pooled["intercept"],
-            color="crimson",
-            lw=1.2,
-            label=f"least squares: bound = {pooled['slope']:.3f}·margin {pooled['intercept']:+.3g}",
-        )
+        label = f"least squares: bound = {pooled['slope']:.3f}·margin {pooled['intercept']:+.3g}"
+        ax.plot(xs, pooled["slope"] * xs + pooled["intercept"], color="crimson", lw=1.2, label=label)
+
+
+def plot_bound_vs_margin(data: SweepData, path: Path) -> Path | None:
+    """Figure 1: capped bound (y) vs numerical margin (x) over comparable items, y = x, fit, ρ per model and pooled.
+
+    Args:
+        data: the sweep.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or ``None`` with fewer than 2 comparable items.
+    """
+    comp = comparable(data.results)
+    if len(comp) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.6, 5.8))
+    m = np.array([r["margin"] for r in comp], float)
+    b = np.array([capped_bound(r) for r in comp], float)
+    _scatter_bounds(ax, data, comp)
+    lo = max(min(m.min(), b[b > 0].min() if (b > 0).any() else m.min()) * 0.8, 1e-6)
+    hi = max(m.max(), b.max()) * 1.2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    log_axes = _spread(m) or _spread(b)
+    xs = np.geomspace(lo, hi, 200) if log_axes else np.linspace(0, hi, 200)
+    _fit_line(ax, m, b, xs, log_axes, bound_stats(data.results))
+    left_out = int(((m <= 0) | (b <= 0)).sum()) if log_axes else 0
     if log_axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-    else:
-        ax.set_xlim(0, hi)
-        ax.set_ylim(0, hi)
+    ax.set_xlim(lo if log_axes else 0, hi)
+    ax.set_ylim(lo if log_axes else 0, hi)
     ax.set_xlabel("numerical margin $R_{num}$ (max-damage attack, bisection)")
-    ax.set_ylabel("bound  $\\min_i\\sigma_i\\,\\Phi^{-1}(\\hat p_r)\\,/\\,\\|J_\\mu\\|_F$")
-    ax.set_title(
-        f"Bound vs numerical margin — pooled Pearson r = {pooled['pearson']:.3f}, "
-        f"Spearman ρ = {pooled['spearman']:.3f}\nvalid (bound ≤ margin) on {pooled['validity']:.1%} "
-        f"of {pooled['n']} items; markers = radius r ({', '.join(f'{r:.3g}' for r in radii)})",
-        fontsize=9,
-    )
+    ax.set_ylabel("bound  $\\min_i\\sigma_i\\,\\Phi^{-1}(\\hat p_r)\\,/\\,\\|J_\\mu\\|_F$  (capped to the box)")
+    radii = ", ".join(f"{r:.3g}" for r in data.radii)
+    ax.set_title(_bound_margin_title(data.results, left_out) + f"; markers = radius r ({radii})", fontsize=8)
     ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
-def _fixed_budget_degradation(data: SweepData) -> tuple[float, list[tuple[str, float, float]]] | None:
-    """(eps, [(model, margin, rel degradation)]) at the middle curve budget, joined with the results rows."""
-    if not data.curves:
+# ----------------------------------------------------------------------------------------------------------
+# figure 2: likelihood degradation vs margin
+
+NATS_LABEL = "log-likelihood drop  log p(x|μ(x)) − log p(x|μ(x+δ))  [nats]"
+REL_LABEL = "relative degradation  |log p(x|z*) − log p(x|z)| / |log p(x|z)|"
+
+
+def _quantity(info: Mapping[str, Any]) -> str:
+    """The degradation column plotted for a model: ``ll_drop`` (Gaussian likelihood) or ``rel_ll_degradation``."""
+    return "ll_drop" if is_gaussian(info) else "rel_ll_degradation"
+
+
+def _why_missing(res: Mapping[str, Any] | None) -> str:
+    """Why an item has no point in a degradation panel."""
+    if res is None:
+        return "without a result row"
+    if not res["certified"]:
+        return "uncertified (no δ)"
+    if not res["bracketed"] or res["margin"] is None:
+        return "unbracketed (margin unknown)"
+    return "without a value"
+
+
+def _degradation_panel(data: SweepData, source: str, column: str) -> dict[str, Any] | None:
+    """Points of one panel: ``source`` ``"fixed"`` (curves at the middle budget) or ``"margin"`` (evidence δ).
+
+    Returns:
+        ``{"title", "points": [(model, margin, value)], "missing": {reason: count}}``, or ``None`` when the panel
+        has no candidate item.
+    """
+    names = {n for n, i in data.models.items() if _quantity(i) == column}
+    by_item = {(r["model"], r["pos"], r["r"]): r for r in data.results}
+    if source == "fixed":
+        if not data.curves:
+            return None
+        eps_all = sorted({c["eps"] for c in data.curves})
+        eps = eps_all[len(eps_all) // 2]
+        cands = [(c, by_item.get((c["model"], c["pos"], c["r"]))) for c in data.curves if c["eps"] == eps]
+        title = f"fixed attack budget ‖δ‖ ≤ {eps:.3g} (max-damage attack)"
+    else:
+        cands = [(r, r) for r in data.results]
+        title = "at the evidence δ: broke r-robustness, ‖δ‖ = margin"
+    cands = [(row, res) for row, res in cands if row["model"] in names]
+    if not cands:
         return None
-    eps_all = sorted({c["eps"] for c in data.curves})
-    eps = eps_all[len(eps_all) // 2]
-    margins = {(r["model"], r["pos"], r["r"]): r for r in data.results}
-    out = []
-    for c in data.curves:
-        if c["eps"] != eps:
-            continue
-        res = margins.get((c["model"], c["pos"], c["r"]))
-        if res is not None and res["bracketed"] and c["rel_ll_degradation"] is not None:
-            out.append((c["model"], res["margin"], abs(c["rel_ll_degradation"])))
-    return (eps, out) if out else None
+    points, missing = [], {}
+    for row, res in cands:
+        if res is not None and res["bracketed"] and res["margin"] is not None and row.get(column) is not None:
+            points.append((row["model"], float(res["margin"]), float(row[column])))
+        else:
+            why = _why_missing(res)
+            missing[why] = missing.get(why, 0) + 1
+    return {"title": title, "points": points, "missing": missing}
+
+
+def _draw_degradation(ax, data: SweepData, panel: Mapping[str, Any], column: str) -> None:
+    colors = _colors(data.model_names)
+    pts = panel["points"]
+    for name in data.model_names:
+        sub = [(m, v) for n, m, v in pts if n == name]
+        if sub:
+            ax.scatter(*zip(*sub, strict=True), s=14, alpha=0.7, color=colors[name], label=name, edgecolors="none")
+    values = np.array([v for _, _, v in pts], float)
+    scale = _set_value_scale(ax, values)
+    if column == "ll_drop" or scale != "linear" or (values < 0).any():
+        ax.axhline(0, color="k", lw=0.6, ls=":")
+    miss = ", ".join(f"{n} {why}" for why, n in sorted(panel["missing"].items()))
+    tail = f"; not shown: {miss}" if miss else "; every item shown"
+    ax.set_title(f"{panel['title']}\nn = {len(pts)}{tail}; {scale} axis", fontsize=8)
+    ax.set_xlabel("numerical margin $R_{num}$")
+    ax.set_ylabel(NATS_LABEL if column == "ll_drop" else REL_LABEL, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    if pts:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no item with a value here", ha="center", va="center", transform=ax.transAxes, fontsize=9)
 
 
 def plot_degradation_vs_margin(data: SweepData, path: Path) -> Path | None:
-    """Figure 2: relative log-likelihood degradation vs numerical margin (fixed budget; and at eps = margin)."""
-    fixed = _fixed_budget_degradation(data)
-    at_margin = [r for r in data.results if r["rel_ll_degradation"] is not None and r["bracketed"]]
-    if fixed is None and not at_margin:
+    """Figure 2: likelihood degradation vs numerical margin, at a fixed budget and at the evidence δ.
+
+    One row of panels per quantity: the drop in nats for Gaussian-likelihood models, the relative degradation
+    for the others (one definition: ``|ll_adv − ll_clean| / |ll_clean|``, plotted as stored, never patched).
+
+    Args:
+        data: the sweep.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when no panel has a value to show.
+    """
+    columns = sorted({_quantity(i) for i in data.models.values()}, key=lambda c: c != "rel_ll_degradation")
+    grid = [[_degradation_panel(data, s, c) for s in ("fixed", "margin")] for c in columns]
+    grid = [[p for p in row if p is not None] for row in grid]
+    keep = [(c, row) for c, row in zip(columns, grid, strict=True) if row]
+    if not any(p["points"] for _, row in keep for p in row):
         return None
-    colors = _colors(data.model_names)
-    panels = ([fixed] if fixed else []) + ([at_margin] if at_margin else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6), squeeze=False)
-    k = 0
-    if fixed:
-        eps, pts = fixed
-        ax = axes[0, k]
-        for name in data.model_names:
-            sub = [(m, d) for n, m, d in pts if n == name]
-            if sub:
-                ax.scatter(*zip(*sub, strict=True), s=14, alpha=0.7, color=colors[name], label=name, edgecolors="none")
-        ax.set_title(f"fixed attack budget ‖δ‖ ≤ {eps:.3g}", fontsize=10)
-        k += 1
-    if at_margin:
-        ax = axes[0, k]
-        for name in data.model_names:
-            sub = [r for r in at_margin if r["model"] == name]
-            if sub:
-                ax.scatter(
-                    [r["margin"] for r in sub],
-                    [r["rel_ll_degradation"] for r in sub],
-                    s=14,
-                    alpha=0.7,
-                    color=colors[name],
-                    label=name,
-                    edgecolors="none",
-                )
-        ax.set_title("attack budget = the point's numerical margin", fontsize=10)
-    for ax in axes[0]:
-        ys = [np.asarray(c.get_offsets())[:, 1] for c in ax.collections]
-        if ys and _spread(np.concatenate(ys).astype(float)):
-            ax.set_yscale("log")
-        ax.set_xlabel("numerical margin $R_{num}$")
-        ax.set_ylabel("|relative log-likelihood degradation|")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle("Max-damage attack: |log p(x|z*) − log p(x|z)| / |log p(x|z)|, likelihood of the clean x", fontsize=11)
+    ncols = max(len(row) for _, row in keep)
+    fig, axes = plt.subplots(len(keep), ncols, figsize=(6 * ncols, 4.8 * len(keep)), squeeze=False)
+    for i, (column, row) in enumerate(keep):
+        for j in range(ncols):
+            if j < len(row):
+                _draw_degradation(axes[i, j], data, row[j], column)
+            else:
+                axes[i, j].axis("off")
+    fig.suptitle("Likelihood of the clean x after the perturbation (z = μ(x), z* = μ(x + δ))", fontsize=11)
+    fig.tight_layout()
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figure 3: evidence examples
 
 
 def _image(vec: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, str | None]:
@@ -192,63 +297,117 @@ def _image(vec: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, str | Non
     return vec.reshape(1, -1), "gray"
 
 
+def _signed_image(vec: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A signed 2-d map of δ (the channel mean for colour images)."""
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return vec.reshape(shape).mean(axis=0)
+    return vec.reshape(shape) if len(shape) == 2 else vec.reshape(1, -1)
+
+
 def _pick_examples(data: SweepData) -> list[Mapping[str, Any]]:
-    """Largest- and smallest-margin attacked points at the middle radius, for the smallest- and largest-β model."""
-    r_mid = data.radii[len(data.radii) // 2]
-    names = data.model_names
+    """Largest- and smallest-margin evidence rows at the middle radius, for the smallest- and largest-β model.
+
+    Only rows with evidence (``delta`` not NULL: margin > 0 and bracketed) are candidates.
+    """
+    with_delta = [x for x in data.results if x.get("delta") is not None]
+    radii = sorted({x["r"] for x in with_delta})
+    if not radii:
+        return []
+    r_mid = radii[len(radii) // 2]
+    names = [n for n in data.model_names if any(x["model"] == n and x["r"] == r_mid for x in with_delta)]
     bvae = [n for n in names if model_kind(data.models[n]) == "beta-vae"]
     if len(bvae) >= 2:  # the extremes of β when there are β-VAEs (models are sorted by kind, then β)
         names = bvae
     chosen: list[Mapping[str, Any]] = []
     for name in dict.fromkeys([names[0], names[-1]]):
-        rows = [x for x in data.results if x["model"] == name and x["r"] == r_mid and x["delta"] is not None]
-        if any(x["bracketed"] for x in rows):  # an unbracketed margin is only the search limit
-            rows = [x for x in rows if x["bracketed"]]
-        rows.sort(key=lambda x: (x["margin"], x["pos"]))
-        if rows:
-            chosen.extend([{**rows[-1], "_which": "largest R"}, {**rows[0], "_which": "smallest R"}][: len(rows)])
+        rows = sorted(
+            (x for x in with_delta if x["model"] == name and x["r"] == r_mid), key=lambda x: (x["margin"], x["pos"])
+        )
+        chosen.extend([{**rows[-1], "_which": "largest R"}, {**rows[0], "_which": "smallest R"}][: len(rows)])
     return chosen
 
 
+def _interval(p: Any, lo: Any, hi: Any, n: Any) -> str:
+    if p is None:
+        return "p̂ not stored"
+    ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"p̂ = {p:.2f}{ci}, n = {n if n is not None else '?'}"
+
+
+def _verified_tag(data: SweepData, item_id: str) -> str:
+    v = [x for x in data.verifications if x["item_id"] == item_id and x["kind"] == "delta"]
+    if not v:
+        return "not re-verified"
+    return "re-verified" if v[0]["confirmed"] else "RE-VERIFICATION FAILED"
+
+
+def _example_row(fig, axes, data: SweepData, row: Mapping[str, Any], x: np.ndarray, first: bool) -> None:
+    """One example: x | δ (diverging, colorbar) | x + δ | g(μ(x)) | g(μ(x + δ)), labelled with the evidence."""
+    shape = data.models[row["model"]]["input_shape"]
+    delta = store.from_blob(row["delta"])
+    imgs = [x, None, x + delta, store.from_blob(row.get("recon_clean")), store.from_blob(row.get("recon_adv"))]
+    present = [v for v in imgs if v is not None]
+    lo, hi = min(float(v.min()) for v in present), max(float(v.max()) for v in present)
+    if x.min() >= 0 and x.max() <= 1:
+        lo, hi = min(lo, 0.0), max(hi, 1.0)
+    titles = ["x", "δ (0 = white)", "x + δ", "g(μ(x))", "g(μ(x + δ))"]
+    for j, vec in enumerate(imgs):
+        ax = axes[j]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if first:
+            ax.set_title(titles[j], fontsize=8)
+        if j == 1:
+            lim = max(float(np.abs(delta).max()), 1e-12)
+            im = ax.imshow(_signed_image(delta, shape), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+        elif vec is not None:
+            img, cmap = _image(vec, shape)
+            ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    lower = row.get("margin_lower")
+    bracket = f"; bracket ({lower:.3g}, {row['margin']:.3g}]" if lower is not None else ""
+    axes[1].set_xlabel(f"‖δ‖ = margin = {row['margin']:.3g}{bracket}", fontsize=7)
+    clean = _interval(row["p_hat"], row.get("ci_low"), row.get("ci_high"), row.get("num_samples"))
+    axes[3].set_xlabel(f"at δ = 0: {clean}", fontsize=7)
+    adv = _interval(row.get("p_hat_adv"), row.get("ci_low_adv"), row.get("ci_high_adv"), row.get("num_samples_adv"))
+    axes[4].set_xlabel(f"at x + δ: {adv}\nnot r-robust ({_verified_tag(data, row['item_id'])})", fontsize=7)
+
+
 def plot_examples(data: SweepData, path: Path) -> Path | None:
-    """Figure 3: original | adversarial input | reconstruction of it (and the clean reconstruction)."""
+    """Figure 3: the evidence δ that broke r-robustness at the margin, for the largest and smallest margins.
+
+    Args:
+        data: the sweep.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when no row carries evidence.
+    """
     examples = _pick_examples(data)
     if not examples:
         return None
     points = {p["pos"]: p for p in data.points}
-    cols = ["original x", "adversarial x + δ", "reconstruction g(μ(x+δ))", "clean reconstruction g(μ(x))"]
-    fig, axes = plt.subplots(len(examples), 4, figsize=(8.4, 2.3 * len(examples)), squeeze=False)
+    fig, axes = plt.subplots(len(examples), 5, figsize=(11.5, 2.6 * len(examples)), squeeze=False)
     for i, row in enumerate(examples):
-        shape = data.models[row["model"]]["input_shape"]
-        x = store.from_blob(points[row["pos"]]["x"])
-        delta = store.from_blob(row["delta"])
-        imgs = [
-            x,
-            np.clip(x + delta, 0, 1) if x.min() >= 0 and x.max() <= 1 else x + delta,
-            store.from_blob(row["recon_adv"]),
-            store.from_blob(row["recon_clean"]),
-        ]
-        robust = "robust" if row["p_hat_adv"] is not None and row["p_hat_adv"] > 0.5 else "non-robust"
-        for j, vec in enumerate(imgs):
-            ax = axes[i, j]
-            img, cmap = _image(vec, shape)
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=1 if x.max() <= 1 else None, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(cols[j], fontsize=8)
-        label = points[row["pos"]].get("label")
+        point = points[row["pos"]]
+        _example_row(fig, axes[i], data, row, store.from_blob(point["x"]), i == 0)
+        label = point.get("label")
         axes[i, 0].set_ylabel(
-            f"{row['model']}: {row['_which']}\npoint {row['pos']}" + (f" (label {label})" if label is not None else ""),
+            f"{row['model']}, r = {row['r']:.3g}\n{row['_which']}: point {row['pos']}"
+            + (f"\n(label {label})" if label is not None else ""),
             fontsize=7,
         )
-        axes[i, 1].set_xlabel(f"R = {row['margin']:.3g}, ‖δ‖ = {row['adv_norm']:.3g}", fontsize=8)
-        axes[i, 2].set_xlabel(
-            f"r = {row['r']:.3g}: p̂ {row['p_hat']:.2f} → {row['p_hat_adv']:.2f} ({robust})", fontsize=7
-        )
-    fig.suptitle("Largest vs smallest margins (attack budget = numerical margin R)", fontsize=10)
+    fig.suptitle(
+        "Evidence: the perturbation δ that broke r-robustness at the numerical margin (found by the margin search)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures 4-6
 
 
 def plot_phat_vs_eps(data: SweepData, path: Path) -> Path | None:
@@ -289,45 +448,71 @@ def plot_phat_vs_eps(data: SweepData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _group_medians(data: SweepData, name: str, r: float | None) -> tuple[float, float, int]:
+    """(median margin, median capped bound, number of capped bounds) of one model at one radius (all radii: None)."""
+    rows = [x for x in data.results if x["model"] == name and (r is None or x["r"] == r)]
+    margin = float(np.median([x["margin"] for x in rows])) if rows else math.nan
+    bound = float(np.median([capped_bound(x) for x in rows])) if rows else math.nan
+    return margin, bound, sum(1 for x in rows if exceeds_box(x))
+
+
+def _ring_capped(ax, xs: Sequence[float], ys: Sequence[float], n_capped: Sequence[int]) -> None:
+    """Ring (black hexagon) the medians whose group holds capped bounds; one legend entry per axes."""
+    pick = [(x, y) for x, y, n in zip(xs, ys, n_capped, strict=True) if n > 0]
+    if pick:
+        labelled = any(c.get_label() == CAPPED_LABEL for c in ax.collections)
+        ax.scatter(*zip(*pick, strict=True), label=None if labelled else CAPPED_LABEL, **CAPPED_STYLE)
+
+
+def _beta_margins(ax, data: SweepData, names: Sequence[str], marker: str, line: str, kind: str) -> int:
+    """Median numerical margin (solid) and capped bound (dashed) per radius; returns the number of capped items."""
+    radii = data.radii
+    rcolors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(radii), 1)))
+    betas = [data.models[n]["beta"] for n in names]
+    total = 0
+    for k, rr in enumerate(radii):
+        med, bnd, capped = zip(*(_group_medians(data, n, rr) for n in names), strict=True)
+        label = f"r = {rr:.3g}" if kind == "beta-vae" else None
+        ax.plot(betas, med, marker=marker, ls=line, color=rcolors[k], label=label)
+        dashed = "--" if line == "-" else "none"
+        ax.plot(betas, bnd, marker=marker, ls=dashed, mfc="none", color=rcolors[k], alpha=0.8)
+        _ring_capped(ax, betas, bnd, capped)
+        total += sum(capped)
+    return total
+
+
 def plot_beta(data: SweepData, path: Path) -> Path | None:
-    """Figure 5: median numerical margin (solid) and bound (dashed) per radius, min σ and ‖J‖_F against β.
+    """Figure 5: median numerical margin (solid) and capped bound (dashed) per radius, min σ and ‖J‖_F against β.
 
     β-VAEs are joined by lines; a β-TCVAE is drawn as squares at its TC weight.
+
+    Args:
+        data: the sweep.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or ``None`` when no model has a β.
     """
     models = {n: i for n, i in data.models.items() if i.get("beta") is not None}
     if not models:
         return None
-    radii = data.radii
-    rcolors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(radii), 1)))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    capped = 0
     for kind, marker in (("beta-vae", "o"), ("beta-tcvae", "s"), ("other", "^")):
         names = sorted((n for n, i in models.items() if model_kind(i) == kind), key=lambda n: models[n]["beta"])
         if not names:
             continue
-        betas = [models[n]["beta"] for n in names]
         line = "-" if kind == "beta-vae" and len(names) > 1 else "none"
+        capped += _beta_margins(axes[0], data, names, marker, line, kind)
         tag = {"beta-vae": "β-VAE", "beta-tcvae": "β-TCVAE", "other": "other"}[kind]
-        for k, rr in enumerate(radii):
-            med = [np.median([x["margin"] for x in data.results if x["model"] == n and x["r"] == rr]) for n in names]
-            bnd = [np.median([x["bound"] for x in data.results if x["model"] == n and x["r"] == rr]) for n in names]
-            axes[0].plot(
-                betas,
-                med,
-                marker=marker,
-                ls=line,
-                color=rcolors[k],
-                label=f"r = {rr:.3g}" if kind == "beta-vae" else None,
-            )
-            axes[0].plot(
-                betas, bnd, marker=marker, ls="--" if line == "-" else "none", mfc="none", color=rcolors[k], alpha=0.8
-            )
+        betas = [models[n]["beta"] for n in names]
+        color = "tab:blue" if kind == "beta-vae" else "tab:red"
         for ax, col in ((axes[1], "sigma_min"), (axes[2], "jac_frobenius")):
             vals = [np.median([x[col] for x in data.results if x["model"] == n]) for n in names]
-            ax.plot(
-                betas, vals, marker=marker, ls=line, color="tab:blue" if kind == "beta-vae" else "tab:red", label=tag
-            )
+            ax.plot(betas, vals, marker=marker, ls=line, color=color, label=tag)
     titles = [
-        "median margins: numerical (solid), bound (dashed, open)",
+        "median margins: numerical (solid), bound (dashed, open)\n"
+        f"bounds capped to the box: {capped} items (black hexagons)",
         "min$_i$ σ(x)$_i$ (median over points)",
         "$\\|J_\\mu(x)\\|_F$ (median over points)",
     ]
@@ -342,20 +527,34 @@ def plot_beta(data: SweepData, path: Path) -> Path | None:
 
 
 def plot_margin_vs_r(data: SweepData, path: Path) -> Path | None:
-    """Figure 6: median numerical margin (solid) and bound (dashed) against r, one colour per model."""
+    """Figure 6: median numerical margin (solid) and capped bound (dashed) against r, one colour per model.
+
+    Args:
+        data: the sweep.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or ``None`` without results.
+    """
     radii = data.radii
     if not radii:
         return None
     colors = _colors(data.model_names)
     fig, ax = plt.subplots(figsize=(6.6, 4.6))
+    total = 0
     for name in data.model_names:
-        m = [np.median([x["margin"] for x in data.results if x["model"] == name and x["r"] == r]) for r in radii]
-        b = [np.median([x["bound"] for x in data.results if x["model"] == name and x["r"] == r]) for r in radii]
+        m, b, capped = zip(*(_group_medians(data, name, r) for r in radii), strict=True)
         ax.plot(radii, m, "-o", ms=4, color=colors[name], label=f"{name}: numerical")
         ax.plot(radii, b, "--", marker="s", ms=3, mfc="none", color=colors[name], label=f"{name}: bound")
+        _ring_capped(ax, radii, b, capped)
+        total += sum(capped)
     ax.set_xlabel("r (radius of the reconstruction ball)")
-    ax.set_ylabel("median margin over points")
-    ax.set_title("Margins against r: a single r can mislead about which model is more robust", fontsize=10)
+    ax.set_ylabel("median margin over points (bound capped to the box)")
+    ax.set_title(
+        "Margins against r: a single r can mislead about which model is more robust\n"
+        f"bounds capped to the box: {total} items (black hexagons)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
@@ -372,7 +571,15 @@ PLOTTERS = {
 
 
 def make_all(data: SweepData, out: str | Path) -> dict[str, Path]:
-    """Draw every figure the data supports into ``out``; returns ``{file name: path}`` of those drawn."""
+    """Draw every figure the data supports.
+
+    Args:
+        data: the sweep.
+        out: the output folder (created).
+
+    Returns:
+        ``{file name: path}`` of the figures drawn.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     made = {}

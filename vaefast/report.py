@@ -1,9 +1,31 @@
 """Summaries and the HTML report of a sweep database (figures in :mod:`vaefast.plots`).
 
-Statistics. A point is **certified** at radius r when p̂_r(x) > 1/2 (bound > 0). The bound is **valid** at a
-point when ``bound <= numerical margin``; the **validity rate** is taken over certified points whose margin
-search was bracketed (an unbracketed search only says the margin exceeds the search limit). Correlations
-between the bound and the numerical margin (Pearson r and Spearman ρ, ``scipy.stats``) use the same points.
+Statistics. Every (model, point, r) item falls in exactly one of three groups, and every summary says how many
+items are in each instead of folding them into a rate:
+
+- **uncertified**: p̂_r(x) ≤ 1/2 (no bound; the margin search's own decision at δ = 0, the same estimate);
+- **unbracketed**: certified, but the margin search did not bracket (the margin only exceeds the search limit);
+- **comparable**: certified and bracketed: bound and numerical margin can be compared.
+
+The bound is **valid** at a comparable item when ``bound <= numerical margin``; the **validity rate** is taken
+over comparable items only. Correlations between the bound and the numerical margin (Pearson r and Spearman ρ,
+``scipy.stats``) use the same items. A certified item with margin 0 would mean the clean point was decided twice
+with different outcomes; the clean point is decided once, so this **clean-point decision disagreement** count
+must be 0 (it is counted, not explained away).
+
+**Bound larger than the box.** ``max_radius`` is the largest L2 perturbation the data box allows at a point (the
+distance to its farthest box corner). A bound above it claims every perturbation the box allows, so it is the
+same claim as ``max_radius``: such bounds are **capped** to ``max_radius`` in every statistic, table and figure
+and counted (``bound_exceeds_box``); they are never shown as a bare number larger than the input space.
+
+**Likelihood degradation** (SPEC §1): ``|log p(x|z*) − log p(x|z)| / |log p(x|z)|`` (≥ 0) and the drop in nats
+``log p(x|z) − log p(x|z*)`` (> 0 = damage), ``z = μ(x)``, ``z* = μ(x + δ)``, δ the perturbation that broke
+r-robustness at the margin (the margin search's own evidence).
+
+**Re-verification.** ``vaefast verify`` replays the stored evidence with fresh random numbers into the
+``verifications`` table (kind ``delta``: x + δ confirmed not r-robust; kind ``clean``: a certified point confirmed
+r-robust at δ = 0). Reports say how many were confirmed of how many checked, or that nothing was re-verified.
+
 The **β trend** is Spearman's ρ between β and each model's median numerical margin (β-VAEs only), per radius.
 """
 
@@ -15,7 +37,7 @@ import math
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +45,34 @@ import numpy as np
 
 from vaefast import store
 
+# results columns the report reads that older databases may lack (filled with NULL on load)
+_OPTIONAL_RESULT_COLUMNS = (
+    "max_radius",
+    "margin_lower",
+    "adv_norm",
+    "p_hat_adv",
+    "ci_low_adv",
+    "ci_high_adv",
+    "hits_adv",
+    "num_samples_adv",
+    "ll_clean",
+    "ll_adv",
+    "ll_drop",
+    "rel_ll_degradation",
+    "delta",
+    "recon_clean",
+    "recon_adv",
+)
+BOUND_COLUMNS = ("bound", "certified_bound", "spectral_bound", "whitened_bound")
+VERIFY_KINDS = ("delta", "clean")
+
 
 @dataclass
 class SweepData:
-    """The contents of a results database as python rows (blobs kept on ``results``)."""
+    """The contents of a results database as python rows (blobs kept on ``results`` and ``points``).
+
+    ``verifications`` holds the rows of the ``verifications`` table (empty when the table is absent or empty).
+    """
 
     results: list[dict[str, Any]]
     curves: list[dict[str, Any]]
@@ -34,6 +80,7 @@ class SweepData:
     points: list[dict[str, Any]]
     units: list[dict[str, Any]]
     meta: dict[str, str]
+    verifications: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def model_names(self) -> list[str]:
@@ -45,22 +92,51 @@ class SweepData:
 
 
 def load(db: str | os.PathLike | sqlite3.Connection) -> SweepData:
-    """Read a results database (path or open connection)."""
+    """Read a results database.
+
+    Args:
+        db: a path to a results database or an open connection to one.
+
+    Returns:
+        The database as :class:`SweepData`; result columns an older database lacks are ``None``.
+    """
     conn = db if isinstance(db, sqlite3.Connection) else store.connect(db, create=False)
     try:
         models = store.model_info(conn)
         ordered = dict(sorted(models.items(), key=lambda kv: _model_sort_key(kv[1])))
+        results = sorted(store.read_table(conn, "results", blobs=True), key=lambda r: r["item_id"])
+        for row in results:
+            for c in _OPTIONAL_RESULT_COLUMNS:
+                row.setdefault(c, None)
         return SweepData(
-            results=sorted(store.read_table(conn, "results", blobs=True), key=lambda r: r["item_id"]),
+            results=results,
             curves=sorted(store.read_table(conn, "curves"), key=lambda r: r["item_id"]),
             models=ordered,
             points=sorted(store.read_table(conn, "points", blobs=True), key=lambda r: r["pos"]),
             units=store.read_table(conn, "units"),
             meta=store.get_meta(conn),
+            verifications=read_verifications(conn),
         )
     finally:
         if not isinstance(db, sqlite3.Connection):
             conn.close()
+
+
+def read_verifications(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Rows of the ``verifications`` table, ordered by (item_id, kind).
+
+    Args:
+        conn: an open results database.
+
+    Returns:
+        The rows as dicts; an empty list when the table does not exist (databases older than ``vaefast verify``).
+    """
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='verifications'").fetchone()
+    if found is None:
+        return []
+    cur = conn.execute("SELECT * FROM verifications ORDER BY item_id, kind")
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def _model_sort_key(info: Mapping[str, Any]) -> tuple:
@@ -79,6 +155,11 @@ def model_kind(info: Mapping[str, Any]) -> str:
     return "other"
 
 
+def is_gaussian(info: Mapping[str, Any]) -> bool:
+    """Whether a model's likelihood is Gaussian (log p can be near 0 there: degradation is reported in nats)."""
+    return str(info.get("likelihood") or "").lower().startswith("gaussian")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # statistics
 
@@ -93,21 +174,83 @@ def _corr(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     return float(stats.pearsonr(x, y)[0]), float(stats.spearmanr(x, y)[0])
 
 
+def exceeds_box(row: Mapping[str, Any], bound: str = "bound") -> bool:
+    """Whether ``row[bound]`` is larger than the largest perturbation the data box allows (``max_radius``)."""
+    b, box = row.get(bound), row.get("max_radius")
+    return b is not None and box is not None and float(b) > float(box)
+
+
+def capped_bound(row: Mapping[str, Any], bound: str = "bound") -> float | None:
+    """The bound as reported: ``min(bound, max_radius)`` (no cap without a box; ``None`` stays ``None``).
+
+    Args:
+        row: a results row.
+        bound: which bound column (see :data:`BOUND_COLUMNS`).
+
+    Returns:
+        The capped value.
+    """
+    b = row.get(bound)
+    if b is None:
+        return None
+    return float(row["max_radius"]) if exceeds_box(row, bound) else float(b)
+
+
+def is_comparable(row: Mapping[str, Any]) -> bool:
+    """Certified and bracketed, with a margin: bound and numerical margin can be compared."""
+    return bool(row["certified"]) and bool(row["bracketed"]) and row["margin"] is not None
+
+
 def comparable(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Rows where bound and numerical margin can be compared: certified and bracketed."""
-    return [r for r in rows if r["certified"] and r["bracketed"] and r["margin"] is not None]
+    return [r for r in rows if is_comparable(r)]
+
+
+def item_counts(rows: Sequence[Mapping[str, Any]], bound: str = "bound") -> dict[str, int]:
+    """How many items are uncertified, unbracketed and comparable, and the two counts that must be read beside them.
+
+    Args:
+        rows: results rows.
+        bound: the bound column whose ``exceeds box`` count is wanted.
+
+    Returns:
+        ``n_items``, ``n_uncertified`` (p̂ ≤ 1/2), ``n_unbracketed`` (certified, search not bracketed or no
+        margin), ``n_comparable`` (the rest; the three add up to ``n_items``), ``n_bound_exceeds_box`` (bound >
+        max_radius, over all items) and ``n_disagreements`` (certified but margin == 0: must be 0).
+    """
+    n_unc = sum(1 for r in rows if not r["certified"])
+    n_comp = sum(1 for r in rows if is_comparable(r))
+    return {
+        "n_items": len(rows),
+        "n_uncertified": n_unc,
+        "n_unbracketed": len(rows) - n_unc - n_comp,
+        "n_comparable": n_comp,
+        "n_bound_exceeds_box": sum(1 for r in rows if exceeds_box(r, bound)),
+        "n_disagreements": sum(1 for r in rows if r["certified"] and r["margin"] is not None and r["margin"] == 0),
+    }
 
 
 def bound_stats(rows: Sequence[Mapping[str, Any]], bound: str = "bound") -> dict[str, float]:
-    """n, validity rate (bound <= margin), Pearson/Spearman, least-squares fit bound = slope * margin + intercept."""
+    """Bound against numerical margin over the comparable rows, with the counts of :func:`item_counts`.
+
+    Args:
+        rows: results rows (any mix; only comparable ones enter the statistics).
+        bound: which bound column; values are capped to ``max_radius`` first (:func:`capped_bound`).
+
+    Returns:
+        The counts, ``n`` (= ``n_comparable``), ``validity`` (fraction with capped bound <= margin, over
+        comparable items), Pearson/Spearman, the least-squares fit bound = slope * margin + intercept and the
+        median bound/margin.
+    """
     comp = comparable(rows)
-    b = np.array([r[bound] for r in comp], float)
+    b = np.array([capped_bound(r, bound) for r in comp], float)
     m = np.array([r["margin"] for r in comp], float)
     pearson, spearman = _corr(b, m)
     slope = intercept = math.nan
     if b.size >= 2 and np.ptp(m) > 0:
         slope, intercept = (float(v) for v in np.polyfit(m, b, 1))
     return {
+        **item_counts(rows, bound),
         "n": int(b.size),
         "validity": float(np.mean(b <= m)) if b.size else math.nan,
         "pearson": pearson,
@@ -124,7 +267,16 @@ def _median(values: Iterable[Any]) -> float:
 
 
 def summary_rows(data: SweepData) -> list[dict[str, Any]]:
-    """One row per (model, r): counts, medians of p̂, r*, bound, numerical margin, validity and ρ."""
+    """One row per (model, r): item counts, medians over points, validity over comparable items and ρ.
+
+    Args:
+        data: the sweep.
+
+    Returns:
+        Rows with the keys of :data:`SUMMARY_COLUMNS` (``bound`` is the median capped bound, ``rel_ll_deg``
+        the median relative degradation, ``ll_drop_nats`` the median log-likelihood drop in nats, both at the
+        evidence δ).
+    """
     out = []
     for name in data.model_names:
         for r in data.radii:
@@ -137,16 +289,17 @@ def summary_rows(data: SweepData) -> list[dict[str, Any]]:
                     "model": name,
                     "beta": data.models[name].get("beta"),
                     "r": r,
-                    "points": len(rows),
+                    **{k: st[k] for k in ("n_items", "n_uncertified", "n_unbracketed", "n_comparable")},
                     "p_hat": _median(x["p_hat"] for x in rows),
                     "r_star": _median(x["r_star"] for x in rows),
-                    "certified": float(np.mean([x["certified"] for x in rows])),
-                    "bound": _median(x["bound"] for x in rows),
+                    "bound": _median(capped_bound(x) for x in rows),
+                    "bound_exceeds_box": st["n_bound_exceeds_box"],
                     "margin": _median(x["margin"] for x in rows),
                     "validity": st["validity"],
                     "pearson": st["pearson"],
                     "spearman": st["spearman"],
-                    "rel_ll_deg": _median(x["rel_ll_degradation"] for x in rows),
+                    "rel_ll_deg": _median(x.get("rel_ll_degradation") for x in rows),
+                    "ll_drop_nats": _median(x.get("ll_drop") for x in rows),
                     "sec_per_point": _unit_seconds(data, name, r),
                 }
             )
@@ -160,7 +313,7 @@ def _unit_seconds(data: SweepData, model: str, r: float) -> float:
 
 
 def beta_trend(data: SweepData) -> dict[float, dict[str, float]]:
-    """Per radius: Spearman ρ of β against the β-VAEs' median numerical margin, bound, σ_min and ‖J‖_F."""
+    """Per radius: Spearman ρ of β against the β-VAEs' median numerical margin, (capped) bound, σ_min and ‖J‖_F."""
     from scipy import stats
 
     out = {}
@@ -173,42 +326,94 @@ def beta_trend(data: SweepData) -> dict[float, dict[str, float]]:
                 continue
             betas.append(data.models[name]["beta"])
             for c in cols:
-                cols[c].append(_median(x[c] for x in rows))
+                cols[c].append(_median(capped_bound(x) if c == "bound" else x[c] for x in rows))
         if len(betas) >= 3:
             out[r] = {c: float(stats.spearmanr(betas, v)[0]) for c, v in cols.items()}
     return out
 
 
+def verification_summary(data: SweepData) -> dict[str, Any]:
+    """What ``vaefast verify`` re-checked and confirmed.
+
+    Args:
+        data: the sweep (``data.verifications`` may be empty).
+
+    Returns:
+        ``checked`` and ``confirmed`` (all kinds), ``by_kind`` (``{kind: {"checked", "confirmed", "available"}}``;
+        ``available`` = evidence rows for ``delta``, certified items for ``clean``) and ``failed`` (the rows not
+        confirmed).
+    """
+    available = {
+        "delta": sum(1 for r in data.results if r.get("delta") is not None),
+        "clean": sum(1 for r in data.results if r["certified"]),
+    }
+    kinds = list(dict.fromkeys([*VERIFY_KINDS, *(v["kind"] for v in data.verifications)]))
+    by_kind = {}
+    for kind in kinds:
+        rows = [v for v in data.verifications if v["kind"] == kind]
+        by_kind[kind] = {
+            "checked": len(rows),
+            "confirmed": sum(1 for v in rows if v["confirmed"]),
+            "available": available.get(kind),
+        }
+    return {
+        "checked": len(data.verifications),
+        "confirmed": sum(1 for v in data.verifications if v["confirmed"]),
+        "by_kind": by_kind,
+        "failed": [v for v in data.verifications if not v["confirmed"]],
+    }
+
+
+def evidence_summary(data: SweepData) -> dict[str, int]:
+    """Counts about the stored evidence δ (rows with ``delta`` not NULL).
+
+    Returns:
+        ``n_evidence`` and ``n_evidence_not_breaking`` (p̂ at x + δ above 1/2: must be 0, the search stores a
+        δ only where it saw p̂ ≤ 1/2).
+    """
+    ev = [r for r in data.results if r.get("delta") is not None]
+    bad = [r for r in ev if r.get("p_hat_adv") is not None and r["p_hat_adv"] > 0.5]
+    return {"n_evidence": len(ev), "n_evidence_not_breaking": len(bad)}
+
+
 def headline(data: SweepData) -> dict[str, Any]:
-    """The numbers a reader wants first: pooled validity, ρ, β trend, sizes."""
+    """The numbers a reader wants first.
+
+    Args:
+        data: the sweep.
+
+    Returns:
+        Sizes, the item counts (:func:`item_counts`), validity over comparable items for every bound variant,
+        Pearson/Spearman, the β trend, bound-exceeds-box counts per variant, clean-point decision disagreements,
+        evidence and re-verification counts, and the sweep's total time.
+    """
     pooled = bound_stats(data.results)
-    certified = bound_stats(data.results, "certified_bound")
-    comp = comparable(data.results)
-    # certified items whose margin search found the clean point not r-robust (margin 0): the two Monte-Carlo
-    # decisions disagree there (p close to 1/2), so bound > margin = 0 says nothing about the bound itself
-    zero = [r for r in comp if r["margin"] == 0]
-    positive = bound_stats([r for r in comp if r["margin"] > 0])
+    res = data.results
     return {
         "models": len(data.models),
         "points": len(data.points),
         "radii": data.radii,
-        "items": len(data.results),
-        "certified_fraction": float(np.mean([r["certified"] for r in data.results])) if data.results else math.nan,
-        "bracketed_fraction": float(np.mean([r["bracketed"] for r in data.results])) if data.results else math.nan,
+        "items": len(res),
+        **{k: pooled[k] for k in ("n_items", "n_uncertified", "n_unbracketed", "n_comparable")},
+        "certified_fraction": float(np.mean([bool(r["certified"]) for r in res])) if res else math.nan,
+        "bracketed_fraction": float(np.mean([bool(r["bracketed"]) for r in res])) if res else math.nan,
         "validity": pooled["validity"],
-        "comparable": pooled["n"],
         "pearson": pooled["pearson"],
         "spearman": pooled["spearman"],
-        "certified_bound_validity": certified["validity"],
-        "spectral_bound_validity": bound_stats(data.results, "spectral_bound")["validity"],
-        "whitened_bound_validity": bound_stats(data.results, "whitened_bound")["validity"],
+        **{f"{b}_validity": bound_stats(res, b)["validity"] for b in BOUND_COLUMNS[1:]},
         "median_bound_over_margin": pooled["median_ratio"],
         "beta_trend": beta_trend(data),
-        "margin_zero_disagreements": len(zero),
-        "validity_margin_positive": positive["validity"],
-        "comparable_margin_positive": positive["n"],
+        "bound_exceeds_box": pooled["n_bound_exceeds_box"],
+        "bound_exceeds_box_by_variant": {b: sum(1 for r in res if exceeds_box(r, b)) for b in BOUND_COLUMNS},
+        "clean_point_disagreements": pooled["n_disagreements"],
+        **evidence_summary(data),
+        "verification": verification_summary(data),
         "sweep_seconds": float(sum(u["seconds_total"] or 0.0 for u in data.units)),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# text
 
 
 def _fmt(v: Any) -> str:
@@ -219,6 +424,10 @@ def _fmt(v: Any) -> str:
             return "nan"
         return f"{v:.4g}"
     return str(v)
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:.1%}"
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -233,18 +442,44 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     return "\n".join([line, "-" * len(line), *body])
 
 
+def format_verification(v: Mapping[str, Any]) -> str:
+    """One sentence on re-verification: ``evidence re-verified: N of M ...`` or that it was not done.
+
+    Args:
+        v: :func:`verification_summary`'s dict.
+
+    Returns:
+        The sentence.
+    """
+    if not v["checked"]:
+        return "evidence not re-verified (run `vaefast verify DB`)"
+    parts = []
+    for kind, k in v["by_kind"].items():
+        avail = "" if k["available"] is None else f", {k['checked']} checked of {k['available']} stored"
+        parts.append(f"{kind}: {k['confirmed']} of {k['checked']} confirmed{avail}")
+    failed = f"; FAILED: {len(v['failed'])}" if v["failed"] else ""
+    return f"evidence re-verified: {v['confirmed']} of {v['checked']} confirmed ({'; '.join(parts)}){failed}"
+
+
 def format_headline(h: Mapping[str, Any]) -> str:
+    """The headline as a few lines of text (counts in words, validity over comparable items only)."""
+    box = h["bound_exceeds_box_by_variant"]
     lines = [
-        f"items: {h['items']} ({h['models']} models x {h['points']} points x {len(h['radii'])} radii); "
-        f"certified (p_hat > 1/2): {h['certified_fraction']:.1%}; margin bracketed: {h['bracketed_fraction']:.1%}",
-        f"bound validity (bound <= numerical margin, {h['comparable']} certified+bracketed items): "
-        f"{h['validity']:.1%}  [certified bound {h['certified_bound_validity']:.1%}, spectral "
-        f"{h['spectral_bound_validity']:.1%}, whitened {h['whitened_bound_validity']:.1%}]",
-        f"  of which {h['margin_zero_disagreements']} have margin 0 (the margin search's own test found the clean "
-        f"point not r-robust, p near 1/2); where the margin is > 0 ({h['comparable_margin_positive']} items) the "
-        f"bound is valid on {h['validity_margin_positive']:.1%}",
+        f"items: {h['n_items']} ({h['models']} models x {h['points']} points x {len(h['radii'])} radii): "
+        f"{h['n_uncertified']} uncertified (p_hat <= 1/2, no bound), {h['n_unbracketed']} unbracketed (certified, "
+        f"margin beyond the search limit), {h['n_comparable']} comparable (certified and bracketed)",
+        f"bound validity (bound <= numerical margin, over the {h['n_comparable']} comparable items): "
+        f"{_pct(h['validity'])}  [certified bound {_pct(h['certified_bound_validity'])}, spectral "
+        f"{_pct(h['spectral_bound_validity'])}, whitened {_pct(h['whitened_bound_validity'])}]",
+        f"clean-point decision disagreements (certified but margin 0): {h['clean_point_disagreements']}",
+        f"bound exceeds box: {h['bound_exceeds_box']} items (capped to the largest perturbation the box allows; "
+        f"certified bound {box['certified_bound']}, spectral {box['spectral_bound']}, whitened "
+        f"{box['whitened_bound']})",
         f"bound vs numerical margin: Pearson r = {h['pearson']:.3f}, Spearman rho = {h['spearman']:.3f}, "
         f"median bound/margin = {h['median_bound_over_margin']:.3f}",
+        f"evidence (the delta that broke r-robustness at the margin): {h['n_evidence']} items; with p_hat at "
+        f"x + delta above 1/2: {h['n_evidence_not_breaking']}",
+        format_verification(h["verification"]),
     ]
     for r, t in h["beta_trend"].items():
         lines.append(
@@ -261,16 +496,20 @@ SUMMARY_COLUMNS = (
     "model",
     "beta",
     "r",
-    "points",
+    "n_items",
+    "n_uncertified",
+    "n_unbracketed",
+    "n_comparable",
     "p_hat",
     "r_star",
-    "certified",
     "bound",
+    "bound_exceeds_box",
     "margin",
     "validity",
     "pearson",
     "spearman",
     "rel_ll_deg",
+    "ll_drop_nats",
     "sec_per_point",
 )
 
@@ -278,34 +517,48 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
     (
         "bound_vs_margin.png",
         "Bound vs numerical margin",
-        "Each dot is a (point, r) pair where the bound certifies (p̂ > 1/2) and the margin search bracketed. "
-        "Dots below y = x (dashed) are points where the lower bound is valid.",
+        "Each dot is a comparable (point, r) item: certified (p̂ > 1/2) and bracketed by the margin search; the "
+        "title says how many items were left out as uncertified or unbracketed. Dots below y = x (dashed) are items "
+        "where the lower bound is valid. A bound larger than the largest perturbation the data box allows is "
+        "capped to that radius and ringed by a black hexagon.",
     ),
     (
         "degradation_vs_margin.png",
         "Likelihood degradation vs margin",
-        "Relative log-likelihood degradation under the maximum-damage attack at a fixed budget, against the "
-        "point's numerical margin.",
+        "Damage to the likelihood of the clean x, against the point's numerical margin: at a fixed attack budget "
+        "(maximum-damage attack, ‖δ‖ ≤ eps) and at the perturbation δ that broke r-robustness at the margin. "
+        "Gaussian-likelihood models: the drop log p(x|μ(x)) − log p(x|μ(x+δ)) in nats (log p can be near 0 there); "
+        "other models: the relative degradation |log p(x|z*) − log p(x|z)| / |log p(x|z)| ≥ 0. Panel titles count "
+        "the items without a value.",
     ),
     (
         "examples.png",
-        "Robust vs non-robust examples",
-        "Most and least robust points: clean input, adversarial input x + δ (max-damage attack at eps = the "
-        "numerical margin) and the reconstruction g(μ(x + δ)).",
+        "Evidence: the perturbation that broke r-robustness",
+        "Largest- and smallest-margin points: x, the perturbation δ found by the margin search itself at the "
+        "numerical margin (‖δ‖ = margin; diverging colours centred at 0), x + δ, and the reconstructions g(μ(x)) "
+        "and g(μ(x + δ)); labelled with the p̂ (Clopper–Pearson interval, samples) the search saw at x + δ, "
+        "which is ≤ 1/2: the input is not r-robust there.",
     ),
     (
         "phat_vs_eps.png",
         "p̂ vs attack norm",
         "Median p̂_r over points (band: interquartile range) under the maximum-damage attack with ‖δ‖ ≤ eps.",
     ),
-    ("beta.png", "Against β", "Median margins, min σ and ‖J‖_F per model against β (β-TCVAE marked separately)."),
+    (
+        "beta.png",
+        "Against β",
+        "Median margins (bounds capped to the box; black hexagon where a bound was capped), min σ and ‖J‖_F per "
+        "model against β (β-TCVAE marked separately).",
+    ),
     (
         "margin_vs_r.png",
         "Margin against r",
-        "Median numerical margin (solid) and bound (dashed) per model against r: "
-        "the ranking of models by robustness can change with r.",
+        "Median numerical margin (solid) and bound (dashed, capped to the box; black hexagon where a bound was "
+        "capped) per model against r: the ranking of models by robustness can change with r.",
     ),
 )
+
+VERIFY_FAILED_COLUMNS = ("item_id", "kind", "p_hat", "ci_low", "ci_high", "num_samples", "reason")
 
 
 def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -315,6 +568,7 @@ def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> st
 
 
 def model_table(data: SweepData) -> list[dict[str, Any]]:
+    """One row per model: kind, β, latent size, likelihood, hidden sizes, source."""
     rows = []
     for name, info in data.models.items():
         cfg = info["config"]
@@ -332,8 +586,66 @@ def model_table(data: SweepData) -> list[dict[str, Any]]:
     return rows
 
 
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
+    "text-align:right}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}"
+    "pre{background:#f7f7f7;padding:1em;white-space:pre-wrap}.fail{color:#b00}"
+)
+
+
+def _verification_html(v: Mapping[str, Any]) -> list[str]:
+    """The re-verification section: the sentence, and a table of the items not confirmed (if any)."""
+    parts = ["<h2>Evidence re-verification</h2>", f"<p>{html.escape(format_verification(v))}.</p>"]
+    if v["failed"]:
+        parts.append(f"<p class='fail'>{len(v['failed'])} stored claims were NOT confirmed on replay:</p>")
+        parts.append(_html_table(v["failed"], VERIFY_FAILED_COLUMNS))
+    return parts
+
+
+def _bound_tables_html(data: SweepData, summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-model bound table (with item counts) and the per (model, r) summary table."""
+    per_model = [{"model": n, **bound_stats([x for x in data.results if x["model"] == n])} for n in data.model_names]
+    pooled = {"model": "pooled", **bound_stats(data.results)}
+    cols = ["model", "n_items", "n_uncertified", "n_unbracketed", "n_comparable", "n_bound_exceeds_box"]
+    cols += ["n_disagreements", "validity", "pearson", "spearman", "slope", "intercept", "median_ratio"]
+    return [
+        "<h2>Bound vs numerical margin</h2>",
+        "<p>Validity, correlations and the fit are over comparable items (certified and bracketed) only; bounds "
+        "larger than the box are capped to <code>max_radius</code> (counted in <code>n_bound_exceeds_box</code>); "
+        "<code>n_disagreements</code> counts certified items with margin 0 (must be 0).</p>",
+        _html_table([*per_model, pooled], cols),
+        "<h2>Per model and radius (medians over points)</h2>",
+        "<p><code>bound</code>: median bound capped to the box; <code>rel_ll_deg</code>: median "
+        "|log p(x|z*) − log p(x|z)| / |log p(x|z)|; <code>ll_drop_nats</code>: median log p(x|z) − log p(x|z*) "
+        "in nats, both at the evidence δ.</p>",
+        _html_table(summary, SUMMARY_COLUMNS),
+    ]
+
+
+def _figures_html(made: Mapping[str, Path]) -> list[str]:
+    parts = []
+    for fname, title, caption in FIGURES:
+        if fname in made:
+            parts.append(
+                f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>"
+                f"<img src='{fname}' alt='{html.escape(title)}'>"
+            )
+        else:
+            parts.append(f"<h2>{html.escape(title)}</h2><p><em>Not drawn: the sweep has no data for it.</em></p>")
+    return parts
+
+
 def write_report(db: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the six figures (PNG) and ``index.html`` (tables + figures) for ``db`` into ``out``; returns the page."""
+    """Write the figures (PNG), ``summary.json`` and ``index.html`` for a results database.
+
+    Args:
+        db: the results database.
+        out: the output folder (created).
+
+    Returns:
+        The path of ``index.html``.
+    """
     from vaefast import plots
 
     data = load(db)
@@ -345,43 +657,23 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike) -> Path:
     h = headline(data)
     summary = summary_rows(data)
     (out / "summary.json").write_text(json.dumps({"headline": h, "summary": summary}, indent=2, default=str))
-    per_model = []
-    for name in data.model_names:
-        st = bound_stats([x for x in data.results if x["model"] == name])
-        per_model.append({"model": name, **st})
-    pooled = {"model": "pooled", **bound_stats(data.results)}
     spec = json.loads(data.meta.get("spec", "{}"))
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>vaefast report</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-        "text-align:right}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}"
-        "pre{background:#f7f7f7;padding:1em;white-space:pre-wrap}</style></head><body>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>vaefast report</title><style>{_STYLE}</style>"
+        "</head><body>",
         "<h1>vaefast robustness report</h1>",
         f"<p>Database: <code>{html.escape(str(db))}</code>. {h['models']} models × {h['points']} points × "
         f"{len(h['radii'])} radii; {spec.get('num_samples', '?')} Monte-Carlo samples per estimate, confidence "
         f"{spec.get('confidence', '?')}, seed {spec.get('seed', '?')}.</p>",
         "<h2>Headline</h2>",
         f"<pre>{html.escape(format_headline(h))}</pre>",
+        *_verification_html(h["verification"]),
         "<h2>Models</h2>",
         _html_table(model_table(data), ["model", "kind", "beta", "latent_dim", "likelihood", "hidden", "source"]),
-        "<h2>Bound vs numerical margin (certified and bracketed items)</h2>",
-        _html_table(
-            [*per_model, pooled],
-            ["model", "n", "validity", "pearson", "spearman", "slope", "intercept", "median_ratio"],
-        ),
-        "<h2>Per model and radius (medians over points)</h2>",
-        _html_table(summary, SUMMARY_COLUMNS),
+        *_bound_tables_html(data, summary),
+        *_figures_html(made),
+        "</body></html>",
     ]
-    for fname, title, caption in FIGURES:
-        if fname in made:
-            parts.append(
-                f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>"
-                f"<img src='{fname}' alt='{html.escape(title)}'>"
-            )
-        else:
-            parts.append(f"<h2>{html.escape(title)}</h2><p><em>Not drawn: the sweep has no data for it.</em></p>")
-    parts.append("</body></html>")
     page = out / "index.html"
     page.write_text("\n".join(parts), encoding="utf-8")
     return page
