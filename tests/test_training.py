@@ -16,7 +16,17 @@ from vaefast import data, training
 from vaefast.cli import main
 from vaefast.models import VAE, VAEConfig, as_vae, load
 from vaefast.testing import LinearGaussianVAE
-from vaefast.training import evaluate, importance_weighted_log_likelihood, pixel_mean_baseline, train
+from vaefast.training import (
+    encoder_statistics,
+    evaluate,
+    importance_weighted_log_likelihood,
+    learned_nothing_warnings,
+    model_baseline,
+    pixel_mean_baseline,
+    run_metrics,
+    train,
+    write_metrics,
+)
 
 torch.set_num_threads(1)
 
@@ -153,6 +163,102 @@ def test_pixel_mean_baseline_is_the_independent_bernoulli_log_likelihood():
     assert float(pixel_mean_baseline(a, b)[0]) == pytest.approx(ref)
 
 
+def test_pixel_mean_baseline_gaussian_is_the_fixed_std_normal_log_likelihood():
+    a = torch.tensor([[0.0, 1.0], [1.0, 1.0]]).reshape(2, 1, 1, 2)
+    b = torch.tensor([[0.25, 0.5]]).reshape(1, 1, 1, 2)
+    ref = stats.norm(loc=[0.5, 1.0], scale=0.2).logpdf([0.25, 0.5]).sum()
+    assert float(pixel_mean_baseline(a, b, "gaussian", gaussian_std=0.2)[0]) == pytest.approx(ref)
+    with pytest.raises(ValueError, match="gaussian_std"):
+        pixel_mean_baseline(a, b, "gaussian", gaussian_std=0.0)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        pixel_mean_baseline(a, b, "gaussian_learned")
+
+
+def test_pixel_mean_baseline_continuous_bernoulli_is_the_maximum_likelihood_constant():
+    from torch.distributions import ContinuousBernoulli
+
+    x = torch.rand(500, 1, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2
+    best = float(pixel_mean_baseline(x, x, "continuous_bernoulli").sum())
+    logits = training._continuous_bernoulli_logits(x.mean(0))
+    assert torch.allclose(ContinuousBernoulli(logits=logits).mean, x.mean(0), atol=1e-9)
+    for shift in (-0.05, 0.05):  # the mean-matching logits maximise the training log-likelihood
+        other = ContinuousBernoulli(logits=(logits + shift).expand_as(x)).log_prob(x).sum()
+        assert best > float(other)
+
+
+def test_model_baseline_follows_the_likelihood(digits):
+    tr, te = digits
+    gauss = VAE(small(likelihood="gaussian", gaussian_std=0.3))
+    expected = pixel_mean_baseline(tr, te, "gaussian", gaussian_std=0.3)
+    assert torch.equal(model_baseline(gauss, tr, te), expected)
+    assert torch.equal(model_baseline(VAE(small()), tr, te), pixel_mean_baseline(tr, te))
+    assert model_baseline(VAE(small(likelihood="gaussian_learned")), tr, te) is None
+
+
+class _ZeroEncoder(torch.nn.Module):
+    """An encoder that ignores its input: q(z|x) = N(0, I), the prior (KL exactly 0)."""
+
+    def forward(self, x):
+        zeros = torch.zeros(x.shape[0], 2, dtype=x.dtype)
+        return zeros, zeros
+
+
+def test_learned_nothing_warnings_on_an_encoder_that_ignores_its_input(digits):
+    tr, te = digits
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Unflatten(1, (1, 8, 8)))
+    torch.nn.init.zeros_(decoder[0].weight), torch.nn.init.zeros_(decoder[0].bias)  # p = 1/2 everywhere
+    model = as_vae(_ZeroEncoder(), decoder, decoder_output="logits", input_shape=(1, 8, 8))
+    kl, sigma = encoder_statistics(model, te)
+    assert kl.shape == (2,) and float(kl.abs().max()) == 0.0 and sigma == pytest.approx(1.0)
+    warnings = learned_nothing_warnings(model, te, tr)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("posterior collapse: the mean test KL is below 0.01 nats in all 2 latent")
+    assert "test ELBO -44.361 is not better than the trivial per-pixel-mean bernoulli baseline -27.199" in warnings[1]
+    assert learned_nothing_warnings(model, te) == warnings[:1]  # no train data: no baseline check
+    with pytest.raises(ValueError, match="kl_threshold"):
+        learned_nothing_warnings(model, te, kl_threshold=0.0)
+
+
+def test_learned_nothing_warnings_after_training(digits):
+    tr, te = digits
+    collapsed = VAE(VAEConfig(hidden=(64,), latent_dim=4, objective="beta_vae", beta=50.0), seed=0)
+    train(collapsed, tr, epochs=2, batch_size=64, lr=2e-3, progress=False)
+    warnings = learned_nothing_warnings(collapsed, te, tr)
+    assert len(warnings) == 2 and warnings[0].startswith("posterior collapse"), warnings
+    assert "not better than the trivial per-pixel-mean bernoulli baseline" in warnings[1]
+    informative = VAE(VAEConfig(hidden=(64,), latent_dim=4, likelihood="gaussian", gaussian_std=0.2), seed=0)
+    train(informative, tr, epochs=10, batch_size=64, lr=2e-3, progress=False)
+    assert learned_nothing_warnings(informative, te, tr) == []
+
+
+def test_run_metrics_and_write_metrics(tmp_path, digits):
+    tr, te = digits
+    trn, val = tr.split(0.1)
+    model = VAE(small(objective="beta_tcvae", tc_weight=2.0), seed=0)
+    history = train(model, trn, val, epochs=1, batch_size=64, progress=False)
+    metrics = run_metrics(model, history, trn, val, te, iw_samples=3, seed=0)
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (len(trn), len(val), len(te))
+    assert metrics["epochs_run"] == 1 and metrics["iw_samples"] == 3 and metrics["test_tc"] is not None
+    assert metrics["test_elbo"] == pytest.approx(evaluate(model, te, seed=0, dataset_size=len(trn))["elbo"])
+    assert len(metrics["test_kl_per_dim"]) == 4
+    assert metrics["test_pixel_mean_baseline"] == pytest.approx(float(pixel_mean_baseline(trn, te).mean()))
+    assert isinstance(metrics["warnings"], list)
+    path = write_metrics(tmp_path / "run", metrics)
+    assert json.loads(path.read_text()) == metrics
+    plain = run_metrics(VAE(small()), history, trn, None, te, iw_samples=2)
+    assert plain["n_val"] == 0 and plain["test_tc"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(tmp_path):
+    m = VAE(small())
+    with pytest.raises(ValueError, match=r"device cuda: no CUDA GPU is visible"):
+        train(m, torch.rand(8, 1, 8, 8), device="cuda", progress=False)
+    m.save(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"map_location cuda: no CUDA GPU is visible"):
+        load(tmp_path / "run", map_location="cuda")
+
+
 # --- quality on real data -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(digits):
@@ -194,6 +300,7 @@ def test_cli_train_and_info(tmp_path, capsys):
     assert model.config.objective == "beta_vae" and model.config.beta == 4.0 and model.latent_dim == 3
     assert metrics["epochs_run"] == 2 and metrics["n_train"] + metrics["n_val"] == 1437
     assert math.isfinite(metrics["test_elbo"]) and math.isfinite(metrics["test_iw_log_likelihood"])
+    assert isinstance(metrics["warnings"], list) and len(metrics["test_kl_per_dim"]) == 3
     assert main(["info", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "objective: beta_vae" in shown and "test_elbo" in shown
@@ -210,5 +317,8 @@ def test_cli_tcvae_and_errors(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["test_tc"] is not None
     capsys.readouterr()
     assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["info", str(tmp_path / "empty")]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["train", "--latent", "0", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2

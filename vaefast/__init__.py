@@ -5,12 +5,16 @@ probabilities, the smallest robust radius, the input-space margin bound
 ``min_i sigma_i * Phi^-1(p) / ||J_mu||_F`` and its variants, numerically estimated margins from
 maximum-damage attacks, latent/output attacks, and sweeps with plots and reports.
 
-Public names are loaded lazily (``import vaefast`` stays cheap and never imports matplotlib).
+Public names and submodules are loaded lazily on first access (``vaefast.models.VAE``, ``vaefast.attacks``,
+``vaefast.data.load`` ... all work right after ``import vaefast``), so ``import vaefast`` stays cheap and never
+imports matplotlib (only ``vaefast.plots`` and the report's figures do).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from typing import Any
 
 from vaefast._extension import compiled_with_cuda, has_compiled_ops
@@ -48,19 +52,40 @@ _LAZY: dict[str, str] = {
     "NumericalMargin": "vaefast.margin",
     # sweeps
     "run_sweep": "vaefast.sweep",
+    "verify_sweep": "vaefast.verify",
 }
 
 __all__ = ["__version__", "compiled_with_cuda", "has_compiled_ops", *_LAZY]
 
 
+@functools.cache
+def public_submodules() -> frozenset[str]:
+    """The package's public submodules (every module or subpackage whose name has no leading underscore).
+
+    Returns:
+        Their names (``"models"``, ``"attacks"``, ``"data"`` ...), found by listing the package folder (no import).
+    """
+    return frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    """Import a public name's submodule (or a public submodule itself) on first access.
+
+    Args:
+        name: a name of ``__all__`` or of :func:`public_submodules`.
+
+    Returns:
+        The object (cached in the package namespace, so later lookups are plain attribute reads).
+    """
+    if name in public_submodules():
+        value = importlib.import_module(f"{__name__}.{name}")
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
         raise AttributeError(f"module 'vaefast' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted({*__all__, *public_submodules()})

@@ -1,7 +1,9 @@
 """The ``vaefast`` command line: one subcommand per main job, each in its own module.
 
 Each module in ``SUBCOMMANDS`` exposes ``register(subparsers)``, which adds its parser and sets
-``func=<handler(args) -> int>`` as the parser default.
+``func=<handler(args) -> int>`` as the parser default. A ``ValueError``, ``TypeError`` or ``FileNotFoundError`` from
+a handler is printed as one line ``vaefast <command>: error: <message>`` on stderr, exit status 2 (argparse's own
+usage errors exit 2 too); ``vaefast --version`` prints ``vaefast <version>``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS: list[str] = ["sweep", "export", "report", "demo", "train", "info", "estimate", "margin"]
+SUBCOMMANDS: list[str] = ["sweep", "verify", "export", "report", "demo", "train", "info", "estimate", "margin"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vaefast`` parser with every subcommand registered.
+
+    Returns:
+        The parser.
+    """
+    from vaefast import __version__
+
     parser = argparse.ArgumentParser(prog="vaefast", description="Adversarial robustness of VAEs, fast.")
+    parser.add_argument("--version", action="version", version=f"vaefast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"vaefast.cli.{name}").register(sub)
@@ -22,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``vaefast`` command.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 2 for a bad argument or input (argparse's usage errors and ``--help`` /
+        ``--version`` raise ``SystemExit`` as usual).
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

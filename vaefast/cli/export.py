@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a results database table to CSV or JSON")
     p.add_argument("db", help="results database written by `vaefast sweep`")
     p.add_argument("--csv", default=None, help="write CSV here")

@@ -1,4 +1,7 @@
-"""``vaefast info RUN``: print a run folder's model config and final metrics."""
+"""``vaefast info RUN``: print a run folder's model config and final metrics.
+
+The weights are loaded too, so a missing, truncated or mismatched ``model.safetensors`` is an error (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -14,19 +17,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def read_metrics(run_dir: Path) -> dict:
+    """``run_dir/metrics.json`` as a dict (empty when the folder has none).
+
+    Args:
+        run_dir: the run folder.
+
+    Returns:
+        The metrics.
+    """
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(metrics).__name__}")
+    return metrics
+
+
 def run(args: argparse.Namespace) -> int:
     from vaefast.cli.train import summary
-    from vaefast.models.io import load_config
+    from vaefast.models import load
 
     out = Path(args.run)
-    config = load_config(out).to_dict()
-    metrics: dict = {}
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file():
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{metrics_path} is not valid JSON: {exc}") from exc
+    config = load(out).config.to_dict()  # loads and checks the weights, not only config.json
+    metrics = read_metrics(out)
     if args.json:
         print(json.dumps({"config": config, "metrics": metrics}, indent=2))
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("report", help="figures and an HTML page from a results database")
     p.add_argument("db", help="results database written by `vaefast sweep`")
     p.add_argument("--out", default="report", help="output folder (default report/)")

@@ -1,19 +1,24 @@
 """``vaefast train``: train a VAE on a dataset and write a run folder.
 
 Run folder: ``config.json`` + ``model.safetensors`` (the best-validation model; ``vaefast.load_model(out)``),
-``metrics.csv`` (per epoch), ``checkpoints/{best,last}/``, ``metrics.json`` (test ELBO, IWAE log-likelihood...).
+``metrics.csv`` (per epoch), ``checkpoints/{best,last}/``, ``metrics.json`` (test ELBO, IWAE log-likelihood...,
+and ``warnings``: e.g. posterior collapse, printed as ``warning: ...``). An existing run folder is refused unless
+``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vaefast.models.config import ACTIVATIONS, ARCHITECTURES, LIKELIHOODS, OBJECTIVES
+
+if TYPE_CHECKING:
+    from vaefast.models import VAEConfig
 
 DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 2e-3, "latent": 8, "hidden": [256, 256]}
 
@@ -42,39 +47,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default: off)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the train split held out")
     p.add_argument("--iw-samples", type=int, default=100, help="K for the importance-weighted test log-likelihood")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when a GPU is visible, else cpu)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for mlp, torch's for conv)")
-    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--out", required=True, help="run folder to create (an existing run is refused without --force)")
+    p.add_argument("--force", action="store_true", help="overwrite the run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from vaefast import data
-    from vaefast.models import VAE, VAEConfig
-    from vaefast.training import evaluate, importance_weighted_log_likelihood, pixel_mean_baseline, train
+RUN_FILES = ("config.json", "model.safetensors", "metrics.json")
 
-    objective = args.objective or ("beta_vae" if args.beta != 1.0 else "elbo")
-    if args.threads is not None or args.arch == "mlp":
-        torch.set_num_threads(args.threads if args.threads is not None else 1)
-    start = time.perf_counter()
-    full = data.load(args.data, "train", args.root)
-    test = data.load(args.data, "test", args.root)
-    train_split, val_split = full.split(args.val_fraction, seed=args.seed)
-    config = VAEConfig(
-        input_shape=full.input_shape,
+
+def check_out(out: str | Path, force: bool) -> Path:
+    """The run folder ``--out``, refused when it already holds a run (unless ``--force``).
+
+    Args:
+        out: the folder to write.
+        force: overwrite an existing run.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not force:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); pass --force to overwrite it")
+    return out
+
+
+def model_config(args: argparse.Namespace, input_shape: tuple[int, ...]) -> VAEConfig:
+    """The :class:`VAEConfig` the options describe (objective: beta_vae when ``--beta`` != 1, else elbo)."""
+    from vaefast.models import VAEConfig
+
+    return VAEConfig(
+        input_shape=input_shape,
         architecture=args.arch,
         hidden=tuple(args.hidden),
         activation=args.activation,
         latent_dim=args.latent,
         likelihood=args.likelihood,
         gaussian_std=args.gaussian_std,
-        objective=objective,
+        objective=args.objective or ("beta_vae" if args.beta != 1.0 else "elbo"),
         beta=args.beta,
         tc_weight=args.beta if args.tc_weight is None else args.tc_weight,
         mi_weight=args.mi_weight,
         dimkl_weight=args.dimkl_weight,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from vaefast import data
+    from vaefast._checks import check_device
+    from vaefast.models import VAE
+    from vaefast.training import run_metrics, train, write_metrics
+
+    out = check_out(args.out, args.force)
+    device = check_device("--device", args.device)
+    if args.threads is not None or args.arch == "mlp":
+        torch.set_num_threads(args.threads if args.threads is not None else 1)
+    start = time.perf_counter()
+    full = data.load(args.data, "train", args.root)
+    test = data.load(args.data, "test", args.root)
+    train_split, val_split = full.split(args.val_fraction, seed=args.seed)
+    config = model_config(args, full.input_shape)
     model = VAE(config, seed=args.seed)
     history = train(
         model,
@@ -84,47 +123,31 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        device=args.device,
-        out=args.out,
+        device=device,
+        out=out,
         patience=args.patience,
         progress=not args.no_progress,
     )
-    test_metrics = evaluate(model, test, seed=args.seed, dataset_size=len(train_split))
-    iw = importance_weighted_log_likelihood(model, test, num_samples=args.iw_samples, seed=args.seed)
-    with torch.no_grad():
-        _, logvar = model.encode(test.x.to(next(model.parameters()).device))
-    metrics = {
-        "data": args.data,
-        "n_train": len(train_split),
-        "n_val": len(val_split),
-        "n_test": len(test),
-        "epochs_run": history.epochs_run,
-        "best_epoch": history.best_epoch,
-        "best_val_elbo": history.best_elbo,
-        "stopped_early": history.stopped_early,
-        "train_seconds": history.seconds,
-        "total_seconds": time.perf_counter() - start,
-        "test_elbo": test_metrics["elbo"],
-        "test_recon": test_metrics["recon"],
-        "test_kl": test_metrics["kl"],
-        "test_tc": test_metrics["tc"] if objective == "beta_tcvae" else None,
-        "test_iw_log_likelihood": float(iw.mean()),
-        "iw_samples": args.iw_samples,
-        "test_mean_encoder_sigma": float(torch.exp(0.5 * logvar).mean()),
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-    }
-    if args.likelihood == "bernoulli":
-        metrics["test_pixel_mean_baseline"] = float(pixel_mean_baseline(full, test).mean())
-    out = Path(args.out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics = run_metrics(model, history, train_split, val_split, test, iw_samples=args.iw_samples, seed=args.seed)
+    metrics = {"data": args.data, **metrics, "total_seconds": time.perf_counter() - start}
+    metrics.update(seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=str(device))
+    write_metrics(out, metrics)
     print(summary(config.to_dict(), metrics, out))
     return 0
 
 
 def summary(config: dict, metrics: dict, out: Path) -> str:
-    """A short human-readable summary of a run."""
+    """A short human-readable summary of a run: what was trained, its test metrics, one ``warning: ...`` line per
+    entry of ``metrics["warnings"]``.
+
+    Args:
+        config: the model config (``VAEConfig.to_dict()``).
+        metrics: the run's ``metrics.json`` (empty: the config line only).
+        out: the run folder.
+
+    Returns:
+        The text, lines joined by newlines.
+    """
     lines = [
         f"run {out}: {config['architecture']} VAE on {metrics.get('data')}, latent {config['latent_dim']}, "
         f"{config['likelihood']} likelihood, objective {config['objective']} (beta={config['beta']})",
@@ -136,6 +159,10 @@ def summary(config: dict, metrics: dict, out: Path) -> str:
             f"IW log-lik (K={metrics['iw_samples']}) {metrics['test_iw_log_likelihood']:.3f}"
         )
         if metrics.get("test_pixel_mean_baseline") is not None:
-            lines.append(f"  trivial baseline (per-pixel mean Bernoulli) {metrics['test_pixel_mean_baseline']:.3f}")
+            lines.append(
+                f"  trivial baseline (per-pixel mean, {config['likelihood']} likelihood) "
+                f"{metrics['test_pixel_mean_baseline']:.3f}"
+            )
         lines.append(f"  mean encoder sigma on test {metrics['test_mean_encoder_sigma']:.4f}")
+        lines.extend(f"warning: {warning}" for warning in metrics.get("warnings") or [])
     return "\n".join(lines)

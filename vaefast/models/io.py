@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vaefast._checks import check_device
 from vaefast.models.config import VAEConfig
 from vaefast.models.vae import VAE
 
@@ -56,20 +57,44 @@ def load_config(directory: str | Path) -> VAEConfig:
 
 
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors state dict; a missing or corrupt/truncated file is a clear error naming it."""
+    """Read a safetensors state dict; a missing or corrupt/truncated file is a clear error naming it.
+
+    Args:
+        path: the ``.safetensors`` file.
+        map_location: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device`` (checked first, so a CUDA
+            request without a GPU is reported as such, not as a corrupt file).
+
+    Returns:
+        The state dict, tensors on ``map_location``.
+    """
+    device = check_device("map_location", map_location)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path} (expected {WEIGHTS_FILE} written by model.save)")
     try:
-        return load_file(str(path), device=str(torch.device(map_location)))
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
         raise ValueError(f"weights file {path} is corrupt or truncated: {exc}") from exc
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> VAE:
-    """Rebuild the :class:`VAE` saved in ``directory`` by ``model.save`` (weights on ``map_location``)."""
+    """Rebuild the :class:`VAE` saved in ``directory`` by ``model.save``.
+
+    Args:
+        directory: the folder with ``config.json`` and ``model.safetensors``.
+        map_location: the device for the weights (see :func:`load_weights`; ``"auto"``: cuda when visible).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: a missing folder or file.
+        ValueError: an invalid config, a corrupt or truncated weights file, weights that do not fit the config, or a
+            device that is not available.
+    """
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"directory must be a str or Path, got {type(directory).__name__}")
+    map_location = check_device("map_location", map_location)
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
