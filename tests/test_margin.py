@@ -265,7 +265,8 @@ def test_cli_margin(digits_setup, tmp_path, capsys):
     )
     assert code == 0
     text = capsys.readouterr().out
-    assert "median" in text and "bound <= margin" in text
+    assert "median" in text and "comparable points (certified and bracketed)" in text
+    assert "not r-robust at delta = 0" in text and "unbracketed" in text
     with out.open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and float(rows[0]["margin"]) >= 0 and "bound" in rows[0]

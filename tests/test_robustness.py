@@ -361,3 +361,28 @@ def test_cli_estimate_table_and_csv(tmp_path, capsys) -> None:
     assert len(rows) == 12 and {"p_hat", "ci_low", "r_star", "bound", "certified"} <= set(rows[0])
     assert [float(r["r"]) for r in rows[:3]] == [2.0, 1.0, 3.0]
     assert main(["estimate", str(tmp_path / "run"), "--r", "-1"]) == 2
+
+
+def test_cli_estimate_flags_bounds_larger_than_the_box(tmp_path, capsys) -> None:
+    """At a radius far above every r* (p_hat = 1) the first-order bound can exceed the whole [0, 1]^D box: the
+    table counts and caps it instead of printing a number larger than the input space."""
+    import csv
+
+    from vaefast.cli import main
+
+    model = _small_vae()
+    with torch.no_grad():
+        model.encoder.mu.weight.mul_(1e-3)  # a nearly constant mean encoder: ||J_mu||_F tiny, bound huge
+    model.save(tmp_path / "run")
+    out = tmp_path / "est.csv"
+    assert main(["estimate", str(tmp_path / "run"), "--points", "4", "--r", "50", "--samples", "64", "--bound",
+                 "--out", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    exceeds = [r for r in rows if r["bound_exceeds_box"] == "True"]
+    assert all(float(r["bound"]) > float(r["box_limit"]) for r in exceeds)
+    assert all(float(r["bound"]) <= float(r["box_limit"]) for r in rows if r["bound_exceeds_box"] == "False")
+    line = next(line for line in text.splitlines() if line.strip().startswith("50"))
+    assert int(line.split()[-1]) == len(exceeds)
+    assert len(exceeds) == 4 and "larger than the largest perturbation" in text
+    assert float(line.split()[-2]) <= max(float(r["box_limit"]) for r in rows)  # the median is capped

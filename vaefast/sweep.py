@@ -42,12 +42,25 @@ import torch
 from torch import nn
 
 from vaefast import store
-from vaefast._checks import as_radii, check_positive_float, check_positive_int, check_probability, check_seed
+from vaefast._checks import (
+    analysis,
+    as_radii,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    check_seed,
+    model_input_shape,
+)
+from vaefast.attacks.base import check_model, max_perturbation
 
 # ----------------------------------------------------------------------------------------------------------
 # identities and seeds
 
 SWEEP_FORMAT = "3"  # bump when the per-unit computation changes: resuming across versions is then refused
+
+
+class SweepMismatchError(ValueError):
+    """The database holds a different sweep (other models, points or specification) than the one asked for."""
 
 
 def derive_seed(base: int, *parts: object) -> int:
@@ -149,7 +162,9 @@ class PointSet:
         n = data.x.shape[0]
         if isinstance(indices, int):
             check_positive_int("indices", indices)
-            indices = list(range(min(indices, n)))
+            if indices > n:
+                raise ValueError(f"asked for {indices} points but {name}/{split} holds only {n}")
+            indices = list(range(indices))
         indices = [int(i) for i in indices]
         if not indices or min(indices) < 0 or max(indices) >= n:
             raise ValueError(f"indices must be non-empty and within [0, {n}) for {name}/{split}")
@@ -203,10 +218,12 @@ def load_models(
             loaded[name], sources[name] = load(m), str(m)
         else:
             raise TypeError(f"models[{name!r}] must be an nn.Module or a run folder, got {type(m).__name__}")
-        for attr in ("input_shape", "latent_dim", "encode", "decode", "log_likelihood"):
-            if not hasattr(loaded[name], attr):
-                raise TypeError(f"models[{name!r}] does not implement the model protocol (no {attr!r})")
-        loaded[name].eval()
+        try:
+            check_model(loaded[name])
+        except TypeError as exc:
+            raise TypeError(f"models[{name!r}]: {exc}") from None
+        if not callable(getattr(loaded[name], "log_likelihood", None)):
+            raise TypeError(f"models[{name!r}] does not implement the model protocol (no 'log_likelihood')")
     return loaded, sources
 
 
@@ -226,6 +243,52 @@ def model_row(name: str, model: nn.Module, source: str) -> dict[str, Any]:
         "likelihood": str(getattr(model, "likelihood", "")),
         "weights_sha256": _weights_digest(model),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# choosing r
+
+AUTO_R_QUANTILES = (0.25, 0.5, 0.75, 0.95)
+AUTO_R_ABOVE = 1.3
+
+
+def auto_radii(
+    models: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    num_samples: int = 500,
+    seed: int = 0,
+    quantiles: Sequence[float] = AUTO_R_QUANTILES,
+    above: float = AUTO_R_ABOVE,
+) -> list[float]:
+    """Radii r for a sweep from the smallest robust radii ``r*(x)`` of the points, pooled over the models.
+
+    A point is r-robust exactly when ``r > r*(x)`` (up to Monte-Carlo noise), so a radius below most ``r*`` leaves
+    most points uncertified (margin 0) and one far above them makes every reconstruction ball cover the decoder's
+    whole range. The radii are the ``quantiles`` of the pooled ``r*`` and ``above`` × the largest of them, rounded
+    to 3 significant digits: every model is studied on both sides of its typical ``r*``.
+
+    Args:
+        models: ``{name: model}``.
+        x: the swept points ``[P, *input_shape]``.
+        num_samples: Monte-Carlo samples of the pilot estimate of ``r*``.
+        seed: base seed (the pilot's stream is derived from it and each model's name).
+        quantiles: quantiles of the pooled ``r*`` to use.
+        above: factor for one radius above the largest quantile.
+
+    Returns:
+        Distinct sorted radii.
+    """
+    from vaefast.robustness import estimate_r_robustness
+
+    pooled = []
+    for name, model in models.items():
+        param = next(iter(model.parameters()), None)
+        xs = x if param is None else x.to(device=param.device, dtype=param.dtype)
+        pilot = derive_seed(seed, "auto-radii", name)
+        pooled.append(estimate_r_robustness(model, xs, [1.0], num_samples=num_samples, seed=pilot).r_star)
+    r_star = torch.cat(pooled).double()
+    qs = torch.quantile(r_star, torch.tensor([float(q) for q in quantiles], dtype=torch.float64)).tolist()
+    return sorted({float(f"{v:.3g}") for v in [*qs, above * qs[-1]] if v > 0})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,15 +396,6 @@ def margin_settings(spec: SweepSpec) -> dict[str, Any]:
     return kwargs
 
 
-def _box_limit(x: torch.Tensor, box: object) -> torch.Tensor | None:
-    """Per point the largest ‖δ‖₂ that keeps x + δ in the box (None without a box)."""
-    from vaefast.attacks.base import box_offsets, check_box
-    from vaefast.attacks.projections import max_l2_norm
-
-    lo, hi = box_offsets(x, check_box(box))
-    return None if lo is None else max_l2_norm(lo, hi).cpu()
-
-
 def _clean_columns(est, mb, b: int) -> dict[str, Any]:
     """The clean point's estimate and bound columns of results row ``b``."""
     cols = {
@@ -436,6 +490,7 @@ def _curve_rows(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSp
     return rows
 
 
+@analysis
 def compute_unit(
     model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -473,7 +528,7 @@ def compute_unit(
             evidence = _evidence_columns(model, x, nm)
             with torch.no_grad():
                 recon_clean = model.decode(model.encode(x)[0])
-            box_limit = _box_limit(x, settings.get("box", (0.0, 1.0)))
+            box_limit = max_perturbation(x, settings.get("box", (0.0, 1.0)))
         with timer("curve"):
             curves = _curve_rows(model, x, unit, spec, seed_mc) if spec.curves_at(r) else []
     results = []
@@ -582,7 +637,7 @@ def _prepare_db(db: Path, fingerprint: str, spec: SweepSpec, models_rows, points
     has_rows = bool(conn.execute("SELECT 1 FROM units LIMIT 1").fetchone()) or shard_dir(db).is_dir()
     if "fingerprint" in meta and meta["fingerprint"] != fingerprint:
         conn.close()
-        raise ValueError(f"db {str(db)!r} holds a different sweep (other models/points/spec); use another file")
+        raise SweepMismatchError(f"db {str(db)!r} holds a different sweep (other models/points/spec); use another file")
     if has_rows and not resume:
         conn.close()
         raise ValueError(f"db {str(db)!r} already holds results: pass resume=True (--resume) or remove it")
@@ -606,7 +661,7 @@ def _prepare_db(db: Path, fingerprint: str, spec: SweepSpec, models_rows, points
 def run_sweep(
     models: Mapping[str, nn.Module | str | os.PathLike] | Sequence[str | os.PathLike],
     points: PointSet | torch.Tensor,
-    radii: Sequence[float] | float,
+    radii: Sequence[float] | float | str,
     db: str | os.PathLike,
     *,
     attack_eps: Sequence[float] = (),
@@ -624,10 +679,23 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) a sweep of ``models`` × ``points`` × ``radii`` into the SQLite database ``db``.
 
-    ``models``: ``{name: nn.Module or run folder}`` (or a list of run folders). ``points``: a
-    :class:`PointSet` or a tensor ``[P, *input_shape]``. Under ``torchrun`` every process calls this with
-    the same arguments; units are sharded by index and merged into ``db`` by rank 0. With ``resume`` the
-    units already in ``db`` are skipped; without it an existing non-empty ``db`` is an error.
+    Under ``torchrun`` every process calls this with the same arguments; units are sharded by index and merged
+    into ``db`` by rank 0.
+
+    Args:
+        models: ``{name: nn.Module or run folder}`` (or a list of run folders).
+        points: a :class:`PointSet` or a tensor ``[P, *input_shape]``.
+        radii: the reconstruction radii r, or ``"auto"``: quantiles of the points' smallest robust radii r*
+            (:func:`auto_radii`, from a pilot estimate with ``num_samples`` samples).
+        db: the SQLite results database.
+        attack_eps, curve_radii: budgets and radii of the p̂-vs-attack-norm curves.
+        num_samples, confidence, seed, batch_size, margin_tol, margin_max_radius, margin_kwargs, attack_kwargs:
+            the :class:`SweepSpec`.
+        resume: skip the units already in ``db`` (without it an existing non-empty ``db`` is an error).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`SweepResult`.
     """
     t_start = time.perf_counter()
     if isinstance(points, torch.Tensor):
@@ -636,6 +704,15 @@ def run_sweep(
         raise TypeError(f"points must be a PointSet or a tensor, got {type(points).__name__}")
     if isinstance(radii, (int, float)):
         radii = [radii]
+    loaded, sources = load_models(models)
+    for name, m in loaded.items():
+        shape = model_input_shape(m, points.x)
+        if shape != tuple(points.x.shape[1:]):
+            raise ValueError(f"points have shape {tuple(points.x.shape[1:])} but models[{name!r}] expects {shape}")
+    if isinstance(radii, str):
+        if radii != "auto":
+            raise ValueError(f"radii must be numbers or 'auto', got {radii!r}")
+        radii = auto_radii(loaded, points.x, num_samples=num_samples, seed=seed)
     spec = SweepSpec(
         radii=list(radii),
         attack_eps=list(attack_eps),
@@ -649,12 +726,6 @@ def run_sweep(
         margin_kwargs=dict(margin_kwargs or {}),
         attack_kwargs=dict(attack_kwargs or {}),
     )
-    loaded, sources = load_models(models)
-    for name, m in loaded.items():
-        if tuple(m.input_shape) != tuple(points.x.shape[1:]):
-            raise ValueError(
-                f"points have shape {tuple(points.x.shape[1:])} but models[{name!r}] expects {tuple(m.input_shape)}"
-            )
     db = Path(db)
     models_rows = [model_row(n, m, sources[n]) for n, m in loaded.items()]
     labels = points.labels or [None] * len(points.indices)
@@ -686,13 +757,14 @@ def run_sweep(
                 _merge_shards(conn, db)  # leftovers of a killed distributed run
                 conn.close()
             except ValueError as exc:
-                error = str(exc)
+                error = (type(exc).__name__, str(exc))
         error = dist.broadcast(error)
         if error is not None:
-            raise ValueError(error)
+            kind, message = error
+            raise (SweepMismatchError if kind == SweepMismatchError.__name__ else ValueError)(message)
         main = store.connect(db, create=False)
         if store.get_meta(main).get("fingerprint") != fingerprint:
-            raise ValueError(f"db {str(db)!r} holds a different sweep")
+            raise SweepMismatchError(f"db {str(db)!r} holds a different sweep")
         done = store.completed_units(main)
         if dist.world_size > 1:
             main.close()

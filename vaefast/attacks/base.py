@@ -24,7 +24,7 @@ from vaefast._checks import (
     check_tensor,
     model_input_shape,
 )
-from vaefast.attacks.projections import max_norm, project
+from vaefast.attacks.projections import max_l2_norm, max_norm, project
 
 NORMS = ("L2", "Linf")
 CONSTRAINTS = ("ball", "sphere")
@@ -179,6 +179,21 @@ def check_box(box: object) -> tuple[float, float] | None:
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
         raise ValueError(f"box must satisfy low < high (finite), got {box!r}")
     return lo, hi
+
+
+def max_perturbation(x: torch.Tensor, box: tuple[float, float] | None) -> torch.Tensor | None:
+    """Per point the largest ``||delta||_2`` with ``x + delta`` inside the box (the distance to its farthest corner).
+
+    Args:
+        x: points ``[B, *shape]`` inside the box.
+        box: ``(low, high)`` or None.
+
+    Returns:
+        ``[B]`` float64 on the CPU, or None without a box. A margin or bound above it is larger than the input
+        space allows.
+    """
+    lo, hi = box_offsets(x, check_box(box))
+    return None if lo is None else max_l2_norm(lo, hi).cpu()
 
 
 def box_offsets(

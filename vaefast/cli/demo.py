@@ -2,11 +2,12 @@
 
 1. Train β-VAEs (β ∈ {1, 2, 4, 8}) and one β-TCVAE (TC weight 4) on the digits training split with a fast MLP
    configuration (reused when ``<out>/runs/<name>`` already holds the same trained model).
-2. Pilot: r*(x) of every model on the swept test points; the sweep radii are quantiles of the pooled r* and
-   one radius above them (so every model is studied on both sides of its typical r*); the attack budgets of the
-   p̂-vs-norm curves are fractions of the points' median ‖x‖₂; curves at the middle radius.
+2. Radii ``auto``: quantiles of the pooled r*(x) of every model on the swept test points and one radius above
+   them (:func:`vaefast.sweep.auto_radii`: every model is studied on both sides of its typical r*); the attack
+   budgets of the p̂-vs-norm curves are fractions of the points' median ‖x‖₂; curves at the middle radius.
 3. Sweep models × points × radii into ``<out>/results.db`` (resumed if a previous demo was interrupted),
-   write the report to ``<out>/report/index.html``, print the headline numbers.
+   replay every stored claim with fresh random numbers (``vaefast verify``), write the report to
+   ``<out>/report/index.html``, print the headline numbers.
 Seeded and deterministic.
 """
 
@@ -34,8 +35,6 @@ ARCH = {
     "likelihood": "gaussian",  # fixed std 0.2: with a Bernoulli likelihood beta >= 4 collapses every latent on digits
     "gaussian_std": 0.2,
 }
-R_QUANTILES = (0.25, 0.5, 0.75, 0.95)  # of the pooled r*(x); plus R_ABOVE x the 0.95 quantile
-R_ABOVE = 1.3
 EPS_FRACTIONS = (0.025, 0.05, 0.1, 0.2, 0.4)  # attack budgets as fractions of the median ||x||_2 of the points
 
 
@@ -95,24 +94,10 @@ def train_models(out: Path, epochs: int, seed: int, retrain: bool, progress: boo
     return runs
 
 
-def choose_grid(models: dict, points, num_samples: int, seed: int) -> tuple[list[float], list[float]]:
-    """Radii = quantiles ``R_QUANTILES`` of the pooled r*(x) and ``R_ABOVE`` × the largest (so every model is seen
-    below and above its typical r*); budgets = ``EPS_FRACTIONS`` × median ‖x‖₂ of the points."""
-    import numpy as np
-    import torch
-
-    from vaefast.robustness import estimate_r_robustness
-
-    r_star = []
-    for m in models.values():
-        # the pilot radius only sets the robust flag; r* comes from the sorted sample distances
-        res = estimate_r_robustness(m, points.x, [1.0], num_samples=num_samples, seed=seed)
-        r_star.append(res.r_star)
-    pooled = torch.cat(r_star).double().numpy()
-    qs = [float(np.quantile(pooled, q)) for q in R_QUANTILES]
-    radii = sorted({_nice(v) for v in [*qs, R_ABOVE * qs[-1]]})
+def attack_budgets(points) -> list[float]:
+    """Budgets of the p̂-vs-norm curves: ``EPS_FRACTIONS`` × the median ‖x‖₂ of the points (3 significant digits)."""
     scale = float(points.x.flatten(1).norm(dim=1).median())
-    return radii, [_nice(scale * f) for f in EPS_FRACTIONS]
+    return [float(f"{scale * f:.3g}") for f in EPS_FRACTIONS]
 
 
 def _remove_db(db: Path) -> None:
@@ -127,7 +112,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vaefast import report
-    from vaefast.sweep import PointSet, load_models, run_sweep
+    from vaefast.sweep import (
+        AUTO_R_ABOVE,
+        AUTO_R_QUANTILES,
+        PointSet,
+        SweepMismatchError,
+        auto_radii,
+        load_models,
+        run_sweep,
+    )
+    from vaefast.verify import verify_sweep
 
     torch.set_num_threads(1)  # tiny MLPs: one thread is fastest on a shared machine, and fixes the reduction order
     t_start = time.perf_counter()
@@ -138,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
     t_train = time.perf_counter() - t_start
     models, _ = load_models({n: str(p) for n, p in runs.items()})
     points = PointSet.from_dataset("digits", "test", args.points)
-    radii, eps = choose_grid(models, points, args.samples, args.seed)
+    radii = auto_radii(models, points.x, num_samples=args.samples, seed=args.seed)
+    eps = attack_budgets(points)
     print(
-        f"[demo] radii r = {radii} (quantiles {R_QUANTILES} of pooled r*, and {R_ABOVE} x the last); "
+        f"[demo] radii r = {radii} (quantiles {AUTO_R_QUANTILES} of pooled r*, and {AUTO_R_ABOVE} x the last); "
         f"attack budgets eps = {eps}"
     )
     db = out / "results.db"
@@ -169,13 +164,17 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         res = sweep()
-    except ValueError as exc:
-        if "different sweep" not in str(exc):
-            raise
+    except SweepMismatchError:
         print(f"[demo] {db} holds another sweep: starting it afresh")
         _remove_db(db)
         res = sweep()
     t_sweep = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    checked = verify_sweep(db, seed=args.seed, progress=progress)
+    t_verify = time.perf_counter() - t0
+    print(f"[demo] evidence re-verified: {checked.confirmed} of {checked.checked} claims confirmed")
+    for row in checked.failed:
+        print(f"[demo] FAILED {row['item_id']} [{row['kind']}]: {row['reason']}")
     t0 = time.perf_counter()
     page = report.write_report(db, out / "report")
     t_report = time.perf_counter() - t0
@@ -187,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t_start
     print(
         f"\n[demo] time: training {t_train:.1f} s, sweep {t_sweep:.1f} s ({res.units_computed} units computed, "
-        f"{res.units_skipped} reused), report {t_report:.1f} s, total {total:.1f} s"
+        f"{res.units_skipped} reused), verify {t_verify:.1f} s, report {t_report:.1f} s, total {total:.1f} s"
     )
     print(f"[demo] results database: {db}")
     print(f"[demo] report: {page}")

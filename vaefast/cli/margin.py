@@ -31,21 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vaefast.margin import numerical_margin
+    from vaefast.robustness import estimate_r_robustness, margin_bound
 
     model, x = load_model_and_points(args)
+    est = estimate_r_robustness(model, x, args.r, num_samples=args.samples, seed=args.seed, point_offset=args.start)
     res = numerical_margin(
         model, x, args.r, method=args.method, tol=args.tol, granularity=args.granularity, max_radius=args.max_radius,
         num_samples=args.samples, steps=args.steps, restarts=args.restarts, optimizer=args.optimizer, seed=args.seed,
-        point_offset=args.start, progress=True,
+        point_offset=args.start, estimate=est, progress=True,
     )  # fmt: skip
     rows = res.to_rows()
     if args.bound:
-        from vaefast.robustness import margin_bound
-
-        mb = margin_bound(model, x, args.r, num_samples=args.samples, seed=args.seed, point_offset=args.start)
+        mb = margin_bound(model, x, args.r, estimate=est)  # the same clean-point decision as the search
         for row, brow in zip(rows, mb.to_rows(), strict=True):
-            row["bound"] = brow["bound"]
-            row["whitened_bound"] = brow["whitened_bound"]
+            row.update(bound=brow["bound"], whitened_bound=brow["whitened_bound"], certified=brow["certified"])
     print(summary_table(res, rows, bound=args.bound))
     if args.out:
         write_csv(rows, args.out)
@@ -53,16 +52,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary_table(res, rows: list[dict], bound: bool = False) -> str:
-    """Margin quantiles, fraction bracketed, zero margins (and the fraction with bound <= margin)."""
+    """Margin quantiles, and how many points were uncertified (margin 0), bracketed, or left at the search limit;
+    with ``bound``: bound <= margin over the points where both are meaningful (certified and bracketed)."""
     m = res.margin
     q = [float(v) for v in m.quantile(m.new_tensor([0.0, 0.25, 0.5, 0.75, 1.0]))]
+    n = len(res)
+    zero = int((m == 0).sum())
+    unbracketed = int((~res.bracketed).sum())
     lines = [
-        f"{len(res)} points, r = {res.r:g}, method = {res.method}",
-        f"{'min':>8} {'q25':>8} {'median':>8} {'q75':>8} {'max':>8} {'bracketed':>10} {'zero':>6}",
-        f"{q[0]:>8.4g} {q[1]:>8.4g} {q[2]:>8.4g} {q[3]:>8.4g} {q[4]:>8.4g} "
-        f"{res.bracketed.double().mean().item():>10.1%} {(m == 0).double().mean().item():>6.1%}",
+        f"{n} points, r = {res.r:g}, method = {res.method}",
+        f"{'min':>8} {'q25':>8} {'median':>8} {'q75':>8} {'max':>8}",
+        f"{q[0]:>8.4g} {q[1]:>8.4g} {q[2]:>8.4g} {q[3]:>8.4g} {q[4]:>8.4g}",
+        f"not r-robust at delta = 0 (margin 0, no certificate): {zero} of {n}; still r-robust at the search limit "
+        f"(unbracketed, margin = limit): {unbracketed} of {n}",
     ]
+    if zero == n:
+        lines.append(f"no point is r-robust at r = {res.r:g}: r is below every r*; try a larger r (vaefast estimate)")
     if bound:
-        ok = sum(row["bound"] <= row["margin"] for row in rows) / len(rows)
-        lines.append(f"bound <= margin for {ok:.1%} of points")
+        comp = [row for row in rows if row["certified"] and row["bracketed"] and row["margin"] > 0]
+        ok = sum(row["bound"] <= row["margin"] for row in comp)
+        lines.append(f"bound <= margin on {ok} of {len(comp)} comparable points (certified and bracketed)")
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 Example::
 
     vaefast sweep --model beta1=runs/beta1 --model beta4=runs/beta4 --data digits --split test --points 32 \\
-        --r 0.5 1.0 --eps 0.25 0.5 1.0 --db results.db [--resume]
+        --radii 0.5 1.0 --eps 0.25 0.5 1.0 --db results.db [--resume]     # or --radii auto
     torchrun --nproc-per-node=2 --module vaefast sweep ... --radii 0.5 1.0   # sharded, merged into results.db
 """
 
@@ -21,6 +21,24 @@ def _model_arg(text: str) -> tuple[str, str]:
     if not name or not path:
         raise argparse.ArgumentTypeError(f"--model expects NAME=RUN_DIR or RUN_DIR, got {text!r}")
     return name, path
+
+
+def _radius_arg(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def radii_arg(values: list[float | str]) -> list[float] | str:
+    """``--radii`` as run_sweep takes it: the numbers, or ``"auto"`` alone."""
+    if "auto" in values:
+        if len(values) != 1:
+            raise ValueError("--radii: give numbers or 'auto' alone, not both")
+        return "auto"
+    return [float(v) for v in values]
 
 
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -64,10 +82,11 @@ def register(subparsers) -> None:
         "--radii",
         "--r",
         dest="radii",
-        type=float,
+        type=_radius_arg,
         nargs="+",
         required=True,
-        help="radii r (under torchrun spell it --radii: torchrun takes --r for its own --rdzv-* options)",
+        help="radii r, or 'auto' (quantiles of the points' smallest robust radii r*); under torchrun spell it "
+        "--radii (torchrun takes --r for its own --rdzv-* options)",
     )
     p.add_argument("--eps", type=float, nargs="*", default=[], help="attack budgets for p_hat-vs-norm curves")
     p.add_argument("--curve-r", type=float, nargs="*", default=None, help="radii at which to draw curves (default all)")
@@ -79,16 +98,19 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vaefast import report
+    from vaefast._checks import check_positive_int
     from vaefast.sweep import PointSet, run_sweep
 
     names = [n for n, _ in args.models]
     if len(set(names)) != len(names):
         raise ValueError(f"--model names must be unique, got {names}")
+    if args.indices is None:
+        check_positive_int("--points", args.points)
     points = PointSet.from_dataset(args.data, args.split, args.indices or args.points, root=args.root)
     res = run_sweep(
         dict(args.models),
         points,
-        args.radii,
+        radii_arg(args.radii),
         args.db,
         attack_eps=args.eps,
         curve_radii=args.curve_r,
