@@ -13,16 +13,30 @@ from vaefast import store
 
 
 def _unit(uid: str, n: int = 2) -> dict:
-    return {"unit_id": uid, "model": "m", "r": 1.0, "first_pos": 0, "n_points": n, "rank": 0, "world_size": 1,
-            "seconds_total": 0.5}  # fmt: skip
+    return {**dict.fromkeys(store.UNIT_COLUMNS[:-1]), "unit_id": uid, "model": "m", "r": 1.0, "first_pos": 0,
+            "n_points": n, "rank": 0, "world_size": 1, "seconds_total": 0.5}  # fmt: skip
 
 
 def _rows(uid: str, positions, r: float = 1.0) -> list[dict]:
     return [
-        {"item_id": f"m|r={r!r}|pos={p}", "unit_id": uid, "model": "m", "pos": p, "r": r, "p_hat": 0.5 + p / 100,
-         "margin": 0.1 * p, "bound": 0.05 * p, "certified": 1, "bracketed": 1, "delta": store.to_blob(np.ones(3) * p)}
+        {**dict.fromkeys(store.RESULT_COLUMNS), "item_id": f"m|r={r!r}|pos={p}", "unit_id": uid, "model": "m",
+         "pos": p, "r": r, "p_hat": 0.5 + p / 100, "margin": 0.1 * p, "bound": 0.05 * p, "certified": 1,
+         "bracketed": 1, "delta": store.to_blob(np.ones(3) * p)}
         for p in positions
     ]  # fmt: skip
+
+
+def test_inserts_reject_unknown_and_missing_keys(tmp_path):
+    """A misspelt column is an error, never a silent NULL; nothing of the unit is written."""
+    conn = store.connect(tmp_path / "r.db")
+    (row,) = _rows("u0", [0])
+    misspelt = {**{k: v for k, v in row.items() if k != "margin"}, "margn": 0.3}
+    with pytest.raises(KeyError, match=r"unknown keys \['margn'\], missing keys \['margin'\]"):
+        store.commit_unit(conn, _unit("u0", 1), [misspelt])
+    with pytest.raises(KeyError, match="missing keys"):
+        store.commit_unit(conn, {k: v for k, v in _unit("u0", 1).items() if k != "rank"}, [row])
+    assert store.completed_units(conn) == set() and conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+    conn.close()
 
 
 def test_schema_and_wal(tmp_path):

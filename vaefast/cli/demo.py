@@ -63,7 +63,7 @@ def train_models(out: Path, epochs: int, seed: int, retrain: bool, progress: boo
     """Train (or reuse) the demo models; returns ``{name: run folder}``."""
     from vaefast.data import load
     from vaefast.models import VAE, VAEConfig
-    from vaefast.training import train
+    from vaefast.training import learned_nothing_warnings, train
 
     train_x, test_x = load("digits", "train"), load("digits", "test")
     runs = {}
@@ -90,6 +90,8 @@ def train_models(out: Path, epochs: int, seed: int, retrain: bool, progress: boo
             model.save(run)
             marker.write_text(json.dumps(recipe, indent=1))
             print(f"[demo] trained {name} in {time.perf_counter() - t0:.1f} s -> {run}")
+            for warning in learned_nothing_warnings(model, test_x, train_x):
+                print(f"[demo] warning: {name}: {warning}")
         runs[name] = run
     return runs
 

@@ -39,6 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vaefast._checks import check_device
     from vaefast.report import format_table
     from vaefast.verify import verify_sweep
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         sample=args.sample,
         seed=args.seed,
-        device=args.device,
+        device=check_device("--device", args.device),
         progress=not args.no_progress,
     )
     print(format_table(rep.summary(), ["model", "r", "kind", "checked", "confirmed", "fraction"]))
