@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from vaefast.margin import NumericalMargin, numerical_margin
+from vaefast.margin import NumericalMargin, max_decisions, numerical_margin
 from vaefast.testing import LinearGaussianVAE
 
 torch.set_num_threads(1)
@@ -197,9 +197,12 @@ def test_evidence_breaks_r_robustness_at_the_margin(digits_setup):
     )
     torch.testing.assert_close(res.p_hat_delta[ok], res.hits_delta[ok].double() / res.samples_delta[ok].double())
     i = int(ok.nonzero()[0])
+    decisions = max_decisions("bisection", res.max_radius, min(0.25, float(res.max_radius.min()) / 4), tol, 0.01)
+    level = 1 - 0.05 / decisions  # each decision of the search at the Bonferroni level
     replay = is_r_robust(
-        model, x[i : i + 1], r, delta=res.delta[i : i + 1], max_samples=500, seed=5, point_offset=100 + i
-    )
+        model, x[i : i + 1], r, delta=res.delta[i : i + 1], max_samples=500, seed=5, point_offset=100 + i,
+        confidence=level,
+    )  # fmt: skip
     assert not bool(replay.robust[0]) and bool(replay.decided[0])
     assert int(replay.hits[0]) == int(res.hits_delta[i]) and int(replay.samples_used[0]) == int(res.samples_delta[i])
 

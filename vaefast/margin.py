@@ -150,8 +150,8 @@ class _Decider:
     def decide(self, idx: torch.Tensor, delta: torch.Tensor | None) -> _Outcome:
         """r-robustness of ``x[idx] + delta`` (``delta=None``: the clean points), on the Monte-Carlo stream keyed
         by ``(seed, offset + idx)``. Sequential: not robust only when the test *decides* ``p <= 1/2`` at the
-        confidence level (an undecided test at ``max_samples`` counts as robust, so every breaking perturbation is
-        backed by a decision); fixed: ``p_hat <= 1/2`` with ``num_samples`` samples."""
+        decider's confidence (an undecided test at ``max_samples`` counts as robust, so every breaking perturbation
+        is backed by a decision); fixed: ``p_hat <= 1/2`` with ``num_samples`` samples."""
         from vaefast.robustness import estimate_r_robustness, is_r_robust
 
         n = idx.shape[0]
@@ -292,10 +292,13 @@ def numerical_margin(
         box: the data range ``(low, high)`` or None.
         decision: how r-robustness of an attacked input is decided: ``"sequential"``
             (:func:`~vaefast.robustness.is_r_robust`: a radius breaks r-robustness only when the test decides
-            ``p_r <= 1/2`` at ``confidence``, so the evidence survives a replay with fresh samples) or ``"fixed"``
-            (:func:`~vaefast.robustness.estimate_r_robustness`: ``p_hat <= 1/2`` from ``num_samples`` samples, the
-            original protocol's rule).
-        confidence: confidence of the sequential test and of the evidence's Clopper–Pearson interval.
+            ``p_r <= 1/2``, each decision at level ``(1 - confidence) / D`` with ``D`` the most decisions a point's
+            search can make (:func:`max_decisions`), so by Bonferroni the stored breaking δ of a point is wrong with
+            probability at most ``1 - confidence`` although the search tests many radii near the boundary) or
+            ``"fixed"`` (:func:`~vaefast.robustness.estimate_r_robustness`: ``p_hat <= 1/2`` from ``num_samples``
+            samples, the original protocol's rule).
+        confidence: the search's family-wise confidence (see ``decision``) and that of the evidence's
+            Clopper–Pearson interval.
         start_radius: first radius of the bisection's doubling phase.
         one_at_a_time: run the points one by one (the original protocol's execution).
         warm_start, warm_steps: bisection rounds after the first start from the point's previous (or breaking)
@@ -407,9 +410,25 @@ def _limits(x, box, max_radius, start_radius, tol) -> tuple[torch.Tensor, float]
     return caps, start_radius
 
 
+def max_decisions(method: str, caps: torch.Tensor, start_radius: float, tol: float, granularity: float) -> int:
+    """The most r-robustness decisions a point's search can make (the clean point included).
+
+    Bisection: ``1 + ceil(log2(cap / start)) + 1`` doubling rounds and ``ceil(log2(cap / tol)) + 1`` halvings
+    (a bracket never exceeds the cap); grid: ``floor(cap / granularity) + 1`` radii, plus the clean point.
+    """
+    cap = float(caps.max())
+    if method == "grid":
+        return int(math.floor(cap / granularity + 1e-9)) + 2
+    doubling = max(0, math.ceil(math.log2(max(cap / start_radius, 1.0)))) + 1
+    halving = max(0, math.ceil(math.log2(max(cap / tol, 1.0)))) + 1
+    return 1 + doubling + halving
+
+
 def _run(model, x, r, caps, search: _SearchSettings, point_offset, clean, progress) -> NumericalMargin:
+    decisions = max_decisions(search.method, caps, search.start_radius, search.tol, search.granularity)
+    per_decision = 1.0 - (1.0 - search.confidence) / decisions  # Bonferroni over the search's decisions
     decider = _Decider(
-        model, x, r, search.attack, search.warm_attack, search.decision, search.num_samples, search.confidence,
+        model, x, r, search.attack, search.warm_attack, search.decision, search.num_samples, per_decision,
         search.seed, point_offset,
     )  # fmt: skip
     if clean is None:
