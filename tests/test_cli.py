@@ -136,6 +136,25 @@ def test_points_errors(run_dir: Path, capsys: pytest.CaptureFixture, extra: list
     assert expected in one_error_line(capsys, "estimate")
 
 
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--points", "0"], "--points must be >= 1, got 0"),
+        (["--points", "5000"], "asked for 5000 points but digits/test holds only 360"),
+        (["--points", "2", "--radii", "auto", "1.0"], "--radii: give numbers or 'auto' alone"),
+    ],
+)
+def test_sweep_point_and_radii_errors(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], expected: str
+) -> None:
+    argv = ["sweep", "--model", f"m={run_dir}", "--db", str(tmp_path / "r.db"), "--no-progress"]
+    if "--radii" not in extra:
+        extra = [*extra, "--radii", "1.0"]
+    assert main([*argv, *extra]) == 2
+    assert expected in one_error_line(capsys, "sweep")
+    assert not (tmp_path / "r.db").exists()
+
+
 # --- report / export of something that is not a results database --------------------------------------------------
 @pytest.mark.parametrize("command", ["report", "export"])
 def test_csv_is_not_a_results_database(tmp_path: Path, capsys: pytest.CaptureFixture, command: str) -> None:

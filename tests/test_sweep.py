@@ -20,6 +20,7 @@ from vaefast import store
 from vaefast.sweep import (
     SweepSpec,
     WorkUnit,
+    auto_radii,
     derive_seed,
     enumerate_units,
     item_id,
@@ -268,3 +269,27 @@ def test_torchrun_two_processes_equal_single_process(script, lg_db, tmp_path):
     conn.close()
     assert sorted(ranks) == [(0, 2, 6), (1, 2, 6)]
     assert not Path(str(db) + ".shards").exists()
+
+
+def test_auto_radii_from_quantiles_of_r_star(tmp_path):
+    """radii="auto": quantiles of the pooled r* (closed form for the linear-Gaussian VAE: one r* for every point)
+    and 1.3 x the last; the sweep stores exactly those radii."""
+    model = _lg_models(order=("lg0",))
+    radii = auto_radii(model, _lg_points(), num_samples=2000, seed=0)
+    r_star = model["lg0"].r_star()
+    assert radii == sorted(radii) and len(radii) >= 2
+    assert radii[0] == pytest.approx(r_star, rel=0.05) and radii[-1] == pytest.approx(1.3 * r_star, rel=0.05)
+    db = tmp_path / "auto.db"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_sweep(model, _lg_points(), "auto", db, num_samples=2000, batch_size=6, attack_kwargs={"box": None,
+                  "steps": 5, "mode": "mean"}, progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    conn = store.connect(db, create=False)
+    stored = sorted({r["r"] for r in store.read_table(conn, "results")})
+    conn.close()
+    assert stored == radii
+    with pytest.raises(ValueError, match="'auto'"):
+        run_sweep(model, _lg_points(), "quartiles", tmp_path / "x.db", progress=False)
