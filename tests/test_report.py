@@ -8,7 +8,6 @@ comparable and carry evidence (the δ that broke r-robustness, p̂ ≤ 1/2 there
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 
 import numpy as np
@@ -26,7 +25,6 @@ MODELS = {  # name: (beta, objective, likelihood)
     "b8": (8.0, "beta_vae", "bernoulli"),
     "tc2": (2.0, "beta_tcvae", "gaussian"),
 }
-NEW_COLUMNS = ("max_radius", "margin_lower", "p_hat_adv", "ci_low_adv", "ci_high_adv", "num_samples_adv", "ll_drop")
 N_GROUPS = len(MODELS) * len(RADII)
 
 
@@ -145,19 +143,11 @@ def _insert(conn: sqlite3.Connection, table: str, rows: list[dict]) -> None:
         conn.execute(sql, [row[k] for k in keys])
 
 
-needs_new_schema = pytest.mark.skipif(
-    not set(NEW_COLUMNS) <= set(store.RESULT_COLUMNS), reason="store.RESULT_COLUMNS lacks the evidence columns"
-)
-
-
 @pytest.fixture
 def db(tmp_path):
     """The synthetic sweep written into a results database with the store's schema."""
     path = tmp_path / "results.db"
     conn = store.connect(path)
-    conn.execute("CREATE TABLE IF NOT EXISTS verifications (item_id TEXT, kind TEXT, p_hat REAL, ci_low REAL, "
-                 "ci_high REAL, hits INTEGER, num_samples INTEGER, seed INTEGER, confidence REAL, confirmed INTEGER, "
-                 "reason TEXT, checked_at TEXT, PRIMARY KEY (item_id, kind))")  # fmt: skip
     store.set_meta(conn, {"spec": json.dumps({"num_samples": 1000, "confidence": 0.95, "seed": 0})})
     with store.transaction(conn):
         for table, rows in _tables().items():
@@ -317,7 +307,6 @@ def test_bound_plot_marks_capped(tmp_path, monkeypatch):
 # the page, from a database
 
 
-@needs_new_schema
 def test_report_files(db, tmp_path):
     page = report.write_report(db, tmp_path / "rep")
     htm = page.read_text()
@@ -335,7 +324,6 @@ def test_report_files(db, tmp_path):
     assert summary["headline"]["bound_exceeds_box"] == N_GROUPS
 
 
-@needs_new_schema
 def test_load_matches_rows(db):
     data = report.load(db)
     ref = sweep_data()
@@ -346,7 +334,6 @@ def test_load_matches_rows(db):
         assert by_id[r["item_id"]]["max_radius"] == pytest.approx(r["max_radius"])
 
 
-@needs_new_schema
 def test_no_verifications_table(db, tmp_path):
     conn = sqlite3.connect(db)
     conn.execute("DROP TABLE verifications")
@@ -358,22 +345,16 @@ def test_no_verifications_table(db, tmp_path):
     assert "evidence not re-verified (run `vaefast verify DB`)" in page.read_text()
 
 
-@needs_new_schema
-def test_older_results_table_loads(db):
-    """A results table without the evidence columns (older database): they read as NULL, nothing is capped."""
+def test_older_schema_is_refused_with_a_clear_error(db):
+    """A database written by an older vaefast (schema 1, no evidence columns) is refused, not half-read."""
     conn = sqlite3.connect(db)
-    for c in ("max_radius", "margin_lower", "ci_low_adv", "ci_high_adv", "num_samples_adv"):
-        conn.execute(f"ALTER TABLE results DROP COLUMN {c}")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    data = report.load(db)
-    assert all(r["max_radius"] is None for r in data.results)
-    h = report.headline(data)
-    assert h["bound_exceeds_box"] == 0 and h["n_comparable"] == 4 * N_GROUPS
-    assert math.isfinite(h["validity"])
+    with pytest.raises(ValueError, match="results schema 1, this vaefast reads schema"):
+        report.load(db)
 
 
-@needs_new_schema
 def test_cli_report(db, tmp_path, capsys):
     from vaefast.cli import main
 

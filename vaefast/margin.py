@@ -42,7 +42,7 @@ from vaefast._results import ResultMixin
 from vaefast.attacks.base import box_offsets, check_box, check_choice, check_inputs, check_model
 from vaefast.attacks.max_damage import MODES, MaxDamageAttack
 from vaefast.attacks.projections import max_l2_norm
-from vaefast.robustness import RRobustnessResult
+from vaefast.robustness import RRobustnessResult, _runs
 from vaefast.stats import clopper_pearson
 
 METHODS = ("bisection", "grid")
@@ -189,17 +189,6 @@ class _Decider:
                 self.x[sel], eps=radii, point_ids=idx + self.offset, init=scaled.to(self.x.dtype).view_as(init)
             )
         return self.decide(idx, res.delta), res.delta
-
-
-def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive integers in ``ids``: ``(position, length, first id)``."""
-    values = ids.tolist()
-    runs, start = [], 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[i - 1] + 1:
-            runs.append((start, i - start, values[start]))
-            start = i
-    return runs
 
 
 @dataclasses.dataclass

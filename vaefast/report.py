@@ -45,24 +45,6 @@ import numpy as np
 
 from vaefast import store
 
-# results columns the report reads that older databases may lack (filled with NULL on load)
-_OPTIONAL_RESULT_COLUMNS = (
-    "max_radius",
-    "margin_lower",
-    "adv_norm",
-    "p_hat_adv",
-    "ci_low_adv",
-    "ci_high_adv",
-    "hits_adv",
-    "num_samples_adv",
-    "ll_clean",
-    "ll_adv",
-    "ll_drop",
-    "rel_ll_degradation",
-    "delta",
-    "recon_clean",
-    "recon_adv",
-)
 BOUND_COLUMNS = ("bound", "certified_bound", "spectral_bound", "whitened_bound")
 VERIFY_KINDS = ("delta", "clean")
 
@@ -98,16 +80,13 @@ def load(db: str | os.PathLike | sqlite3.Connection) -> SweepData:
         db: a path to a results database or an open connection to one.
 
     Returns:
-        The database as :class:`SweepData`; result columns an older database lacks are ``None``.
+        The database as :class:`SweepData`.
     """
     conn = db if isinstance(db, sqlite3.Connection) else store.connect(db, create=False)
     try:
         models = store.model_info(conn)
         ordered = dict(sorted(models.items(), key=lambda kv: _model_sort_key(kv[1])))
         results = sorted(store.read_table(conn, "results", blobs=True), key=lambda r: r["item_id"])
-        for row in results:
-            for c in _OPTIONAL_RESULT_COLUMNS:
-                row.setdefault(c, None)
         return SweepData(
             results=results,
             curves=sorted(store.read_table(conn, "curves"), key=lambda r: r["item_id"]),
@@ -123,20 +102,15 @@ def load(db: str | os.PathLike | sqlite3.Connection) -> SweepData:
 
 
 def read_verifications(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Rows of the ``verifications`` table, ordered by (item_id, kind).
+    """Rows of the ``verifications`` table (written by ``vaefast verify``), ordered by (item_id, kind).
 
     Args:
         conn: an open results database.
 
     Returns:
-        The rows as dicts; an empty list when the table does not exist (databases older than ``vaefast verify``).
+        The rows as dicts (empty when the evidence was never re-verified).
     """
-    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='verifications'").fetchone()
-    if found is None:
-        return []
-    cur = conn.execute("SELECT * FROM verifications ORDER BY item_id, kind")
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return sorted(store.read_table(conn, "verifications"), key=lambda r: (r["item_id"], r["kind"]))
 
 
 def _model_sort_key(info: Mapping[str, Any]) -> tuple:

@@ -252,8 +252,7 @@ def _exact_reason(row, x: torch.Tensor, delta: torch.Tensor | None, box) -> str 
 
 def _estimate(model, x, delta, r, samples, seed, confidence, positions):
     """``estimate_r_robustness`` with the random numbers of row i keyed by ``positions[i]`` (consecutive runs)."""
-    from vaefast.margin import _runs
-    from vaefast.robustness import estimate_r_robustness
+    from vaefast.robustness import _runs, estimate_r_robustness
 
     parts = []
     for start, length, first in _runs(torch.tensor(positions)):
