@@ -6,7 +6,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -105,6 +105,114 @@ def as_radii(name: str, value: object, *, dtype: torch.dtype = torch.float64, de
     if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
         raise ValueError(f"{name} must be finite and > 0, got {t.tolist()}")
     return t
+
+
+# --- the model protocol and its inputs --------------------------------------------------------------------------------
+@runtime_checkable
+class VAEModel(Protocol):
+    """What every estimator, attack and sweep needs of a model (vaefast's ``VAE``, ``as_vae`` adapters and
+    ``vaefast.testing.LinearGaussianVAE`` implement it).
+
+    Attributes:
+        input_shape: the shape of one input (an ``as_vae`` adapter may learn it from its first batch).
+        latent_dim: d, the latent dimension.
+        likelihood: the name of the observation model (``"bernoulli"``, ``"gaussian"``, ...).
+    """
+
+    input_shape: tuple[int, ...]
+    latent_dim: int
+    likelihood: str
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x[B, *input_shape] -> (mu[B, d], logvar[B, d])``: the encoder q(z|x) = N(mu, diag exp(logvar))."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z[N, d] -> g(z)[N, *input_shape]``: the likelihood mean (reconstructions are always means)."""
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``log p(x | z)`` per point ``[B]``."""
+
+    def mean_encoder(self) -> torch.nn.Module:
+        """``x -> mu(x)`` as a module (an ``nn.Sequential`` MLP gets the fused Jacobian kernel)."""
+
+
+def _has_attribute(model: object, name: str) -> bool:
+    """Whether ``model`` has ``name``; an attribute that exists but is not known yet (an ``as_vae`` adapter's
+    ``input_shape`` before its first input raises ``ValueError``) counts as present."""
+    try:
+        getattr(model, name)
+    except ValueError:
+        return True
+    except AttributeError:
+        return False
+    return True
+
+
+def check_model(model: object, requires: Sequence[str] = ()) -> torch.nn.Module:
+    """The one check of the model protocol (:class:`VAEModel`): callable ``encode``/``decode`` (and ``requires``),
+    ``input_shape``/``latent_dim`` attributes.
+
+    Args:
+        model: the model; a lazy ``as_vae`` adapter passes (its shape comes from the first input).
+        requires: further methods the caller needs, e.g. ``("log_likelihood",)``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: naming the first missing member.
+    """
+    for attr in ("encode", "decode", *requires):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(f"model must implement the vaefast model protocol (missing {attr}())")
+    for attr in ("input_shape", "latent_dim"):
+        if not _has_attribute(model, attr):
+            raise TypeError(f"model must implement the vaefast model protocol (missing {attr!r})")
+    return model  # type: ignore[return-value]
+
+
+def check_choice(name: str, value: object, options: Sequence[str]) -> str:
+    """``value`` if it is one of ``options`` (a ``ValueError`` listing them otherwise)."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+    return value
+
+
+def check_inputs(model: torch.nn.Module, x: object, name: str = "x") -> torch.Tensor:
+    """``x[B, *input_shape]``: a finite float tensor of the model's input shape.
+
+    Args:
+        model: a protocol model; one that does not know its input shape yet (an ``as_vae`` adapter built without
+            ``input_shape``) learns it from ``x`` (:func:`vaefast._checks.model_input_shape`), after which
+            ``model.latent_dim`` is known too.
+        x: the batch to check.
+        name: the argument's name in error messages (e.g. ``"target"``).
+
+    Returns:
+        ``x``.
+
+    Raises:
+        TypeError / ValueError: naming ``name`` (not a float tensor, empty, NaN/Inf, wrong shape).
+    """
+    x = check_tensor(name, x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have a leading batch dimension [B, ...], got shape {tuple(x.shape)}")
+    shape = model_input_shape(model, x)
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
+    return x
+
+
+def check_box(box: object) -> tuple[float, float] | None:
+    """A data box ``(low, high)`` with finite ``low < high`` as floats, or None (unbounded inputs)."""
+    if box is None:
+        return None
+    if not isinstance(box, (tuple, list)) or len(box) != 2:
+        raise TypeError(f"box must be a (low, high) pair or None, got {box!r}")
+    lo, hi = float(box[0]), float(box[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise ValueError(f"box must satisfy low < high (finite), got {box!r}")
+    return lo, hi
 
 
 # --- the model under analysis ----------------------------------------------------------------------------------------

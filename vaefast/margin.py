@@ -37,12 +37,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vaefast._checks import analysis, check_positive_float, check_positive_int, check_probability, check_seed
+from vaefast._checks import (
+    analysis,
+    check_box,
+    check_choice,
+    check_inputs,
+    check_model,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    check_seed,
+)
 from vaefast._results import ResultMixin
-from vaefast.attacks.base import box_offsets, check_box, check_choice, check_inputs, check_model
+from vaefast.attacks.base import box_offsets
 from vaefast.attacks.max_damage import MODES, MaxDamageAttack
 from vaefast.attacks.projections import max_l2_norm
-from vaefast.robustness import RRobustnessResult, _runs
+from vaefast.rng import id_runs
+from vaefast.robustness import RRobustnessResult
 from vaefast.stats import clopper_pearson
 
 METHODS = ("bisection", "grid")
@@ -158,7 +169,7 @@ class _Decider:
         out = _Outcome(
             torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
         )
-        for pos, length, first in _runs(idx):  # runs of consecutive point ids share one call (RNG keyed by id)
+        for pos, length, first in id_runs(idx):  # runs of consecutive point ids share one call (RNG keyed by id)
             sl = slice(pos, pos + length)
             xs = self.x[first : first + length]
             d = None if delta is None else delta[sl]

@@ -38,6 +38,7 @@ from vaefast._checks import (
     model_input_shape,
 )
 from vaefast._results import ResultMixin
+from vaefast.rng import id_runs
 from vaefast.stats import clopper_pearson, sequential_decision, sequential_schedule
 
 __all__ = [
@@ -221,17 +222,6 @@ def _encode(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, logvar
 
 
-def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive integers in ``ids``: ``(position, length, first id)``."""
-    ids_list = ids.tolist()
-    runs, start = [], 0
-    for i in range(1, len(ids_list) + 1):
-        if i == len(ids_list) or ids_list[i] != ids_list[i - 1] + 1:
-            runs.append((start, i - start, ids_list[start]))
-            start = i
-    return runs
-
-
 def _sample(
     mu: torch.Tensor, logvar: torch.Tensor, ids: torch.Tensor, num: int, seed: int, sample_offset: int
 ) -> torch.Tensor:
@@ -239,7 +229,7 @@ def _sample(
     mu, logvar = mu.contiguous(), logvar.contiguous()  # e.g. halves of one Linear's output
     parts = [
         ops.reparam_sample(mu[p : p + n], logvar[p : p + n], num, seed=seed, offset=first, sample_offset=sample_offset)
-        for p, n, first in _runs(ids)
+        for p, n, first in id_runs(ids)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 

@@ -45,13 +45,15 @@ from vaefast import store
 from vaefast._checks import (
     analysis,
     as_radii,
+    check_model,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_seed,
     model_input_shape,
 )
-from vaefast.attacks.base import check_model, max_perturbation
+from vaefast.attacks.base import max_perturbation
+from vaefast.rng import derive_seed
 
 # ----------------------------------------------------------------------------------------------------------
 # identities and seeds
@@ -61,15 +63,6 @@ SWEEP_FORMAT = "3"  # bump when the per-unit computation changes: resuming acros
 
 class SweepMismatchError(ValueError):
     """The database holds a different sweep (other models, points or specification) than the one asked for."""
-
-
-def derive_seed(base: int, *parts: object) -> int:
-    """A 63-bit seed from ``base`` and an item identity: ``sha256(repr((base, *parts)))`` truncated.
-
-    Floats enter through ``repr`` (exact round trip), so the seed depends only on the identity.
-    """
-    digest = hashlib.sha256(repr((int(base), *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _rkey(value: float) -> str:

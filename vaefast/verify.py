@@ -197,7 +197,7 @@ def _tensor(blob: bytes | None, shape: Sequence[int], like: torch.Tensor | None 
 
 def _check_group(model, shape, claims, kind, r, points, box, factor, confidence, seed) -> list[dict[str, Any]]:
     """Exact checks, then one fresh estimate per run of consecutive positions (random numbers keyed by pos)."""
-    from vaefast.sweep import derive_seed
+    from vaefast.rng import derive_seed
 
     param = next(iter(model.parameters()), None)
     ref = (
@@ -252,10 +252,11 @@ def _exact_reason(row, x: torch.Tensor, delta: torch.Tensor | None, box) -> str 
 
 def _estimate(model, x, delta, r, samples, seed, confidence, positions):
     """``estimate_r_robustness`` with the random numbers of row i keyed by ``positions[i]`` (consecutive runs)."""
-    from vaefast.robustness import _runs, estimate_r_robustness
+    from vaefast.rng import id_runs
+    from vaefast.robustness import estimate_r_robustness
 
     parts = []
-    for start, length, first in _runs(torch.tensor(positions)):
+    for start, length, first in id_runs(torch.tensor(positions)):
         sl = slice(start, start + length)
         d = None if delta is None else delta[sl]
         parts.append(

@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vaefast._checks import (
+    check_box,
+    check_choice,
     check_positive_float,
     check_positive_int,
     check_seed,
     check_tensor,
-    model_input_shape,
 )
 from vaefast.attacks.projections import max_l2_norm, max_norm, project
 
@@ -105,82 +106,7 @@ def stack_results(results: Sequence[AttackResult]) -> AttackResult:
     )
 
 
-# --- checks ----------------------------------------------------------------------------------------------
-def _has_attribute(model: object, name: str) -> bool:
-    """Whether ``model`` has ``name``; an attribute that exists but is not known yet (an ``as_vae`` adapter's
-    ``input_shape`` before its first input raises ``ValueError``) counts as present."""
-    try:
-        getattr(model, name)
-    except ValueError:
-        return True
-    except AttributeError:
-        return False
-    return True
-
-
-def check_model(model: object) -> torch.nn.Module:
-    """The model protocol: callable ``encode``/``decode`` and ``input_shape``/``latent_dim`` attributes.
-
-    Args:
-        model: the model under attack; a lazy ``as_vae`` adapter passes (its shape comes from the first input).
-
-    Returns:
-        ``model``.
-
-    Raises:
-        TypeError: naming the first missing member.
-    """
-    for attr in ("encode", "decode"):
-        if not callable(getattr(model, attr, None)):
-            raise TypeError(f"model must implement the vaefast model protocol (missing {attr}())")
-    for attr in ("input_shape", "latent_dim"):
-        if not _has_attribute(model, attr):
-            raise TypeError(f"model must implement the vaefast model protocol (missing {attr!r})")
-    return model  # type: ignore[return-value]
-
-
-def check_choice(name: str, value: object, options: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
-    return value
-
-
-def check_inputs(model: torch.nn.Module, x: object, name: str = "x") -> torch.Tensor:
-    """``x[B, *input_shape]``: a finite float tensor of the model's input shape.
-
-    Args:
-        model: a protocol model; one that does not know its input shape yet (an ``as_vae`` adapter built without
-            ``input_shape``) learns it from ``x`` (:func:`vaefast._checks.model_input_shape`), after which
-            ``model.latent_dim`` is known too.
-        x: the batch to check.
-        name: the argument's name in error messages (e.g. ``"target"``).
-
-    Returns:
-        ``x``.
-
-    Raises:
-        TypeError / ValueError: naming ``name`` (not a float tensor, empty, NaN/Inf, wrong shape).
-    """
-    x = check_tensor(name, x)
-    if x.dim() < 2:
-        raise ValueError(f"{name} must have a leading batch dimension [B, ...], got shape {tuple(x.shape)}")
-    shape = model_input_shape(model, x)
-    if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
-    return x
-
-
-def check_box(box: object) -> tuple[float, float] | None:
-    if box is None:
-        return None
-    if not isinstance(box, (tuple, list)) or len(box) != 2:
-        raise TypeError(f"box must be a (low, high) pair or None, got {box!r}")
-    lo, hi = float(box[0]), float(box[1])
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
-        raise ValueError(f"box must satisfy low < high (finite), got {box!r}")
-    return lo, hi
-
-
+# --- the data box ------------------------------------------------------------------------------------------
 def max_perturbation(x: torch.Tensor, box: tuple[float, float] | None) -> torch.Tensor | None:
     """Per point the largest ``||delta||_2`` with ``x + delta`` inside the box (the distance to its farthest corner).
 

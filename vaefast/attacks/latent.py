@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vaefast.attacks.base import check_choice
+from vaefast._checks import check_choice
 from vaefast.attacks.targeted import TargetedAttack, gaussian_divergence
 
 DIVERGENCES = ("kl", "skl", "w2", "mean_l2")

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import torch
 
-from vaefast._checks import analysis, check_positive_int, check_seed, check_tensor
+from vaefast._checks import (
+    analysis,
+    check_box,
+    check_choice,
+    check_inputs,
+    check_model,
+    check_positive_int,
+    check_seed,
+    check_tensor,
+)
 from vaefast.attacks.base import (
     CONSTRAINTS,
     AttackResult,
     LoopConfig,
     box_offsets,
-    check_box,
-    check_choice,
     check_eps_feasible,
-    check_inputs,
     check_loop_args,
-    check_model,
     latent_noise,
     lp_norms,
     optimise,

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vaefast._checks import analysis, check_tensor
-from vaefast.attacks.base import check_inputs, check_model
+from vaefast._checks import analysis, check_inputs, check_model, check_tensor
 
 
 @dataclass

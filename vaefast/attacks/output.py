@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from vaefast._checks import check_positive_int
-from vaefast.attacks.base import check_choice, latent_noise
+from vaefast._checks import check_choice, check_positive_int
+from vaefast.attacks.base import latent_noise
 from vaefast.attacks.targeted import TargetedAttack
 
 LOSSES = ("mse", "elbo")

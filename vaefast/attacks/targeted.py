@@ -8,16 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
-from vaefast._checks import analysis, check_positive_float, check_positive_int, check_seed
+from vaefast._checks import (
+    analysis,
+    check_box,
+    check_choice,
+    check_inputs,
+    check_model,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
 from vaefast.attacks.base import (
     AttackResult,
     LoopConfig,
     box_offsets,
-    check_box,
-    check_choice,
-    check_inputs,
     check_loop_args,
-    check_model,
     lp_norms,
     optimise,
     parse_eps,
