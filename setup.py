@@ -2,7 +2,9 @@
 
 Environment switches (same spirit as torchvision / pytorch_scatter):
 
-- ``FORCE_CUDA=1``      build the CUDA kernels even when no GPU is visible (CI, build hosts).
+- ``FORCE_CUDA=1``      build the CUDA kernels even when no GPU is visible (CI, build hosts). Without it the
+  CUDA kernels are built only when torch is a CUDA build, a toolkit is found *and* a GPU is visible: a machine
+  without a GPU gets the (much faster) CPU-only build.
 - ``FORCE_ONLY_CPU=1``  never build CUDA kernels.
 - ``CUDA_HOME``         the toolkit; guessed from ``/usr/local/cuda`` when unset or wrong.
 - ``TORCH_CUDA_ARCH_LIST`` GPU architectures; defaults to the visible GPUs, else ``8.0;9.0+PTX``.
@@ -58,7 +60,12 @@ def _extensions():
     use_cuda = False
     if _flag("FORCE_CUDA") and not _flag("FORCE_ONLY_CPU") and torch.version.cuda is None:
         sys.exit(f"FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU-only build.")
-    if not _flag("FORCE_ONLY_CPU") and torch.version.cuda is not None and cuda_sources:
+    wanted = _flag("FORCE_CUDA") or torch.cuda.is_available()
+    if not wanted and not _flag("FORCE_ONLY_CPU") and torch.version.cuda is not None:
+        print(
+            "vaefast: no GPU visible, building CPU kernels only (FORCE_CUDA=1 builds the CUDA kernels)", file=sys.stderr
+        )
+    if wanted and not _flag("FORCE_ONLY_CPU") and torch.version.cuda is not None and cuda_sources:
         cuda_home = _find_cuda_home()
         if cuda_home is None:
             if _flag("FORCE_CUDA"):

@@ -31,8 +31,25 @@ PY="$VENV/bin/python"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-log "building vaefast._C (incremental)"
-(cd "$ROOT" && "$PY" setup.py -q build_ext --inplace >&2)
+# The in-place build has its own temporary folder per variant (CPU-only or with CUDA kernels), so `pip install .`
+# (build/temp.*) and a switch of FORCE_CUDA do not invalidate each other's objects; a variant change forces a relink
+# of vaefast/_C*.so. Compiler output goes to a log file, shown on failure.
+gpu="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
+variant="cpu"
+if [[ "${FORCE_ONLY_CPU:-0}" != "1" && ( "${FORCE_CUDA:-0}" == "1" || "$gpu" == "1" ) ]]; then variant="cuda"; fi
+mkdir -p "$ROOT/build"
+stamp="$ROOT/build/inplace.variant"
+force=()
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$variant" ]]; then force=(--force); fi
+buildlog="$ROOT/build/inplace-$variant.log"
+log "building vaefast._C ($variant kernels, incremental; compiler output in $buildlog)"
+if ! (cd "$ROOT" && "$PY" setup.py build_ext --inplace --build-temp "build/inplace-$variant" "${force[@]}" \
+      >"$buildlog" 2>&1); then
+  cat "$buildlog" >&2
+  log "build failed (log above: $buildlog)"
+  exit 1
+fi
+echo "$variant" >"$stamp"
 
 # Register the package (and the `vaefast` command) in the venv, pointing at this tree.
 where="$(cd / && "$PY" -c 'import os, vaefast; print(os.path.dirname(os.path.dirname(vaefast.__file__)))' 2>/dev/null || true)"
