@@ -256,10 +256,11 @@ def test_attack_beats_random_perturbations(digits_model, digits_x):
     eps = 1.5
     atk = MaxDamageAttack(digits_model, eps, constraint="sphere", steps=30, num_noise_samples=16)
     res = atk(digits_x)
-    from vaefast.attacks.base import box_offsets, latent_noise
+    from vaefast.attacks.base import box_offsets
+    from vaefast.attacks.engine import restart_noise
 
     lo, hi = box_offsets(digits_x, (0.0, 1.0))
-    eta = latent_noise(torch.arange(6), 16, digits_model.latent_dim, 0, 0, digits_x.dtype, digits_x.device)
+    eta = restart_noise(torch.arange(6), 1, 16, digits_model.latent_dim, 0, "attack-noise", digits_x.dtype, "cpu")[:, 0]
     g = torch.Generator().manual_seed(0)
     best_random = torch.zeros(6, dtype=torch.float64)
     with torch.no_grad():
@@ -333,6 +334,60 @@ def test_auddc_hand_computed():
     torch.testing.assert_close(area, torch.tensor([0.4], dtype=torch.float64))
 
 
+# --- one attack object, many calls: no per-call state -------------------------------------------------------------
+def _same(a: AttackResult, b: AttackResult) -> None:
+    for name, value in a.to_dict().items():
+        other = b.to_dict()[name]
+        assert other == value if isinstance(value, str) else torch.equal(other, value), name
+
+
+def test_one_attack_object_serves_different_calls(digits_model, digits_x):
+    x, t1, t2 = digits_x[:3], digits_x[-1:], digits_x[3:6]
+    md = MaxDamageAttack(digits_model, 0.5, steps=6, restarts=2)
+    first, second = md(x, eps=1.5), md(x)
+    _same(first, MaxDamageAttack(digits_model, 1.5, steps=6, restarts=2)(x))
+    _same(second, MaxDamageAttack(digits_model, 0.5, steps=6, restarts=2)(x))
+    lat = LatentAttack(digits_model, t1, steps=6)
+    by_target, by_lam, plain = lat(x, target=t2), lat(x, lam=0.3), lat(x)
+    _same(by_target, LatentAttack(digits_model, t2, steps=6)(x))
+    _same(by_lam, LatentAttack(digits_model, t1, lam=0.3, steps=6)(x))
+    _same(plain, LatentAttack(digits_model, t1, steps=6)(x))
+    out = OutputAttack(digits_model, t1, loss="elbo", mode="budget", eps=0.5, steps=6, num_noise_samples=4)
+    curve, other = out(x, eps=[0.5, 1.0], target=t2), out(x)
+    _same(curve, OutputAttack(digits_model, t2, loss="elbo", mode="budget", eps=[0.5, 1.0], steps=6,
+                              num_noise_samples=4)(x))  # fmt: skip
+    _same(other, OutputAttack(digits_model, t1, loss="elbo", mode="budget", eps=0.5, steps=6, num_noise_samples=4)(x))
+
+
+@pytest.mark.parametrize("kind", ["max_damage", "latent", "output"])
+def test_a_call_leaves_the_attack_object_untouched(digits_model, digits_x, kind):
+    if kind == "max_damage":
+        atk = MaxDamageAttack(digits_model, 0.5, steps=3)
+    elif kind == "latent":
+        atk = LatentAttack(digits_model, digits_x[-1:], steps=3)
+    else:
+        atk = OutputAttack(digits_model, digits_x[-1:], loss="elbo", steps=3)
+    before = dict(vars(atk))
+    atk(digits_x[:2])
+    if kind != "max_damage":
+        atk.sweep(digits_x[:2], lams=[0.1, 1.0], target=digits_x[2:4])
+    assert vars(atk).keys() == before.keys()
+    assert all(vars(atk)[k] is v for k, v in before.items())
+
+
+def test_concurrent_calls_of_one_attack_object(digits_model, digits_x):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [(digits_x[:3], digits_x[3:4]), (digits_x[3:6], digits_x[:1]), (digits_x[1:5], digits_x[-1:]),
+             (digits_x[:2], digits_x[4:6])]  # fmt: skip
+    atk = OutputAttack(digits_model, digits_x[-1:], loss="elbo", mode="budget", eps=1.0, steps=15, num_noise_samples=4)
+    expected = [atk(x, target=t) for x, t in calls]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda call: atk(call[0], target=call[1]), calls))
+    for a, b in zip(got, expected, strict=True):
+        _same(a, b)
+
+
 # --- metrics -------------------------------------------------------------------------------------------------
 def test_likelihood_degradation_linear_closed_form(lin):
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -399,3 +454,38 @@ def test_bad_inputs(lin, digits_model, digits_x):
         likelihood_degradation(digits_model, digits_x, digits_x[:2])
     with pytest.raises(ValueError, match="box"):
         MaxDamageAttack(lin, 0.5, box=(1.0, 0.0))
+    with pytest.raises(ValueError, match="eps"):
+        MaxDamageAttack(lin, [0.5, -1.0], box=None)
+    with pytest.raises(ValueError, match="point_ids"):
+        MaxDamageAttack(lin, 0.5, box=None)(x, point_ids=torch.arange(3))
+    with pytest.raises(TypeError, match="point_ids"):
+        MaxDamageAttack(lin, 0.5, box=None)(x, point_ids=torch.zeros(2))
+    with pytest.raises(ValueError, match="point_ids"):
+        MaxDamageAttack(lin, 0.5, box=None)(x, point_ids=torch.tensor([0, -1]))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        MaxDamageAttack(lin, 0.5, box=None)(x, lam=0.1)
+    with pytest.raises(ValueError, match="eps applies to mode='budget'"):
+        LatentAttack(digits_model, digits_x[:1])(digits_x[:2], 0.1)  # a positional second argument is eps, not lam
+    with pytest.raises(ValueError, match="lam"):
+        LatentAttack(digits_model, digits_x[:1])(digits_x[:2], lam=-1.0)
+    with pytest.raises(ValueError, match="target must have shape"):
+        LatentAttack(digits_model, digits_x[:1])(digits_x[:2], target=torch.rand(1, 5))
+    with pytest.raises(ValueError, match="target must have batch size 1 or 2"):
+        OutputAttack(digits_model, digits_x[:1])(digits_x[:2], target=digits_x[:3])
+    with pytest.raises(TypeError, match="log_likelihood"):
+        OutputAttack(_NoLikelihood(), torch.zeros(1, 12), loss="elbo")
+    with pytest.raises(ValueError, match="lams"):
+        OutputAttack(digits_model, digits_x[:1]).sweep(digits_x[:2], lams=[0.1, float("inf")])
+
+
+class _NoLikelihood(torch.nn.Module):
+    """A protocol model without log_likelihood (encode/decode only)."""
+
+    input_shape = (12,)
+    latent_dim = 2
+
+    def encode(self, x):
+        return x[:, :2], x[:, :2]
+
+    def decode(self, z):
+        return z.repeat(1, 6)

@@ -303,10 +303,12 @@ def test_hutchinson_deterministic_and_chunk_invariant():
     tail = jacobian_frobenius(model, x[2:], method="hutchinson", num_probes=6, seed=3)
     torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
     assert not torch.allclose(a, c)
-    # probes are keyed by the point's index in the call, so a sub-batch starting at 0 reproduces the first rows
+    # probes are keyed by the global point id point_offset + b: any sub-batch with its offset reproduces its rows
     head = jacobian_frobenius(model, x[:3], method="hutchinson", num_probes=6, seed=3)
     torch.testing.assert_close(head, a[:3], rtol=1e-13, atol=0)
-    assert tail.shape == (3,)
+    assert tail.shape == (3,) and not torch.allclose(tail, a[2:])
+    shifted = jacobian_frobenius(model, x[2:], method="hutchinson", num_probes=6, seed=3, point_offset=2)
+    torch.testing.assert_close(shifted, a[2:], rtol=1e-13, atol=0)
 
 
 def test_jacobian_spectral():
@@ -348,6 +350,8 @@ def test_jacobian_api_bad_inputs():
         jacobian_frobenius(model, x, method="hutchinson", probe="sobol")
     with pytest.raises(ValueError, match="seed must be"):
         jacobian_frobenius(model, x, method="hutchinson", seed=-1)
+    with pytest.raises(ValueError, match="point_offset must be"):
+        jacobian_frobenius(model, x, method="hutchinson", point_offset=-1)
     with pytest.raises(ValueError, match="fn must map"):
         jacobian_frobenius(lambda t: (model(t), model(t)), x)
     with pytest.raises(ValueError, match="row_scale must be"):

@@ -1,4 +1,4 @@
-"""No silent misuse (SPEC §4): as_vae needs decoder_output, every analysis runs the model in eval mode and restores
+"""No silent misuse: as_vae needs decoder_output, every analysis runs the model in eval mode and restores
 the caller's modes, a lazy as_vae model learns its input shape at every entry point, and the relative likelihood
 degradation is |drop| / |log p| >= 0 for every likelihood."""
 

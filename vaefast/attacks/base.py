@@ -1,48 +1,51 @@
-"""Shared pieces of every attack: the result type, input checks, common random numbers, and the optimisation
-loop (normalised-gradient PGD, Adam, or scipy's L-BFGS-B) over perturbations constrained to a norm ball or
-sphere intersected with the data box, batched over points.
+"""The attack base class and what every attack shares: the result type, the per-call context, the data box and
+the checks of a call's arguments.
 
-The loop maximises a per-point objective ``f_b(x_b + delta_b)``; points never interact (the batch objective is
-a sum), so every point follows its own trajectory and keeps its best iterate over steps and restarts.
+An attack is configured once and called on batches (foolbox's ``Attack``, torchattacks' one file per attack).
+:class:`Attack` owns the call: it validates the arguments once, runs the model in eval mode, loops over the
+radii of a curve and hands each radius to the shared optimisation engine (:func:`vaefast.attacks.engine.optimise`);
+a subclass supplies only its objective (and, where it differs, its per-call data and extra result fields).
+Per-call data lives in an :class:`AttackCall` passed to the hooks, never on the attack object, so one attack
+object can serve any number of calls, also concurrently.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, final
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from vaefast._checks import (
     check_box,
-    check_choice,
+    check_inputs,
+    check_model,
     check_positive_float,
-    check_positive_int,
-    check_seed,
     check_tensor,
+    eval_mode,
 )
-from vaefast.attacks.projections import max_l2_norm, max_norm, project
+from vaefast.attacks.engine import LoopConfig, lp_norms, optimise
+from vaefast.attacks.projections import max_l2_norm, max_norm
 
-NORMS = ("L2", "Linf")
-CONSTRAINTS = ("ball", "sphere")
-OPTIMIZERS = ("pgd", "adam", "lbfgsb")
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant for seed mixing
-
-Objective = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
-"""``f(x_adv[b, *shape], restart, point_index[b]) -> [b]``, to be maximised (point_index: rows of the batch)."""
+EpsSpec = float | torch.Tensor | Sequence[float]
+"""A radius for every point (float), one per point (1-D tensor ``[B]``), or a curve (a list of floats)."""
 
 
 @dataclass
 class AttackResult:
-    """Per-point outcome of an attack. For a list of eps every field gains a leading eps axis.
+    """Per-point outcome of an attack; for a list of eps (a curve) every field gains a leading eps axis.
 
-    ``x_adv = x + delta``; ``norms`` in the attack's norm; ``objective`` the attack objective at delta (the one
-    the attack optimises, e.g. expected reconstruction distance for max-damage, loss for targeted attacks);
-    ``initial_objective`` the same at ``delta = 0``; ``extra`` holds attack-specific per-point tensors.
+    Attributes:
+        x_adv: ``x + delta``.
+        delta: the perturbation, ``[B, *input_shape]``, inside its norm budget and the data box.
+        norms: ``||delta||`` in the attack's norm, ``[B]``.
+        objective: the attack's objective at delta (expected reconstruction distance for max-damage, the loss
+            without penalty for targeted attacks), ``[B]``.
+        eps: the radius each point was attacked at (inf for penalised attacks), ``[B]``.
+        initial_objective: the same objective at ``delta = 0``, ``[B]``.
+        norm: "L2" or "Linf".
+        extra: attack-specific per-point tensors (e.g. distances to the target).
     """
 
     x_adv: torch.Tensor
@@ -55,6 +58,12 @@ class AttackResult:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as one flat dict.
+
+        Returns:
+            ``x_adv``, ``delta``, ``norms``, ``objective``, ``eps``, ``initial_objective``, ``norm`` and every
+            entry of ``extra``.
+        """
         out: dict[str, Any] = {
             "x_adv": self.x_adv,
             "delta": self.delta,
@@ -68,7 +77,12 @@ class AttackResult:
         return out
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One dict of python scalars per point (and per eps for curves): eps, norm, objective, extras."""
+        """One dict of Python scalars per point (and per eps for curves).
+
+        Returns:
+            Rows with ``point`` (and ``eps_index`` for curves), ``eps``, ``norm_value``, ``objective``,
+            ``initial_objective``, ``norm`` and every per-point entry of ``extra``.
+        """
         scalars = {
             "eps": self.eps,
             "norm_value": self.norms,
@@ -91,7 +105,14 @@ class AttackResult:
 
 
 def stack_results(results: Sequence[AttackResult]) -> AttackResult:
-    """Stack per-eps results along a new leading axis (foolbox-style curves)."""
+    """Stack results along a new leading axis (a curve over eps or lambda).
+
+    Args:
+        results: results of the same points, one per eps (or lambda).
+
+    Returns:
+        An :class:`AttackResult` whose fields are ``torch.stack`` of the inputs' (extras present in all of them).
+    """
     first = results[0]
     extra_keys = [k for k in first.extra if all(k in r.extra for r in results)]
     return AttackResult(
@@ -106,26 +127,24 @@ def stack_results(results: Sequence[AttackResult]) -> AttackResult:
     )
 
 
-# --- the data box ------------------------------------------------------------------------------------------
-def max_perturbation(x: torch.Tensor, box: tuple[float, float] | None) -> torch.Tensor | None:
-    """Per point the largest ``||delta||_2`` with ``x + delta`` inside the box (the distance to its farthest corner).
-
-    Args:
-        x: points ``[B, *shape]`` inside the box.
-        box: ``(low, high)`` or None.
-
-    Returns:
-        ``[B]`` float64 on the CPU, or None without a box. A margin or bound above it is larger than the input
-        space allows.
-    """
-    lo, hi = box_offsets(x, check_box(box))
-    return None if lo is None else max_l2_norm(lo, hi).cpu()
-
-
+# --- the data box ------------------------------------------------------------------------------------------------
 def box_offsets(
     x: torch.Tensor, box: tuple[float, float] | None, name: str = "x"
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-coordinate bounds on delta (``box - x``, flattened); raises if x lies outside the box."""
+    """Per-coordinate bounds on delta that keep ``x + delta`` in the box.
+
+    Args:
+        x: points ``[B, *shape]``.
+        box: ``(a, b)`` or None.
+        name: the argument's name in the error message.
+
+    Returns:
+        ``(lo, hi)`` float64 ``[B, D]`` with ``lo = min(a - x, 0)``, ``hi = max(b - x, 0)`` (flattened), or
+        ``(None, None)`` without a box.
+
+    Raises:
+        ValueError: ``x`` has entries outside the box (beyond a relative tolerance of 1e-6).
+    """
     if box is None:
         return None, None
     flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
@@ -136,31 +155,79 @@ def box_offsets(
     return (box[0] - flat).clamp(max=0.0), (box[1] - flat).clamp(min=0.0)
 
 
-def parse_eps(eps: object, batch: int, device: torch.device) -> tuple[list[torch.Tensor], bool]:
-    """eps: float (same for all points), 1-D tensor [B] (per point), or list of floats (a curve).
+def max_perturbation(x: torch.Tensor, box: tuple[float, float] | None) -> torch.Tensor | None:
+    """Per point the largest ``||delta||_2`` with ``x + delta`` inside the box.
 
-    Returns a list of per-point float64 radii tensors and whether the result is a curve."""
+    Args:
+        x: points ``[B, *shape]`` inside the box.
+        box: ``(a, b)`` or None.
+
+    Returns:
+        ``[B]`` float64 on the CPU, ``||max(|a - x|, |b - x|)||_2`` (the distance to the farthest corner), or None
+        without a box. A margin or bound above it is larger than the input space allows.
+    """
+    lo, hi = box_offsets(x, check_box(box))
+    return None if lo is None else max_l2_norm(lo, hi).cpu()
+
+
+# --- the arguments of a call -------------------------------------------------------------------------------------
+def check_eps(eps: object) -> None:
+    """Validate a configured eps before any batch is seen (the per-point length is checked at call time).
+
+    Args:
+        eps: a number, a list of numbers, or a 1-D tensor.
+
+    Raises:
+        ValueError / TypeError: a value that is not finite and > 0, an empty list, a tensor of the wrong rank.
+    """
     if isinstance(eps, torch.Tensor):
-        if eps.dim() == 0:
-            eps = float(eps)
-        else:
-            t = check_tensor("eps", eps, ndim=1).to(torch.float64).to(device)
-            if t.shape[0] != batch:
-                raise ValueError(f"eps as a tensor must have one entry per point ({batch}), got {tuple(t.shape)}")
-            if bool((t <= 0).any()):
-                raise ValueError("eps must be > 0 everywhere")
-            return [t], False
+        t = check_tensor("eps", eps, ndim=(0, 1))
+        if bool((t <= 0).any()):
+            raise ValueError("eps must be > 0 everywhere")
+        return
     if isinstance(eps, (list, tuple)):
         if len(eps) == 0:
             raise ValueError("eps is an empty list")
-        vals = [check_positive_float("eps", e) for e in eps]
-        return [torch.full((batch,), v, dtype=torch.float64, device=device) for v in vals], True
-    value = check_positive_float("eps", eps)
-    return [torch.full((batch,), value, dtype=torch.float64, device=device)], False
+        for e in eps:
+            check_positive_float("eps", e)
+        return
+    check_positive_float("eps", eps)
+
+
+def parse_eps(eps: object, batch: int, device: torch.device) -> tuple[list[torch.Tensor], bool]:
+    """Per-point radii from an eps specification.
+
+    Args:
+        eps: a float (every point), a 1-D tensor ``[B]`` (per point) or a list of floats (a curve).
+        batch: B.
+        device: of the radii.
+
+    Returns:
+        ``(radii, curve)``: a list of float64 ``[B]`` tensors (one per curve entry) and whether eps was a list.
+    """
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0:
+        eps = float(eps)
+    check_eps(eps)
+    if isinstance(eps, torch.Tensor):
+        if eps.shape[0] != batch:
+            raise ValueError(f"eps as a tensor must have one entry per point ({batch}), got {tuple(eps.shape)}")
+        return [eps.to(torch.float64).to(device)], False
+    if isinstance(eps, (list, tuple)):
+        return [torch.full((batch,), float(e), dtype=torch.float64, device=device) for e in eps], True
+    return [torch.full((batch,), float(eps), dtype=torch.float64, device=device)], False
 
 
 def check_eps_feasible(eps: torch.Tensor, norm: str, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
-    """For sphere constraints the sphere must meet the box."""
+    """A sphere ``||delta|| = eps`` must meet the box: ``eps_b <= max_{lo <= d <= hi} ||d||`` for every point.
+
+    Args:
+        eps: ``[B]`` radii.
+        norm: "L2" or "Linf".
+        lo, hi: ``[B, D]`` box offsets of delta, or None (no box: always feasible).
+
+    Raises:
+        ValueError: naming the first point whose sphere misses the box.
+    """
     if lo is None:
         return
     cap = max_norm(norm, lo, hi)
@@ -173,264 +240,219 @@ def check_eps_feasible(eps: torch.Tensor, norm: str, lo: torch.Tensor | None, hi
         )
 
 
-# --- common random numbers -------------------------------------------------------------------------------
-def _mix(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * _MIX + int(p) + 0x632BE59BD9B4E019) % (2**63)
-    return h
+def check_point_ids(point_ids: object, batch: int) -> torch.Tensor:
+    """Global point ids of a batch (they key the attack's random numbers).
 
+    Args:
+        point_ids: None (``arange(B)``) or an integer tensor ``[B]`` of ids >= 0.
+        batch: B.
 
-def point_normals(
-    shape: tuple[int, ...], point_ids: torch.Tensor, seed: int, stream: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Standard normals ``[len(point_ids), *shape]`` keyed by (seed, stream, global point id): the numbers for a
-    point do not depend on the batch it is in."""
-    out = torch.empty((len(point_ids), *shape), dtype=torch.float64)
-    for row, pid in enumerate(point_ids.tolist()):
-        gen = torch.Generator().manual_seed(_mix(seed, stream, pid))
-        out[row] = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return out.to(dtype=dtype, device=device)
-
-
-def latent_noise(
-    point_ids: torch.Tensor,
-    num_samples: int,
-    latent_dim: int,
-    seed: int,
-    restart: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """Fixed encoder noise ``eta[b, S, d]`` for one restart (common random numbers; batch-invariant)."""
-    return point_normals((num_samples, latent_dim), point_ids, _mix(seed, 1), restart, dtype, device)
-
-
-# --- the optimisation loop -------------------------------------------------------------------------------
-@dataclass
-class LoopConfig:
-    norm: str
-    constraint: str  # "ball", "sphere" or "none" (box only; penalised attacks)
-    steps: int
-    step_size: float | None
-    restarts: int
-    optimizer: str
-    seed: int
-    progress: bool
-    random_start: bool = True
-
-
-def default_step(cfg: LoopConfig, eps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Initial per-point step length (decayed by a cosine schedule to 5% over the steps): PGD ``eps`` (L2 length)
-    or ``eps / 2`` (L-inf, per coordinate); Adam ``eps / sqrt(D)`` (L2) or ``eps / 2`` (L-inf) per
-    coordinate. An absolute ``step_size`` replaces the initial length. Penalised attacks (no norm budget) use
-    ``step_size`` or 0.01 per coordinate."""
-    if cfg.step_size is not None:
-        return torch.full_like(eps, cfg.step_size)
-    if cfg.constraint == "none":
-        return torch.full_like(eps, 0.01)
-    if cfg.optimizer == "adam":
-        return eps / (math.sqrt(dim) if cfg.norm == "L2" else 2.0)
-    return eps if cfg.norm == "L2" else 0.5 * eps
-
-
-def step_schedule(it: int, steps: int) -> float:
-    """Cosine decay from 1 to 0.05 over the steps."""
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / max(steps, 1)))
-
-
-def random_start(
-    cfg: LoopConfig,
-    eps: torch.Tensor,
-    lo,
-    hi,
-    point_ids: torch.Tensor,
-    restart: int,
-    dim: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """A random feasible starting perturbation per point (uniform-radius in the ball, uniform on the sphere)."""
-    g = point_normals((dim + 1,), point_ids, _mix(cfg.seed, 2), restart, torch.float64, device)
-    direction, u = g[:, :dim], torch.special.ndtr(g[:, dim])
-    if cfg.constraint == "none":
-        start = 1e-3 * direction / math.sqrt(dim)
-        return project(start, eps, cfg.norm, "none", lo, hi).to(dtype)
-    if cfg.norm == "Linf":
-        start = eps.unsqueeze(1) * (2 * torch.special.ndtr(direction) - 1)
-    else:
-        unit = direction / torch.linalg.vector_norm(direction, dim=1, keepdim=True).clamp_min(1e-300)
-        radius = eps if cfg.constraint == "sphere" else eps * u.pow(1.0 / dim)
-        start = unit * radius.unsqueeze(1)
-    return project(start, eps, cfg.norm, cfg.constraint, lo, hi).to(dtype)
-
-
-def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return grad.sign()
-    return grad / torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-30)
-
-
-def optimise(
-    objective: Objective,
-    x: torch.Tensor,
-    eps: torch.Tensor,
-    lo: torch.Tensor | None,
-    hi: torch.Tensor | None,
-    cfg: LoopConfig,
-    point_ids: torch.Tensor,
-    desc: str = "attack",
-    init: torch.Tensor | None = None,
-    init_step_scale: float = 0.25,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maximise ``objective`` over feasible delta per point; returns (best delta [B, D] flat, best value [B]).
-
-    ``init[B, D]`` (optional, flat): warm start of the first restart (projected onto the feasible set; its step
-    length is scaled by ``init_step_scale`` so the schedule refines rather than leaves it)."""
-    if cfg.optimizer == "lbfgsb":
-        return _optimise_lbfgsb(objective, x, eps, lo, hi, cfg, point_ids, desc)
-    b = x.shape[0]
-    dim = x[0].numel()
-    best_delta = torch.zeros(b, dim, dtype=x.dtype, device=x.device)
-    best_val = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-    rows = torch.arange(b, device=x.device)
-    step = default_step(cfg, eps, dim).to(torch.float64).unsqueeze(1)
-    total = cfg.restarts * cfg.steps
-    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False)
-    for restart in range(cfg.restarts):
-        scale = 1.0
-        if init is not None and restart == 0:
-            delta = project(init.to(torch.float64), eps, cfg.norm, cfg.constraint, lo, hi).to(x.dtype)
-            scale = init_step_scale
-        elif cfg.random_start:
-            delta = random_start(cfg, eps, lo, hi, point_ids, restart, dim, x.dtype, x.device)
-        else:
-            delta = torch.zeros(b, dim, dtype=x.dtype, device=x.device)
-            if cfg.constraint == "sphere":
-                delta = random_start(cfg, eps, lo, hi, point_ids, restart, dim, x.dtype, x.device)
-        m = torch.zeros(b, dim, dtype=torch.float64, device=x.device)
-        v = torch.zeros_like(m)
-        for it in range(cfg.steps + 1):
-            d = delta.detach().requires_grad_(True)
-            val = objective(x + d.view_as(x), restart, rows)
-            grad = torch.autograd.grad(val.sum(), d)[0].to(torch.float64)
-            with torch.no_grad():
-                val64 = val.detach().to(torch.float64)
-                better = val64 > best_val
-                best_val = torch.where(better, val64, best_val)
-                best_delta = torch.where(better.unsqueeze(1), delta, best_delta)
-                if it == cfg.steps:
-                    break
-                grad = torch.nan_to_num(grad)
-                cur = delta.to(torch.float64)
-                lr = scale * step * step_schedule(it, cfg.steps)
-                if cfg.optimizer == "adam":
-                    b1, b2 = 0.9, 0.999
-                    m = b1 * m + (1 - b1) * grad
-                    # L2: one second moment per point (mean over coordinates), so the preconditioned step is
-                    # parallel to the momentum and projected fixed points are KKT points of the L2 problem
-                    # (per-coordinate Adam + Euclidean projection converges to sign(g)-like, L-inf solutions)
-                    g2 = grad.pow(2) if cfg.norm == "Linf" else grad.pow(2).mean(1, keepdim=True).expand_as(grad)
-                    v = b2 * v + (1 - b2) * g2
-                    mhat, vhat = m / (1 - b1 ** (it + 1)), v / (1 - b2 ** (it + 1))
-                    cur = cur + lr * mhat / (vhat.sqrt() + 1e-12)
-                else:
-                    cur = cur + lr * _ascent_direction(grad, cfg.norm)
-                delta = project(cur, eps, cfg.norm, cfg.constraint, lo, hi).to(x.dtype)
-            bar.update(1)
-    bar.close()
-    return best_delta, best_val
-
-
-def _optimise_lbfgsb(objective: Objective, x, eps, lo, hi, cfg: LoopConfig, point_ids, desc):
-    """One scipy L-BFGS-B run per point and restart (the original protocol's optimiser).
-
-    Variables ``u`` have the box offsets as L-BFGS-B bounds; the norm constraint is a reparametrisation:
-    ``delta(u) = eps * u / ||u||`` (sphere) or ``u * min(1, eps / ||u||)`` (ball), with a quadratic penalty
-    ``1e3 * ||delta(u) - clamp(delta(u), box)||^2`` on any box violation the rescaling creates. At most ``steps``
-    L-BFGS-B iterations. The final perturbation is the exact projection of ``delta(u)`` onto the feasible set,
-    re-scored; the best restart per point is kept.
+    Returns:
+        ``[B]`` int64 on the CPU.
     """
-    b = x.shape[0]
-    dim = x[0].numel()
-    best_delta = torch.zeros(b, dim, dtype=x.dtype, device=x.device)
-    best_val = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-    bar = tqdm(total=b * cfg.restarts, desc=desc, disable=not cfg.progress, leave=False)
-    for i in range(b):
-        sl = slice(i, i + 1)
-        lo_i = None if lo is None else lo[sl]
-        hi_i = None if hi is None else hi[sl]
-        for restart in range(cfg.restarts):
-            u0 = random_start(cfg, eps[sl], lo_i, hi_i, point_ids[sl], restart, dim, torch.float64, x.device)[0]
-            d, val = _lbfgsb_point(objective, x[sl], i, restart, u0, eps[sl], lo_i, hi_i, cfg)
-            if val > best_val[i]:
-                best_val[i] = val
-                best_delta[i] = d[0]
-            bar.update(1)
-    bar.close()
-    return best_delta, best_val
+    if point_ids is None:
+        return torch.arange(batch)
+    if not isinstance(point_ids, torch.Tensor) or point_ids.shape != (batch,):
+        raise ValueError(f"point_ids must be a tensor of shape [{batch}]")
+    if point_ids.is_floating_point() or point_ids.is_complex() or point_ids.dtype == torch.bool:
+        raise TypeError(f"point_ids must be an integer tensor, got {point_ids.dtype}")
+    if bool((point_ids < 0).any()):
+        raise ValueError("point_ids must be >= 0")
+    return point_ids.to(torch.int64).cpu()
 
 
-def _lbfgsb_point(
-    objective: Objective,
-    xi: torch.Tensor,
-    i: int,
-    restart: int,
-    u0: torch.Tensor,
-    eps: torch.Tensor,
-    lo: torch.Tensor | None,
-    hi: torch.Tensor | None,
-    cfg: LoopConfig,
-) -> tuple[torch.Tensor, float]:
-    from scipy.optimize import minimize
+def check_like(name: str, value: object, x: torch.Tensor) -> torch.Tensor:
+    """A finite float tensor of x's shape (a perturbation, a warm start).
 
-    row = torch.tensor([i], device=xi.device)
-    e = float(eps[0])
-    bounds = None if lo is None else list(zip(lo[0].tolist(), hi[0].tolist(), strict=True))
+    Args:
+        name: the argument's name in error messages.
+        value: the tensor to check.
+        x: the batch it belongs to.
 
-    def reparam(u: torch.Tensor) -> torch.Tensor:
-        n = torch.linalg.vector_norm(u).clamp_min(1e-12)
-        if cfg.constraint == "sphere":
-            return u * (e / n)
-        if cfg.constraint == "ball":
-            return u * torch.clamp(e / n, max=1.0)
-        return u
-
-    def fun(u_np: np.ndarray) -> tuple[float, np.ndarray]:
-        u = torch.tensor(u_np, dtype=torch.float64, device=xi.device, requires_grad=True)
-        d = reparam(u)
-        loss = -objective(xi + d.to(xi.dtype).view_as(xi), restart, row)[0].to(torch.float64)
-        if lo is not None:
-            loss = loss + 1e3 * ((d - lo[0]).clamp(max=0).pow(2).sum() + (d - hi[0]).clamp(min=0).pow(2).sum())
-        (g,) = torch.autograd.grad(loss, u)
-        return float(loss.detach()), g.cpu().numpy()
-
-    res = minimize(
-        fun,
-        u0.cpu().numpy(),
-        jac=True,
-        method="L-BFGS-B",
-        bounds=bounds,
-        options={"maxiter": cfg.steps, "maxfun": 2 * cfg.steps},
-    )
-    with torch.no_grad():
-        d = reparam(torch.tensor(res.x, dtype=torch.float64, device=xi.device)).unsqueeze(0)
-        d = project(d, eps, cfg.norm, cfg.constraint, lo, hi).to(xi.dtype)
-    with torch.enable_grad():  # objectives may call autograd-only code paths; the value is detached
-        val = float(objective(xi + d.view_as(xi), restart, row)[0].detach())
-    return d, val
+    Returns:
+        ``value``.
+    """
+    value = check_tensor(name, value)
+    if value.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(value.shape)}")
+    return value
 
 
-def lp_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.reshape(delta.shape[0], -1)
-    return torch.linalg.vector_norm(flat, ord=2 if norm == "L2" else math.inf, dim=1)
+def broadcast_target(target: torch.Tensor, x: torch.Tensor, name: str = "target") -> torch.Tensor:
+    """Targets for every point of ``x``.
+
+    Args:
+        target: ``[1, *shape]`` (one target for all points) or ``[B, *shape]`` (one per point).
+        x: the batch ``[B, *shape]``.
+        name: the argument's name in error messages.
+
+    Returns:
+        ``[B, *shape]`` in x's dtype.
+    """
+    if target.shape[0] == 1:
+        return target.expand(x.shape[0], *target.shape[1:]).to(x.dtype)
+    if target.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have batch size 1 or {x.shape[0]} (that of x), got {target.shape[0]}")
+    return target.to(x.dtype)
 
 
-def check_loop_args(norm: str, steps: int, step_size: float | None, restarts: int, optimizer: str, seed: int) -> None:
-    check_choice("norm", norm, NORMS)
-    check_positive_int("steps", steps)
-    if step_size is not None:
-        check_positive_float("step_size", step_size)
-    check_positive_int("restarts", restarts)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    check_seed("seed", seed)
+# --- the base class ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttackCall:
+    """One call of an attack: its validated arguments and the attack's per-call data.
+
+    Attributes:
+        x: clean points ``[B, *input_shape]``.
+        point_ids: ``[B]`` global point ids (int64, CPU); they key every random number of the call.
+        eps: the radii, one ``[B]`` float64 tensor per curve entry (inf without a norm budget).
+        curve: whether the result gains a leading eps axis.
+        lo, hi: ``[B, D]`` box offsets of delta, or None.
+        init: ``[B, D]`` warm start of the first restart, or None.
+        data: what the attack prepared for this call (:meth:`Attack._prepare`): targets, fixed noise, ...
+    """
+
+    x: torch.Tensor
+    point_ids: torch.Tensor
+    eps: list[torch.Tensor]
+    curve: bool
+    lo: torch.Tensor | None
+    hi: torch.Tensor | None
+    init: torch.Tensor | None
+    data: Any = None
+
+
+class Attack:
+    """Base class of every attack: ``delta* = argmax_{delta feasible} f(x + delta)`` per point.
+
+    The feasible set is ``{||delta|| <= eps}`` (``= eps`` for a sphere constraint, no norm bound for penalised
+    attacks) intersected with the data box ``x + delta in [a, b]``. :meth:`attack` (also ``__call__``) is final;
+    subclasses implement the hooks :meth:`_objective` (``f``, to maximise) and :meth:`_report` (the reported
+    objective and extra fields), and where needed :meth:`_prepare` (per-call data and keyword options) and
+    :meth:`_parse_eps`.
+
+    Args:
+        model: a protocol model (:class:`vaefast._checks.VAEModel`).
+        eps: the configured radius (see :data:`EpsSpec`), or None where the attack has no norm budget.
+        box: the data box ``(a, b)``, or None for unbounded inputs.
+        cfg: the optimisation engine's settings.
+        requires: model methods the attack needs beyond ``encode``/``decode``.
+    """
+
+    name: ClassVar[str] = "attack"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        eps: EpsSpec | None,
+        box: tuple[float, float] | None,
+        cfg: LoopConfig,
+        requires: Sequence[str] = (),
+    ) -> None:
+        self.model = check_model(model, requires)
+        self.box = check_box(box)
+        self.eps = eps
+        self.cfg = cfg
+
+    @property
+    def norm(self) -> str:
+        """The norm of the budget, "L2" or "Linf"."""
+        return self.cfg.norm
+
+    @final
+    def __call__(
+        self,
+        x: torch.Tensor,
+        eps: EpsSpec | None = None,
+        point_ids: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        **options: Any,
+    ) -> AttackResult:
+        """Same as :meth:`attack`."""
+        return self.attack(x, eps, point_ids, init, **options)
+
+    @final
+    def attack(
+        self,
+        x: torch.Tensor,
+        eps: EpsSpec | None = None,
+        point_ids: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        **options: Any,
+    ) -> AttackResult:
+        """Attack every point of ``x``: ``delta_b = argmax f_b(x_b + delta)`` over the feasible set, per radius.
+
+        The model runs in eval mode (every submodule's training flag restored afterwards); a model without a
+        known input shape learns it from ``x``.
+
+        Args:
+            x: clean points ``[B, *input_shape]`` inside the box.
+            eps: overrides the configured radius: a float, a per-point tensor ``[B]``, or a list (a curve).
+            point_ids: ``[B]`` global point ids (default ``arange(B)``); they key the random numbers, so a point
+                gets the same attack in any batch.
+            init: ``[B, *input_shape]`` warm start of the first restart (projected onto the feasible set), e.g. the
+                perturbation found at a nearby radius rescaled to the new one.
+            **options: per-call options of the attack (targeted attacks: ``lam``, ``target``).
+
+        Returns:
+            An :class:`AttackResult` (fields with a leading eps axis for a curve).
+        """
+        with eval_mode(self.model):
+            call = self._begin(x, eps, point_ids, init, options)
+            results = [self._solve(call, e) for e in call.eps]
+        return stack_results(results) if call.curve else results[0]
+
+    def _begin(self, x: object, eps: object, point_ids: object, init: object, options: dict[str, Any]) -> AttackCall:
+        """Validate a call's arguments once and prepare the attack's per-call data."""
+        x = check_inputs(self.model, x)
+        b = x.shape[0]
+        eps_list, curve = self._parse_eps(eps, b, x.device)
+        lo, hi = box_offsets(x, self.box)
+        flat_init = None if init is None else check_like("init", init, x).reshape(b, -1)
+        call = AttackCall(x, check_point_ids(point_ids, b), eps_list, curve, lo, hi, flat_init)
+        return replace(call, data=self._prepare(call, **options))
+
+    def _solve(self, call: AttackCall, eps: torch.Tensor) -> AttackResult:
+        """Run the engine at radii ``eps[B]`` and assemble the result."""
+        if self.cfg.constraint == "sphere":
+            check_eps_feasible(eps, self.norm, call.lo, call.hi)
+
+        def objective(x_adv: torch.Tensor, restart: int, rows: torch.Tensor) -> torch.Tensor:
+            return self._objective(call, x_adv, restart, rows)
+
+        x = call.x
+        delta, value = optimise(objective, x, eps, call.lo, call.hi, self.cfg, call.point_ids, self.name, call.init)
+        delta = delta.view_as(x).detach()
+        with torch.no_grad():
+            reported, initial, extra = self._report(call, delta, value)
+        return AttackResult(
+            x_adv=(x + delta).detach(),
+            delta=delta,
+            norms=lp_norms(delta, self.norm).detach(),
+            objective=reported.detach(),
+            eps=eps.to(x.dtype),
+            initial_objective=initial.detach(),
+            norm=self.norm,
+            extra=extra,
+        )
+
+    # --- hooks ---------------------------------------------------------------------------------------------------
+    def _parse_eps(self, eps: object, batch: int, device: torch.device) -> tuple[list[torch.Tensor], bool]:
+        """The radii of a call: ``eps`` or the configured one (see :func:`parse_eps`)."""
+        return parse_eps(self.eps if eps is None else eps, batch, device)
+
+    def _prepare(self, call: AttackCall, **options: Any) -> Any:
+        """Per-call data for the objective (stored as ``call.data``); rejects options the attack does not take."""
+        if options:
+            raise TypeError(f"{type(self).__name__}.attack() got unexpected keyword argument(s) {sorted(options)}")
+        return None
+
+    def _objective(self, call: AttackCall, x_adv: torch.Tensor, restart: int, rows: torch.Tensor) -> torch.Tensor:
+        """``f(x_adv) -> [b]`` to maximise, for the points ``rows`` of the call's batch (restart: which restart's
+        fixed random numbers to use)."""
+        raise NotImplementedError
+
+    def _report(
+        self, call: AttackCall, delta: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(objective at delta [B], objective at 0 [B], extra fields)`` given the engine's best ``value``."""
+        raise NotImplementedError

@@ -8,38 +8,67 @@ Penalised: ``min_delta D(q(z|x+delta), q(z|x_t)) + lam ||delta||_2`` over the bo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vaefast._checks import check_choice
+from vaefast.attacks.base import AttackCall
 from vaefast.attacks.targeted import TargetedAttack, gaussian_divergence
 
 DIVERGENCES = ("kl", "skl", "w2", "mean_l2")
 
 
 class LatentAttack(TargetedAttack):
-    """Targeted attack in latent space. ``result.objective`` is the divergence to the target posterior."""
+    """Targeted attack in latent space: ``L(x_adv) = D(q(z|x_adv), q(z|x_t))``.
+
+    ``result.objective`` is the divergence to the target posterior; ``result.extra`` holds ``latent_distance``
+    ``||mu(x_adv) - mu(x_t)||``, ``target_distance`` ``||g(mu(x_adv)) - x_t||``, ``reconstruction_distance``
+    ``||g(mu(x_adv)) - g(mu(x))||`` (all L2), ``input_distance`` ``||delta||_2`` and ``lam``.
+
+    Args:
+        model: a protocol model.
+        target: ``[1 or B, *input_shape]`` target points.
+        divergence: "kl", "skl", "w2" or "mean_l2" (see :func:`gaussian_divergence`).
+        **kwargs: the settings of :class:`TargetedAttack` (mode, lam, eps, norm, steps, ...).
+    """
 
     name = "latent"
 
-    def __init__(self, model: torch.nn.Module, target: torch.Tensor, divergence: str = "kl", **kwargs) -> None:
+    def __init__(self, model: torch.nn.Module, target: torch.Tensor, divergence: str = "kl", **kwargs: Any) -> None:
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         super().__init__(model, target, **kwargs)
 
-    def _prepare(self, x: torch.Tensor, target: torch.Tensor) -> None:
+    def _cache(self, call: AttackCall, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The target posterior ``(mu_t, logvar_t)``, ``[B, d]`` each."""
         with torch.no_grad():
-            self._mu_t, self._logvar_t = self.model.encode(target)
+            mu_t, logvar_t = self.model.encode(target)
+        return {"mu_t": mu_t, "logvar_t": logvar_t}
 
-    def loss(self, x_adv: torch.Tensor, rows: torch.Tensor, restart: int) -> torch.Tensor:
+    def loss(self, call: AttackCall, x_adv: torch.Tensor, rows: torch.Tensor, restart: int) -> torch.Tensor:
+        """``D(q(z|x_adv), q(z|x_t)) -> [b]`` for the points ``rows`` (deterministic: ``restart`` is unused).
+
+        Args:
+            call: the call (target posterior in ``call.data.cache``).
+            x_adv: attacked points ``[b, *input_shape]``.
+            rows: their rows in the batch.
+            restart: unused.
+
+        Returns:
+            ``[b]``.
+        """
+        cache = call.data.cache
         mu, logvar = self.model.encode(x_adv)
-        return gaussian_divergence(self.divergence, mu, logvar, self._mu_t[rows], self._logvar_t[rows])
+        return gaussian_divergence(self.divergence, mu, logvar, cache["mu_t"][rows], cache["logvar_t"][rows])
 
-    def _extra(self, x: torch.Tensor, x_adv: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _extra(self, call: AttackCall, x_adv: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Latent, target and reconstruction distances at ``x_adv`` (L2, per point)."""
         model = self.model
         mu_adv = model.encode(x_adv)[0]
         recon_adv = model.decode(mu_adv).flatten(1)
-        recon = model.decode(model.encode(x)[0]).flatten(1)
+        recon = model.decode(model.encode(call.x)[0]).flatten(1)
         return {
-            "latent_distance": torch.linalg.vector_norm(mu_adv - self._mu_t, dim=1),
-            "target_distance": torch.linalg.vector_norm(recon_adv - target.flatten(1), dim=1),
+            "latent_distance": torch.linalg.vector_norm(mu_adv - call.data.cache["mu_t"], dim=1),
+            "target_distance": torch.linalg.vector_norm(recon_adv - call.data.target.flatten(1), dim=1),
             "reconstruction_distance": torch.linalg.vector_norm(recon_adv - recon, dim=1),
         }

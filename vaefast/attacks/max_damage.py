@@ -1,57 +1,64 @@
-"""The maximum-damage attack (SPEC §1): the perturbation of norm ``<= eps`` (or ``= eps``) that pushes the
-reconstruction furthest from the clean reference ``g(mu(x))``:
+"""The maximum-damage attack: the perturbation of norm ``<= eps`` (or ``= eps``) that pushes the reconstruction
+furthest from the clean reference ``g(mu(x))``:
 
 ``delta* = argmax_{||delta|| <= eps, x + delta in box} E_eta ||g(mu(x + delta) + eta sigma(x + delta)) - g(mu(x))||``
 
 with ``eta ~ N(0, I_d)`` (mode "mean_var", the paper's attack on mean and variance) or ``eta = 0`` (mode "mean").
-The expectation uses ``num_noise_samples`` draws fixed per restart (common random numbers), so the objective
-the optimiser sees is a smooth deterministic function of delta.
+The expectation uses ``num_noise_samples`` draws fixed per restart (common random numbers, stream
+``"attack-noise"`` keyed by the global point id), so the objective the optimiser sees is a smooth deterministic
+function of delta and a point gets the same attack in any batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from vaefast._checks import (
-    analysis,
-    check_box,
-    check_choice,
-    check_inputs,
-    check_model,
-    check_positive_int,
-    check_seed,
-    check_tensor,
-)
-from vaefast.attacks.base import (
-    CONSTRAINTS,
-    AttackResult,
-    LoopConfig,
-    box_offsets,
-    check_eps_feasible,
-    check_loop_args,
-    latent_noise,
-    lp_norms,
-    optimise,
-    parse_eps,
-    stack_results,
-)
+from vaefast._checks import check_choice, check_positive_int, check_seed
+from vaefast.attacks.base import Attack, AttackCall, EpsSpec, check_eps
+from vaefast.attacks.engine import CONSTRAINTS, LoopConfig, check_loop_args, restart_noise
 
 MODES = ("mean_var", "mean")
 
 
-class MaxDamageAttack:
-    """Maximum-damage attack on a VAE (torchattacks/foolbox style: configure once, call on batches).
+@dataclass(frozen=True)
+class _DamageData:
+    """Per-call data: the clean reconstructions ``g(mu(x))`` ``[B, D']`` and the fixed noise ``[B, R, S, d]``."""
 
-    ``eps``: float, per-point tensor ``[B]``, or a list of floats (a curve: result fields gain a leading eps
-    axis). ``norm`` "L2"/"Linf"; ``constraint`` "ball" (``||delta|| <= eps``) or "sphere" (``= eps``, used by the
-    margin search); ``box`` the data range (``None``: unbounded inputs). ``optimizer``: "pgd" (normalised-gradient
-    ascent with exact projections), "adam" (same projection), "lbfgsb" (scipy per point, the original protocol).
+    reference: torch.Tensor
+    noise: torch.Tensor | None
+
+
+class MaxDamageAttack(Attack):
+    """Maximum-damage attack on a VAE: ``max_delta mean_s ||g(mu(x + delta) + eta_s sigma(x + delta)) - g(mu(x))||_2``.
+
+    Configure once, call on batches (``attack(x, eps=None, point_ids=None, init=None)`` or ``attack(x)``).
+
+    Args:
+        model: a protocol model.
+        eps: float, per-point tensor ``[B]``, or a list of floats (a curve: result fields gain a leading eps axis).
+        norm: "L2" or "Linf".
+        constraint: "ball" (``||delta|| <= eps``) or "sphere" (``||delta|| = eps``, used by the margin search).
+        mode: "mean_var" (``eta ~ N(0, I)``) or "mean" (``eta = 0``: ``||g(mu(x + delta)) - g(mu(x))||``).
+        steps: optimiser iterations per restart.
+        step_size: initial step length (default: see :func:`vaefast.attacks.engine.default_step`).
+        restarts: random restarts per point (each with its own fixed noise); the best is kept.
+        num_noise_samples: S, draws of eta per restart.
+        box: the data range ``(a, b)``; None for unbounded inputs.
+        optimizer: "pgd" (normalised-gradient ascent with exact projections), "adam" (same projection),
+            "lbfgsb" (scipy per point, the original protocol).
+        seed: keys the noise and the random starts.
+        progress: show a progress bar.
     """
+
+    name = "max-damage"
 
     def __init__(
         self,
         model: torch.nn.Module,
-        eps: float | torch.Tensor | list[float],
+        eps: EpsSpec,
         norm: str = "L2",
         constraint: str = "ball",
         mode: str = "mean_var",
@@ -64,27 +71,29 @@ class MaxDamageAttack:
         seed: int = 0,
         progress: bool = False,
     ) -> None:
-        self.model = check_model(model)
         check_loop_args(norm, steps, step_size, restarts, optimizer, seed)
         self.constraint = check_choice("constraint", constraint, CONSTRAINTS)
         self.mode = check_choice("mode", mode, MODES)
         self.num_noise_samples = check_positive_int("num_noise_samples", num_noise_samples)
-        self.box = check_box(box)
-        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
-            parse_eps(eps, 1, torch.device("cpu"))  # validate early
-        self.eps = eps
-        self.cfg = LoopConfig(
-            norm, constraint, steps, step_size, restarts, optimizer, check_seed("seed", seed), bool(progress)
-        )
-
-    @property
-    def norm(self) -> str:
-        return self.cfg.norm
+        check_eps(eps)
+        seed = check_seed("seed", seed)
+        cfg = LoopConfig(norm, constraint, steps, step_size, restarts, optimizer, seed, bool(progress))
+        super().__init__(model, eps, box, cfg)
 
     def damage(
         self, x: torch.Tensor, x_adv: torch.Tensor, eta: torch.Tensor | None, reference: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``mean_s ||g(mu(x_adv) + eta_s * sigma(x_adv)) - g(mu(x))||_2`` per point (``eta[B, S, d]``)."""
+        """The attack's objective at ``x_adv``.
+
+        Args:
+            x: clean points ``[B, *input_shape]`` (used for the reference when none is given).
+            x_adv: attacked points, same shape.
+            eta: fixed noise ``[B, S, d]``, or None (mode "mean" ignores it too).
+            reference: ``g(mu(x))`` flattened ``[B, D']``, or None to compute it.
+
+        Returns:
+            ``[B]``: ``mean_s sqrt(||g(mu(x_adv) + eta_s sigma(x_adv)) - g(mu(x))||_2^2 + 1e-20)``.
+        """
         model = self.model
         if reference is None:
             with torch.no_grad():
@@ -99,65 +108,32 @@ class MaxDamageAttack:
         sq = (recon - reference.unsqueeze(1)).pow(2).sum(-1)
         return torch.sqrt(sq + 1e-20).mean(1)
 
-    @analysis
-    def attack(
-        self,
-        x: torch.Tensor,
-        eps: float | torch.Tensor | list[float] | None = None,
-        point_ids: torch.Tensor | None = None,
-        init: torch.Tensor | None = None,
-    ) -> AttackResult:
-        """Attack every point of ``x[B, *input_shape]``. ``eps`` overrides the configured radius;
-        ``point_ids`` (global indices, default ``arange(B)``) key the random numbers, so a point gets the same
-        attack in any batch; ``init`` (shape of x) warm-starts the first restart (PGD/Adam), e.g. with the
-        perturbation found at a nearby radius rescaled to the new one. The model runs in eval mode (every
-        submodule's training flag restored afterwards); a model without a known input shape learns it from x."""
-        x = check_inputs(self.model, x)
-        b = x.shape[0]
-        eps_list, curve = parse_eps(self.eps if eps is None else eps, b, x.device)
-        if point_ids is None:
-            point_ids = torch.arange(b)
-        elif not isinstance(point_ids, torch.Tensor) or point_ids.shape != (b,):
-            raise ValueError(f"point_ids must be a tensor of shape [{b}]")
-        lo, hi = box_offsets(x, self.box)
-        if init is not None:
-            init = check_tensor("init", init)
-            if init.shape != x.shape:
-                raise ValueError(f"init must have the shape of x {tuple(x.shape)}, got {tuple(init.shape)}")
-            init = init.reshape(b, -1)
-        results = [self._attack_one(x, e, lo, hi, point_ids.cpu(), init) for e in eps_list]
-        return stack_results(results) if curve else results[0]
-
-    __call__ = attack
-
-    def _attack_one(self, x, eps, lo, hi, point_ids, init=None) -> AttackResult:
-        if self.constraint == "sphere":
-            check_eps_feasible(eps, self.norm, lo, hi)
-        model = self.model
-        s = 1 if self.mode == "mean" else self.num_noise_samples
+    def _prepare(self, call: AttackCall, **options: Any) -> _DamageData:
+        """The clean reconstructions and, in mode "mean_var", ``eta[b, r, s] ~ N(0, I_d)`` keyed by point id."""
+        super()._prepare(call, **options)
+        x, model = call.x, self.model
         with torch.no_grad():
             reference = model.decode(model.encode(x)[0]).reshape(x.shape[0], -1)
-        noises = [
-            None
-            if self.mode == "mean"
-            else latent_noise(point_ids, s, model.latent_dim, self.cfg.seed, r, x.dtype, x.device)
-            for r in range(self.cfg.restarts)
-        ]
+        if self.mode == "mean":
+            return _DamageData(reference, None)
+        cfg = self.cfg
+        noise = restart_noise(
+            call.point_ids, cfg.restarts, self.num_noise_samples, model.latent_dim, cfg.seed, "attack-noise",
+            x.dtype, x.device,
+        )  # fmt: skip
+        return _DamageData(reference, noise)
 
-        def objective(x_adv: torch.Tensor, restart: int, rows: torch.Tensor) -> torch.Tensor:
-            eta = None if noises[restart] is None else noises[restart][rows]
-            return self.damage(x[rows], x_adv, eta, reference[rows])
+    def _objective(self, call: AttackCall, x_adv: torch.Tensor, restart: int, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`damage` of the points ``rows`` under restart ``restart``'s noise."""
+        data: _DamageData = call.data
+        eta = None if data.noise is None else data.noise[rows, restart]
+        return self.damage(call.x[rows], x_adv, eta, data.reference[rows])
 
-        delta, value = optimise(objective, x, eps, lo, hi, self.cfg, point_ids, desc="max-damage", init=init)
-        delta = delta.view_as(x)
-        with torch.no_grad():
-            initial = self.damage(x, x, noises[0], reference)
-        return AttackResult(
-            x_adv=(x + delta).detach(),
-            delta=delta.detach(),
-            norms=lp_norms(delta, self.norm).detach(),
-            objective=value.to(x.dtype),
-            eps=eps.to(x.dtype),
-            initial_objective=initial.detach(),
-            norm=self.norm,
-        )
+    def _report(
+        self, call: AttackCall, delta: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The best damage found (over steps and restarts) and the damage at ``delta = 0`` under restart 0's noise."""
+        data: _DamageData = call.data
+        eta = None if data.noise is None else data.noise[:, 0]
+        initial = self.damage(call.x, call.x, eta, data.reference)
+        return value.to(call.x.dtype), initial, {}

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from vaefast._checks import analysis, check_inputs, check_model, check_tensor
+from vaefast.attacks.base import broadcast_target, check_like
 
 
 @dataclass
 class LikelihoodDegradation:
-    """Per-point likelihood damage of an input perturbation ``delta`` (SPEC §1), ``z = mu(x)``, ``z* = mu(x + delta)``,
+    """Per-point likelihood damage of an input perturbation ``delta``, ``z = mu(x)``, ``z* = mu(x + delta)``,
     both log-likelihoods scored on the *clean* x:
 
     - ``relative = |log p(x|z*) - log p(x|z)| / |log p(x|z)|`` (>= 0; 0 = no damage);
@@ -22,6 +23,12 @@ class LikelihoodDegradation:
     the same magnitude, but negative whenever ``log p < 0`` (every Bernoulli model) and meaningless where
     ``log p`` can be near 0 (Gaussian likelihoods, whose densities may exceed 1); there ``drop`` is the quantity
     to report.
+
+    Attributes:
+        relative: ``[B]`` relative degradation.
+        drop: ``[B]`` log-likelihood drop in nats.
+        log_lik_clean: ``[B]`` ``log p(x|z)``.
+        log_lik_adv: ``[B]`` ``log p(x|z*)``.
     """
 
     relative: torch.Tensor
@@ -30,6 +37,11 @@ class LikelihoodDegradation:
     log_lik_adv: torch.Tensor
 
     def to_rows(self) -> list[dict[str, float]]:
+        """One dict per point.
+
+        Returns:
+            ``{"point", "relative", "drop", "log_lik_clean", "log_lik_adv"}`` as Python scalars.
+        """
         return [
             {
                 "point": i,
@@ -42,13 +54,6 @@ class LikelihoodDegradation:
         ]
 
 
-def _check_delta(model, x: torch.Tensor, delta: object) -> torch.Tensor:
-    delta = check_tensor("delta", delta)
-    if delta.shape != x.shape:
-        raise ValueError(f"delta must have the shape of x {tuple(x.shape)}, got {tuple(delta.shape)}")
-    return delta
-
-
 def _relative(drop: torch.Tensor, log_lik: torch.Tensor) -> torch.Tensor:
     """``|drop| / |log_lik|``, with ``0 / 0 = 0`` (no change of a zero log-likelihood is no damage)."""
     num = drop.abs()
@@ -58,7 +63,7 @@ def _relative(drop: torch.Tensor, log_lik: torch.Tensor) -> torch.Tensor:
 @analysis
 @torch.no_grad()
 def likelihood_degradation(model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> LikelihoodDegradation:
-    """Relative log-likelihood degradation and plain drop of SPEC §1 (delta usually from the max-damage attack).
+    """Relative log-likelihood degradation and plain drop of a perturbation (usually from the max-damage attack).
 
     Args:
         model: a protocol model with ``log_likelihood(x, z)``; run in eval mode (modes restored afterwards); a
@@ -70,11 +75,9 @@ def likelihood_degradation(model: torch.nn.Module, x: torch.Tensor, delta: torch
         :class:`LikelihoodDegradation` with ``ll = log p(x|mu(x))``, ``ll* = log p(x|mu(x + delta))``,
         ``drop = ll - ll*`` (nats) and ``relative = |ll* - ll| / |ll|`` (>= 0; 0 where ``drop == 0``).
     """
-    model = check_model(model)
-    if not hasattr(model, "log_likelihood"):
-        raise TypeError("model must implement log_likelihood(x, z)")
+    model = check_model(model, requires=("log_likelihood",))
     x = check_inputs(model, x)
-    delta = _check_delta(model, x, delta)
+    delta = check_like("delta", delta, x)
     ll = model.log_likelihood(x, model.encode(x)[0])
     ll_adv = model.log_likelihood(x, model.encode(x + delta)[0])
     drop = ll - ll_adv
@@ -86,13 +89,23 @@ def likelihood_degradation(model: torch.nn.Module, x: torch.Tensor, delta: torch
 def distances(
     model: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor, target: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-point L2 distances: ``input`` ``||delta||``, ``reconstruction`` ``||g(mu(x+delta)) - g(mu(x))||``,
-    ``latent`` ``||mu(x+delta) - mu(x)||``, and with a target ``target`` ``||g(mu(x+delta)) - x_t||`` and
-    ``latent_target`` ``||mu(x+delta) - mu(x_t)||``. The model runs in eval mode (modes restored afterwards); a
-    model without a known input shape learns it from ``x``."""
+    """Per-point L2 distances of a perturbation in input, latent and output space.
+
+    Args:
+        model: a protocol model; run in eval mode (modes restored afterwards); a model without a known input shape
+            learns it from ``x``.
+        x: clean points ``[B, *input_shape]``.
+        delta: perturbations of x's shape.
+        target: optional targets ``[1 or B, *input_shape]``.
+
+    Returns:
+        ``input`` ``||delta||``, ``reconstruction`` ``||g(mu(x+delta)) - g(mu(x))||``, ``latent``
+        ``||mu(x+delta) - mu(x)||``, and with a target ``target`` ``||g(mu(x+delta)) - x_t||`` and
+        ``latent_target`` ``||mu(x+delta) - mu(x_t)||``, each ``[B]``.
+    """
     model = check_model(model)
     x = check_inputs(model, x)
-    delta = _check_delta(model, x, delta)
+    delta = check_like("delta", delta, x)
     mu, mu_adv = model.encode(x)[0], model.encode(x + delta)[0]
     rec, rec_adv = model.decode(mu).flatten(1), model.decode(mu_adv).flatten(1)
     out = {
@@ -101,11 +114,7 @@ def distances(
         "latent": torch.linalg.vector_norm(mu_adv - mu, dim=1),
     }
     if target is not None:
-        target = check_inputs(model, target, "target")
-        if target.shape[0] == 1:
-            target = target.expand_as(x)
-        if target.shape != x.shape:
-            raise ValueError(f"target must have batch size 1 or {x.shape[0]}, got {target.shape[0]}")
+        target = broadcast_target(check_inputs(model, target, "target"), x)
         out["target"] = torch.linalg.vector_norm(rec_adv - target.flatten(1), dim=1)
         out["latent_target"] = torch.linalg.vector_norm(mu_adv - model.encode(target)[0], dim=1)
     return out
@@ -126,6 +135,15 @@ def auddc(
     (0, 1) (no attack), is the running minimum of y over increasing x (the best output distortion reachable
     with at most that input distortion), and is extended flat to x = 1; the area is by trapezoids, in [0, 1].
     Lower = the model is easier to attack.
+
+    Args:
+        input_distortion: ``[L, B]``.
+        output_distortion: ``[L, B]``.
+        input_scale: ``[B]`` > 0.
+        output_scale: ``[B]`` > 0.
+
+    Returns:
+        ``[B]`` float64 areas in [0, 1].
     """
     xin = check_tensor("input_distortion", input_distortion, ndim=2).to(torch.float64)
     yout = check_tensor("output_distortion", output_distortion, ndim=2).to(torch.float64)

@@ -64,7 +64,17 @@ def _ray_scale(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, eps: torch.T
 def project_l2_ball(
     v: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Exact Euclidean projection of each row of ``v`` onto ``{||d||_2 <= eps} ∩ {lo <= d <= hi}``."""
+    """Exact Euclidean projection of each row onto the L2 ball intersected with a box.
+
+    Args:
+        v: ``[B, D]`` points to project.
+        eps: ``[B]`` radii.
+        lo, hi: ``[B, D]`` bounds with ``lo <= 0 <= hi``, or None (no box).
+
+    Returns:
+        ``argmin_d ||d - v_b||_2`` s.t. ``||d||_2 <= eps_b``, ``lo_b <= d <= hi_b``: ``clamp(t v, lo, hi)`` with the
+        largest ``t in [0, 1]`` of norm ``<= eps`` (module docstring); ``[B, D]`` in v's dtype.
+    """
     dtype = v.dtype
     v, eps, lo, hi = _as64(v, eps, lo, hi)
     simple = v * (eps / torch.linalg.vector_norm(v, dim=1).clamp_min(_TINY)).clamp(max=1.0).unsqueeze(1)
@@ -82,14 +92,32 @@ def project_l2_ball(
 
 
 def max_l2_norm(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Largest ``||d||_2`` inside the box ``lo <= d <= hi`` (the farthest corner), per row."""
+    """Largest L2 norm inside a box, per row.
+
+    Args:
+        lo, hi: ``[B, D]`` bounds.
+
+    Returns:
+        ``[B]`` float64: ``||max(|lo|, |hi|)||_2`` (the farthest corner).
+    """
     return torch.linalg.vector_norm(torch.maximum(lo.abs(), hi.abs()).to(torch.float64), dim=1)
 
 
 def project_l2_sphere(
     v: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Projection of each row of ``v`` onto ``{||d||_2 = eps} ∩ {lo <= d <= hi}`` (see module docstring)."""
+    """Projection of each row onto the L2 sphere intersected with a box.
+
+    Args:
+        v: ``[B, D]`` points to project.
+        eps: ``[B]`` radii, at most the box's largest norm (the sphere must meet the box).
+        lo, hi: ``[B, D]`` bounds with ``lo <= 0 <= hi``, or None (no box).
+
+    Returns:
+        ``argmin_d ||d - v_b||_2`` s.t. ``||d||_2 = eps_b``, ``lo_b <= d <= hi_b`` (exact where ``clamp(t v)`` reaches
+        the sphere, else the greedy near-exact fallback of the module docstring; ``eps v / ||v||`` without a box,
+        ``eps / sqrt(D)`` in every coordinate for ``v = 0``); ``[B, D]`` in v's dtype.
+    """
     dtype = v.dtype
     v, eps, lo, hi = _as64(v, eps, lo, hi)
     if lo is None:
@@ -164,7 +192,18 @@ def project_linf(
     hi: torch.Tensor | None = None,
     sphere: bool = False,
 ) -> torch.Tensor:
-    """Exact projection onto ``{||d||_inf <= eps}`` (or ``= eps`` with ``sphere``) ∩ ``{lo <= d <= hi}``."""
+    """Exact Euclidean projection of each row onto the L-inf ball (or sphere) intersected with a box.
+
+    Args:
+        v: ``[B, D]`` points to project.
+        eps: ``[B]`` radii.
+        lo, hi: ``[B, D]`` bounds, or None (no box).
+        sphere: project onto ``||d||_inf = eps`` instead of ``<= eps``.
+
+    Returns:
+        Ball: ``clamp(v, max(lo, -eps), min(hi, eps))``; sphere: the same with the one coordinate whose move to
+        ``+-eps`` costs least pinned there when no coordinate already is; ``[B, D]`` in v's dtype.
+    """
     dtype = v.dtype
     v, eps, lo, hi = _as64(v, eps, lo, hi)
     e = eps.unsqueeze(1).expand_as(v)
@@ -189,7 +228,18 @@ def project_linf(
 def project(
     v: torch.Tensor, eps: torch.Tensor, norm: str, constraint: str, lo: torch.Tensor | None, hi: torch.Tensor | None
 ) -> torch.Tensor:
-    """Dispatch: ``norm`` in {"L2", "Linf"}, ``constraint`` in {"ball", "sphere", "none"} (box only)."""
+    """Project perturbations onto their feasible set.
+
+    Args:
+        v: ``[B, D]`` perturbations.
+        eps: ``[B]`` radii (unused for ``constraint="none"``).
+        norm: "L2" or "Linf".
+        constraint: "ball" (``||d|| <= eps``), "sphere" (``||d|| = eps``) or "none" (box only).
+        lo, hi: ``[B, D]`` box bounds on d, or None.
+
+    Returns:
+        ``[B, D]``: the projection onto ``{norm constraint} ∩ {lo <= d <= hi}`` (``clamp(v, lo, hi)`` for "none").
+    """
     if constraint == "none":
         if lo is None:
             return v
@@ -201,7 +251,15 @@ def project(
 
 
 def max_norm(norm: str, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Largest norm a perturbation inside the box can have, per row (for sphere feasibility)."""
+    """Largest norm a perturbation inside a box can have, per row (for sphere feasibility).
+
+    Args:
+        norm: "L2" or "Linf".
+        lo, hi: ``[B, D]`` bounds.
+
+    Returns:
+        ``[B]`` float64: ``||max(|lo|, |hi|)||_2`` or ``max_i max(|lo_i|, |hi_i|)``.
+    """
     if norm == "L2":
         return max_l2_norm(lo, hi)
     return torch.maximum(lo.abs(), hi.abs()).to(torch.float64).amax(1)
