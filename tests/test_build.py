@@ -1,5 +1,6 @@
-"""The compiled core: ops registered for CPU (and CUDA when built with it), CPU-vs-CUDA parity on a GPU,
-and the pure-PyTorch fallback when ``vaefast._C`` cannot be loaded."""
+"""The compiled core: ops registered for CPU (and CUDA when built with it), CPU-vs-CUDA parity on a GPU (``gpu``
+tests, skipped with their reason by tests/conftest.py where CUDA cannot run), and the pure-PyTorch fallback when
+``vaefast._C`` cannot be loaded."""
 
 from __future__ import annotations
 
@@ -20,9 +21,6 @@ PACKAGE_DIR = os.path.dirname(vaefast.__file__)
 BUILT = bool(glob.glob(os.path.join(PACKAGE_DIR, "_C*.so")) or glob.glob(os.path.join(PACKAGE_DIR, "_C*.pyd")))
 # Every compiled op (each engineer appends theirs).
 OPS = ["reparam_sample", "sphere_hits", "mlp_jacobian_frobenius"]
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and vaefast.compiled_with_cuda()), reason="needs a GPU and a CUDA build"
-)
 
 
 @pytest.mark.skipif(not BUILT, reason="vaefast._C not built in this tree")
@@ -39,7 +37,7 @@ def test_every_op_has_kernels(op):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_reparam_cpu_cuda_bit_identical(dtype):
     g = torch.Generator().manual_seed(0)
@@ -49,7 +47,7 @@ def test_reparam_cpu_cuda_bit_identical(dtype):
     assert torch.equal(cpu, gpu.cpu())
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sphere_hits_cpu_cuda_equal(dtype):
     g = torch.Generator().manual_seed(1)

@@ -19,11 +19,6 @@ R = 1.0  # reconstruction radius for the linear model (p_r(x, 0) ~ 0.82, true ma
 N = 20000  # max samples of the sequential test
 
 
-@pytest.fixture(scope="module")
-def lin() -> LinearGaussianVAE:
-    return LinearGaussianVAE(input_dim=12, latent_dim=3, sigma=0.3, seed=0)
-
-
 def _radius_at(model: LinearGaussianVAE, r: float, p: float) -> float:
     """Exact attack radius (along the worst direction) at which p_r(x, delta) = p."""
     t = (r / model._scale()) ** 2
@@ -39,14 +34,14 @@ def _mc_band(model, r, n) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def lin_margins(lin):
+def lin_margins(linear_vae):
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     bis = numerical_margin(
-        lin, x, R, method="bisection", tol=0.005, box=None, num_samples=N, mode="mean", progress=False
+        linear_vae, x, R, method="bisection", tol=0.005, box=None, num_samples=N, mode="mean", progress=False
     )
-    true = lin.true_margin(R)
+    true = linear_vae.true_margin(R)
     grid = numerical_margin(
-        lin,
+        linear_vae,
         x,
         R,
         method="grid",
@@ -60,30 +55,30 @@ def lin_margins(lin):
     return x, bis, grid
 
 
-def test_bisection_matches_true_margin(lin, lin_margins):
+def test_bisection_matches_true_margin(linear_vae, lin_margins):
     _, bis, _ = lin_margins
-    lo, hi = _mc_band(lin, R, N)
-    assert lo < lin.true_margin(R) < hi
+    lo, hi = _mc_band(linear_vae, R, N)
+    assert lo < linear_vae.true_margin(R) < hi
     assert bool(bis.bracketed.all())
     # margin = upper end of a bracket of width <= tol whose ends were decided correctly outside the MC band
     assert bool((bis.margin >= lo).all() and (bis.margin <= hi + 0.005).all()), (bis.margin, lo, hi)
     assert all(len(e) >= 3 for e in bis.evaluations)
 
 
-def test_grid_agrees_with_bisection_and_truth(lin, lin_margins):
+def test_grid_agrees_with_bisection_and_truth(linear_vae, lin_margins):
     _, bis, grid = lin_margins
-    lo, hi = _mc_band(lin, R, N)
+    lo, hi = _mc_band(linear_vae, R, N)
     assert bool((grid.margin >= lo - 0.01).all() and (grid.margin <= hi).all()), (grid.margin, lo, hi)
     assert bool(((grid.margin - bis.margin).abs() <= 0.005 + 0.01 + (hi - lo)).all())
     assert bool(grid.bracketed.all())
 
 
-def test_original_protocol_path(lin):
+def test_original_protocol_path(linear_vae):
     """grid + one point at a time + L-BFGS-B attacks + fixed sample count (the benchmark's protocol)."""
     x = torch.randn(2, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    true = lin.true_margin(R)
+    true = linear_vae.true_margin(R)
     res = numerical_margin(
-        lin,
+        linear_vae,
         x,
         R,
         method="grid",
@@ -98,29 +93,29 @@ def test_original_protocol_path(lin):
         one_at_a_time=True,
         progress=False,
     )
-    lo, hi = _mc_band(lin, R, N)
+    lo, hi = _mc_band(linear_vae, R, N)
     assert bool((res.margin >= lo - 0.02).all() and (res.margin <= hi).all()), (res.margin, lo, hi)
     assert all(len(e) >= 2 for e in res.evaluations)
 
 
-def test_mean_var_attack_margin(lin):
+def test_mean_var_attack_margin(linear_vae):
     x = torch.randn(2, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     res = numerical_margin(
-        lin, x, R, tol=0.005, box=None, num_samples=N, num_noise_samples=64, restarts=2, progress=False
+        linear_vae, x, R, tol=0.005, box=None, num_samples=N, num_noise_samples=64, restarts=2, progress=False
     )
-    lo, hi = _mc_band(lin, R, N)
+    lo, hi = _mc_band(linear_vae, R, N)
     assert bool((res.margin >= lo).all() and (res.margin <= hi + 0.005).all()), res.margin
 
 
-def test_not_robust_points_get_zero_and_unbracketed(lin):
+def test_not_robust_points_get_zero_and_unbracketed(linear_vae):
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    low_r = 0.5 * lin.r_star()  # p_r(x, 0) < 1/2
-    res = numerical_margin(lin, x, low_r, box=None, num_samples=2000, progress=False)
+    low_r = 0.5 * linear_vae.r_star()  # p_r(x, 0) < 1/2
+    res = numerical_margin(linear_vae, x, low_r, box=None, num_samples=2000, progress=False)
     assert bool((res.margin == 0).all()) and bool(res.bracketed.all())
-    capped = numerical_margin(lin, x, R, box=None, max_radius=0.1, num_samples=2000, mode="mean", progress=False)
+    capped = numerical_margin(linear_vae, x, R, box=None, max_radius=0.1, num_samples=2000, mode="mean", progress=False)
     assert bool((capped.margin == 0.1).all()) and not bool(capped.bracketed.any())
     grid = numerical_margin(
-        lin,
+        linear_vae,
         x,
         R,
         method="grid",
@@ -134,30 +129,22 @@ def test_not_robust_points_get_zero_and_unbracketed(lin):
     assert bool((grid.margin == 0.1).all()) and not bool(grid.bracketed.any())
 
 
-def test_deterministic_and_one_at_a_time(lin):
+def test_deterministic_and_one_at_a_time(linear_vae):
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     kw = dict(box=None, num_samples=2000, tol=0.02, mode="mean", steps=20, progress=False)
-    a = numerical_margin(lin, x, R, seed=7, **kw)
-    b = numerical_margin(lin, x, R, seed=7, **kw)
+    a = numerical_margin(linear_vae, x, R, seed=7, **kw)
+    b = numerical_margin(linear_vae, x, R, seed=7, **kw)
     assert torch.equal(a.margin, b.margin) and a.evaluations == b.evaluations
-    single = numerical_margin(lin, x, R, seed=7, one_at_a_time=True, **kw)
+    single = numerical_margin(linear_vae, x, R, seed=7, one_at_a_time=True, **kw)
     torch.testing.assert_close(single.margin, a.margin)
     rows = a.to_rows()
     assert isinstance(a, NumericalMargin) and len(rows) == 3 and rows[0]["method"] == "bisection"
 
 
 @pytest.fixture(scope="module")
-def digits_setup(tmp_path_factory):
-    from vaefast.data import load
-    from vaefast.models import VAE, VAEConfig
-    from vaefast.training import train
-
-    model = VAE(VAEConfig(hidden=(64,), latent_dim=4), seed=0)
-    train(model, load("digits").x[:800], epochs=10, batch_size=64, lr=3e-3, seed=0, progress=False)
-    model.eval()
-    run = tmp_path_factory.mktemp("run")
-    model.save(run)
-    return model, load("digits", "test").x[:24], run
+def digits_setup(digits_vae, digits, digits_vae_run):
+    """The shared trained digits VAE, 24 test points and its run folder."""
+    return digits_vae, digits[1].x[:24], digits_vae_run
 
 
 def test_bound_below_numerical_margin_on_digits(digits_setup):
@@ -207,37 +194,37 @@ def test_evidence_breaks_r_robustness_at_the_margin(digits_setup):
     assert int(replay.hits[0]) == int(res.hits_delta[i]) and int(replay.samples_used[0]) == int(res.samples_delta[i])
 
 
-def test_one_clean_point_decision_with_the_bound(lin):
+def test_one_clean_point_decision_with_the_bound(linear_vae):
     """At r = r* (p_r(x, 0) = 1/2 exactly: every point is borderline) the bound and the search decide the clean
     point from one estimate: certified exactly when the margin is > 0."""
     from vaefast.robustness import estimate_r_robustness, margin_bound
 
     x = torch.randn(16, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    r = lin.r_star()
-    est = estimate_r_robustness(lin, x, r, num_samples=1000, seed=3)
-    mb = margin_bound(lin, x, r, estimate=est)
+    r = linear_vae.r_star()
+    est = estimate_r_robustness(linear_vae, x, r, num_samples=1000, seed=3)
+    mb = margin_bound(linear_vae, x, r, estimate=est)
     assert 0 < int(mb.certified.sum()) < 16  # borderline: both outcomes occur
     nm = numerical_margin(
-        lin, x, r, box=None, num_samples=1000, mode="mean", steps=10, seed=3, estimate=est, progress=False
+        linear_vae, x, r, box=None, num_samples=1000, mode="mean", steps=10, seed=3, estimate=est, progress=False
     )
     assert torch.equal(nm.margin > 0, mb.certified)
     assert torch.equal(nm.p_hat_delta[~mb.certified], est.p_hat[~mb.certified, 0])  # δ = 0 is its own evidence
     with pytest.raises(ValueError, match="no column for r"):
-        numerical_margin(lin, x, 2 * r, box=None, estimate=est, progress=False)
+        numerical_margin(linear_vae, x, 2 * r, box=None, estimate=est, progress=False)
     with pytest.raises(ValueError, match="covers 16 points"):
-        numerical_margin(lin, x[:3], r, box=None, estimate=est, progress=False)
+        numerical_margin(linear_vae, x[:3], r, box=None, estimate=est, progress=False)
 
 
-def test_grid_evidence_and_one_at_a_time_evidence(lin):
+def test_grid_evidence_and_one_at_a_time_evidence(linear_vae):
     x = torch.randn(2, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     kw = dict(box=None, num_samples=2000, mode="mean", steps=15, seed=2, progress=False)
-    grid = numerical_margin(lin, x, R, method="grid", granularity=0.05, max_radius=0.5, **kw)
+    grid = numerical_margin(linear_vae, x, R, method="grid", granularity=0.05, max_radius=0.5, **kw)
     assert bool(grid.bracketed.all()) and bool((grid.margin > 0).all())
     torch.testing.assert_close(grid.upper, grid.margin + 0.05)
     torch.testing.assert_close(grid.delta.flatten(1).norm(dim=1), grid.upper)
     assert bool((grid.p_hat_delta <= 0.5).all())
-    batched = numerical_margin(lin, x, R, tol=0.02, **kw)
-    single = numerical_margin(lin, x, R, tol=0.02, one_at_a_time=True, **kw)
+    batched = numerical_margin(linear_vae, x, R, tol=0.02, **kw)
+    single = numerical_margin(linear_vae, x, R, tol=0.02, one_at_a_time=True, **kw)
     torch.testing.assert_close(single.delta, batched.delta)
     torch.testing.assert_close(single.hits_delta, batched.hits_delta)
 
@@ -276,22 +263,22 @@ def test_cli_margin(digits_setup, tmp_path, capsys):
     assert main(["margin", str(run), "--points", "0", "--r", "1.0"]) == 2
 
 
-def test_bad_inputs(lin, digits_setup):
+def test_bad_inputs(linear_vae, digits_setup):
     model, x, _ = digits_setup
     xl = torch.randn(2, 12, dtype=torch.float64)
     with pytest.raises(ValueError, match="method"):
-        numerical_margin(lin, xl, R, method="newton", box=None)
+        numerical_margin(linear_vae, xl, R, method="newton", box=None)
     with pytest.raises(ValueError, match="r must"):
-        numerical_margin(lin, xl, 0.0, box=None)
+        numerical_margin(linear_vae, xl, 0.0, box=None)
     with pytest.raises(ValueError, match="tol"):
-        numerical_margin(lin, xl, R, tol=-1.0, box=None)
+        numerical_margin(linear_vae, xl, R, tol=-1.0, box=None)
     with pytest.raises(ValueError, match="outside box"):
-        numerical_margin(lin, xl, R)
+        numerical_margin(linear_vae, xl, R)
     with pytest.raises(ValueError, match="x must have shape"):
-        numerical_margin(lin, torch.randn(2, 5, dtype=torch.float64), R, box=None)
+        numerical_margin(linear_vae, torch.randn(2, 5, dtype=torch.float64), R, box=None)
     with pytest.raises(ValueError, match="max_radius"):
         numerical_margin(model, x[:2], 1.5, max_radius=100.0)
     with pytest.raises(ValueError, match="decision"):
-        numerical_margin(lin, xl, R, box=None, decision="bayes")
+        numerical_margin(linear_vae, xl, R, box=None, decision="bayes")
     with pytest.raises(TypeError, match="num_samples"):
-        numerical_margin(lin, xl, R, box=None, num_samples=1.5)
+        numerical_margin(linear_vae, xl, R, box=None, num_samples=1.5)

@@ -12,7 +12,12 @@ from scipy import integrate, special, stats
 from torch import nn
 
 import vaefast
-from vaefast.models import VAE, VAEConfig, as_vae, gaussian_kl, load
+from vaefast.models import VAE, VAEConfig, as_vae, gaussian_kl, gaussian_log_density, load
+from vaefast.models import save as save_model
+from vaefast.models.config import ACTIVATIONS
+from vaefast.models.likelihoods import repeat_per_sample
+from vaefast.reference import MLP_ACTIVATIONS, activation_of
+from vaefast.rng import derive_seed
 
 torch.set_num_threads(1)
 
@@ -185,6 +190,26 @@ def test_gaussian_kl_matches_torch_distributions():
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     torch.testing.assert_close(gaussian_kl(mu, logvar), torch.distributions.kl_divergence(q, p).sum(1))
+    torch.testing.assert_close(gaussian_kl(mu, logvar, per_dimension=True), torch.distributions.kl_divergence(q, p))
+
+
+def test_gaussian_log_density_and_repeat_per_sample():
+    g = torch.Generator().manual_seed(0)
+    x, mean, logvar = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = stats.norm.logpdf(x.numpy(), mean.numpy(), np.exp(0.5 * logvar.numpy()))
+    np.testing.assert_allclose(gaussian_log_density(x, mean, logvar).numpy(), ref, rtol=1e-12)
+    np.testing.assert_allclose(gaussian_log_density(x, mean, 0.5).numpy(), stats.norm.logpdf(x, mean, math.exp(0.25)))
+    rep = repeat_per_sample(x, 5)
+    assert rep.shape == (15, 4) and all(torch.equal(rep[b * 5 + s], x[b]) for b in range(3) for s in range(5))
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_every_activation_of_the_table_builds_a_recognised_mlp(name):
+    """One activation table: every configurable activation is a module the MLP recogniser maps back to its name."""
+    encoder = VAE(tiny(activation=name, hidden=(8, 8))).mean_encoder()
+    acts = [layer for layer in encoder if not isinstance(layer, (nn.Flatten, nn.Linear))]
+    assert len(acts) == 2
+    assert all(activation_of(a) == (name, MLP_ACTIVATIONS[name].default_param) for a in acts)
 
 
 # --- objectives ------------------------------------------------------------------------------------------
@@ -194,7 +219,9 @@ def test_elbo_seeded_and_equal_to_recon_minus_kl():
     e1, e2 = m.elbo(x, seed=5), m.elbo(x, seed=5)
     assert torch.equal(e1, e2) and not torch.equal(e1, m.elbo(x, seed=6))
     mu, logvar = m.encode(x)
-    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    eps = torch.randn(
+        mu.shape, generator=torch.Generator().manual_seed(derive_seed(5, "vae", "elbo")), dtype=torch.float64
+    )
     ref = m.log_likelihood(x, mu + (0.5 * logvar).exp() * eps) - gaussian_kl(mu, logvar)
     torch.testing.assert_close(e1, ref)
     many = m.elbo(x, num_samples=4000, seed=1)
@@ -252,7 +279,7 @@ def test_save_load_identical(tmp_path):
     m = VAE(tiny(likelihood="gaussian_learned", hidden=(16, 8)), seed=1)
     with torch.no_grad():
         m.observation.raw_logvar.add_(0.3)
-    m.save(tmp_path / "run")
+    save_model(m, tmp_path / "run")
     m2 = load(tmp_path / "run")
     assert m2.config == m.config
     x = torch.rand(5, 1, 8, 8)
@@ -266,7 +293,7 @@ def test_save_load_identical(tmp_path):
 
 def test_load_errors(tmp_path):
     m = VAE(tiny())
-    d = m.save(tmp_path / "ok")
+    d = save_model(m, tmp_path / "ok")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load(tmp_path / "nope")
     weights = (d / "model.safetensors").read_bytes()
@@ -276,7 +303,7 @@ def test_load_errors(tmp_path):
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         load(d)
-    d2 = m.save(tmp_path / "mismatch")
+    d2 = save_model(m, tmp_path / "mismatch")
     cfg = json.loads((d2 / "config.json").read_text())
     cfg["latent_dim"] = 4
     (d2 / "config.json").write_text(json.dumps(cfg))
@@ -327,7 +354,7 @@ def test_as_vae_protocol_against_direct_computation():
     torch.testing.assert_close(model.mean_encoder()(x), mu)
     assert set(model.mean_encoder().parameters()) <= set(enc.parameters())
     kl = 0.5 * (mu**2 + lv.exp() - lv - 1).sum(1)
-    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(3))
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(derive_seed(3, "vae", "elbo")))
     torch.testing.assert_close(model.elbo(x, seed=3), model.log_likelihood(x, mu + (0.5 * lv).exp() * eps) - kl)
 
 

@@ -1,5 +1,9 @@
 """vaefast.reparam_sample: bit-identity with the pure-PyTorch reference and across splits, N(0, 1) quality
-of eps (scipy KS test, correlations), autograd, opcheck, torch.compile and input checks."""
+of eps (scipy KS test, correlations), autograd, opcheck, torch.compile and input checks.
+
+Tests with a ``device`` argument run on every device (tests/conftest.py): the op on that device against the
+reference on CPU, bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ COMPILED = vaefast.has_compiled_ops()
 needs_ops = pytest.mark.skipif(not COMPILED, reason="vaefast._C not built")
 
 
-def _inputs(B: int, d: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(B: int, d: int, dtype: torch.dtype, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype)
     logvar = (3 * torch.randn(B, d, generator=g, dtype=torch.float64)).to(dtype)
-    return mu, logvar
+    return mu.to(device), logvar.to(device)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -56,29 +60,30 @@ def test_exp_det_matches_exp():
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("trial", range(3))
-def test_op_equals_reference_bitwise(dtype, trial):
+def test_op_equals_reference_bitwise(dtype, trial, device):
     rng = np.random.default_rng(100 + trial)
     B, S, d = int(rng.integers(1, 9)), int(rng.integers(1, 70)), int(rng.integers(1, 14))
     seed, offset, sample_offset = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40)), int(rng.integers(0, 9))
     mu, logvar = _inputs(B, d, dtype, trial)
-    z = torch.ops.vaefast.reparam_sample(mu, logvar, S, seed, offset, sample_offset)
+    z = torch.ops.vaefast.reparam_sample(mu.to(device), logvar.to(device), S, seed, offset, sample_offset)
     z_ref = reference.reparam_sample(mu, logvar, S, seed, offset, sample_offset)
-    assert z.shape == (B, S, d) and z.dtype == dtype
-    assert torch.equal(_bits(z), _bits(z_ref))
+    assert z.shape == (B, S, d) and z.dtype == dtype and z.device.type == device
+    assert torch.equal(_bits(z.cpu()), _bits(z_ref))
 
 
 @needs_ops
-def test_unit_gaussian_gives_eps_exactly():
+def test_unit_gaussian_gives_eps_exactly(device):
     """mu = 0, logvar = 0: sigma is exactly 1, so z is eps bit for bit (also across the 2^32 point boundary)."""
     B, S, d = 5, 40, 11
-    z = ops.reparam_sample(torch.zeros(B, d), torch.zeros(B, d), S, seed=2**40 + 3, offset=2**32 - 2)
+    zeros = torch.zeros(B, d, device=device)
+    z = ops.reparam_sample(zeros, zeros, S, seed=2**40 + 3, offset=2**32 - 2)
     eps = reference.reparam_eps(B, S, d, seed=2**40 + 3, offset=2**32 - 2)
-    assert torch.equal(_bits(z), _bits(eps))
+    assert torch.equal(_bits(z.cpu()), _bits(eps))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_split_invariance_points_and_samples(dtype):
-    mu, logvar = _inputs(11, 6, dtype, 7)
+def test_split_invariance_points_and_samples(dtype, device):
+    mu, logvar = _inputs(11, 6, dtype, 7, device)
     full = ops.reparam_sample(mu, logvar, 30, seed=5, offset=100)
     pts = torch.cat(
         [ops.reparam_sample(mu[a:b], logvar[a:b], 30, seed=5, offset=100 + a) for a, b in [(0, 4), (4, 5), (5, 11)]]
@@ -132,30 +137,30 @@ def test_moments_of_z():
     assert torch.allclose(z.std(0), sigma, rtol=0.03)
 
 
-def test_gradcheck_float64():
-    mu, logvar = _inputs(3, 5, torch.float64, 1)
+def test_gradcheck_float64(device):
+    mu, logvar = _inputs(3, 5, torch.float64, 1, device)
     mu.requires_grad_(True)
     logvar.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda m, v: ops.reparam_sample(m, v, 4, seed=9, offset=2), (mu, logvar))
     assert torch.autograd.gradcheck(lambda m, v: reference.reparam_sample(m, v, 4, 9, 2, 0), (mu, logvar))
 
 
-def test_gradient_formula():
-    mu, logvar = _inputs(2, 3, torch.float64, 4)
+def test_gradient_formula(device):
+    mu, logvar = _inputs(2, 3, torch.float64, 4, device)
     mu.requires_grad_(True)
     logvar.requires_grad_(True)
     z = ops.reparam_sample(mu, logvar, 6, seed=1)
-    w = torch.randn(z.shape, dtype=torch.float64)
+    w = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
     (z * w).sum().backward()
-    eps = reference.reparam_eps(2, 6, 3, seed=1).double()
+    eps = reference.reparam_eps(2, 6, 3, seed=1).double().to(device)
     sigma = torch.exp(logvar.detach() / 2)
     torch.testing.assert_close(mu.grad, w.sum(1))
     torch.testing.assert_close(logvar.grad, 0.5 * (w * sigma.unsqueeze(1) * eps).sum(1))
 
 
 @needs_ops
-def test_opcheck():
-    mu, logvar = _inputs(3, 6, torch.float64, 2)
+def test_opcheck(device):
+    mu, logvar = _inputs(3, 6, torch.float64, 2, device)
     mu.requires_grad_(True)
     logvar.requires_grad_(True)
     torch.library.opcheck(torch.ops.vaefast.reparam_sample.default, (mu, logvar, 5, 1, 0, 0))
@@ -167,8 +172,8 @@ def test_opcheck():
 
 
 @needs_ops
-def test_torch_compile_fake_kernel():
-    mu, logvar = _inputs(4, 5, torch.float32, 3)
+def test_torch_compile_fake_kernel(device):
+    mu, logvar = _inputs(4, 5, torch.float32, 3, device)
 
     def f(m, v):
         return torch.ops.vaefast.reparam_sample(m, v, 8, 2, 0, 0).square().mean(1)
@@ -202,8 +207,8 @@ def test_bad_inputs(kwargs, exc, match):
         ops.reparam_sample(**args)
 
 
-def test_non_contiguous_inputs():
-    base_mu, base_lv = _inputs(6, 8, torch.float32, 5)
+def test_non_contiguous_inputs(device):
+    base_mu, base_lv = _inputs(6, 8, torch.float32, 5, device)
     mu, logvar = base_mu[::2, ::2], base_lv[::2, ::2]
     assert not mu.is_contiguous()
     assert torch.equal(

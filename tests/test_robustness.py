@@ -1,4 +1,5 @@
-"""estimate_r_robustness / margin_bound against the closed forms of the linear-Gaussian VAE (SPEC §1)."""
+"""estimate_r_robustness / margin_bound against the closed forms of the linear-Gaussian VAE (``linear_vae``:
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import torch
 from scipy import stats
 from torch import nn
 
+from vaefast.models import save as save_model
 from vaefast.robustness import estimate_r_robustness, margin_bound
 from vaefast.testing import LinearGaussianVAE
 
 D, d = 12, 3
-
-
-@pytest.fixture(scope="module")
-def lg() -> LinearGaussianVAE:
-    return LinearGaussianVAE(input_dim=D, latent_dim=d, sigma=0.3, decoder_scale=1.5, seed=0)
 
 
 def _x(n: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -66,59 +63,59 @@ def _as_vae_copy(model: LinearGaussianVAE, sigmas: torch.Tensor | None = None, k
 
 # --- p_hat and r* against the closed form -------------------------------------------------------------------------
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_p_hat_matches_chi2(lg: LinearGaussianVAE, with_delta: bool) -> None:
+def test_p_hat_matches_chi2(linear_vae: LinearGaussianVAE, with_delta: bool) -> None:
     x, s = _x(64), 400
-    delta = 0.25 * lg.worst_direction() if with_delta else None
-    radii = [_radius_for(lg, p) for p in (0.2, 0.5, 0.8)]
-    res = estimate_r_robustness(lg, x, radii, num_samples=s, delta=delta, seed=3)
+    delta = 0.25 * linear_vae.worst_direction() if with_delta else None
+    radii = [_radius_for(linear_vae, p) for p in (0.2, 0.5, 0.8)]
+    res = estimate_r_robustness(linear_vae, x, radii, num_samples=s, delta=delta, seed=3)
     assert res.p_hat.shape == (64, 3) and res.hits.dtype == torch.int64 and res.robust.dtype == torch.bool
     for k, r in enumerate(radii):
-        p = lg.p_robust(r, delta)  # ncx2 when delta is given
+        p = linear_vae.p_robust(r, delta)  # ncx2 when delta is given
         pooled = res.hits[:, k].sum().item() / (64 * s)
         assert abs(pooled - p) < 4.5 * math.sqrt(p * (1 - p) / (64 * s)), (r, pooled, p)
     if with_delta:  # the perturbation must actually matter at these radii
-        assert lg.p_robust(radii[1], delta) < 0.4
+        assert linear_vae.p_robust(radii[1], delta) < 0.4
     assert torch.equal(res.robust, 2 * res.hits > s)
     assert torch.allclose(res.p_hat, res.hits.double() / s)
 
 
-def test_r_star_matches_chi2_median_and_is_the_smallest_robust_radius(lg: LinearGaussianVAE) -> None:
+def test_r_star_matches_chi2_median_and_is_the_smallest_robust_radius(linear_vae: LinearGaussianVAE) -> None:
     x, s = _x(64), 401
-    res = estimate_r_robustness(lg, x, 1.0, num_samples=s, seed=5)
-    r0 = lg.r_star()
-    se = 1 / (2 * _dist_density(lg, r0) * math.sqrt(s)) / math.sqrt(64)
+    res = estimate_r_robustness(linear_vae, x, 1.0, num_samples=s, seed=5)
+    r0 = linear_vae.r_star()
+    se = 1 / (2 * _dist_density(linear_vae, r0) * math.sqrt(s)) / math.sqrt(64)
     assert abs(res.r_star.mean().item() - r0) < 5 * se
     # r* is exactly the smallest radius with p_hat > 1/2 (same samples: same seed)
-    at = estimate_r_robustness(lg, x, res.r_star, num_samples=s, seed=5)
+    at = estimate_r_robustness(linear_vae, x, res.r_star, num_samples=s, seed=5)
     idx = torch.arange(64)
     assert bool(at.robust[idx, idx].all())
-    below = estimate_r_robustness(lg, x, res.r_star * (1 - 1e-9), num_samples=s, seed=5)
+    below = estimate_r_robustness(linear_vae, x, res.r_star * (1 - 1e-9), num_samples=s, seed=5)
     assert not bool(below.robust[idx, idx].any())
     assert bool((at.hits[idx, idx] == s // 2 + 1).all())
 
 
-def test_as_vae_linear_model_matches_closed_form(lg: LinearGaussianVAE) -> None:
-    model = _as_vae_copy(lg)
+def test_as_vae_linear_model_matches_closed_form(linear_vae: LinearGaussianVAE) -> None:
+    model = _as_vae_copy(linear_vae)
     x, s = _x(32), 300
-    delta = 0.2 * lg.worst_direction()
-    r = _radius_for(lg, 0.6)
+    delta = 0.2 * linear_vae.worst_direction()
+    r = _radius_for(linear_vae, 0.6)
     a = estimate_r_robustness(model, x, r, num_samples=s, delta=delta, seed=2)
-    b = estimate_r_robustness(lg, x, r, num_samples=s, delta=delta, seed=2)
+    b = estimate_r_robustness(linear_vae, x, r, num_samples=s, delta=delta, seed=2)
     assert torch.equal(a.hits, b.hits)
     assert torch.allclose(a.r_star, b.r_star, rtol=1e-12, atol=0)
-    p = lg.p_robust(r, delta)
+    p = linear_vae.p_robust(r, delta)
     assert abs(a.hits.sum().item() / (32 * s) - p) < 4.5 * math.sqrt(p * (1 - p) / (32 * s))
     # an adapter that learns its input shape from the first input gives the same numbers
-    lazy = estimate_r_robustness(_as_vae_copy(lg, known_shape=False), x, r, num_samples=s, delta=delta, seed=2)
+    lazy = estimate_r_robustness(_as_vae_copy(linear_vae, known_shape=False), x, r, num_samples=s, delta=delta, seed=2)
     assert torch.equal(lazy.hits, a.hits)
 
 
-def test_clopper_pearson_covers_true_p_at_nominal_rate(lg: LinearGaussianVAE) -> None:
+def test_clopper_pearson_covers_true_p_at_nominal_rate(linear_vae: LinearGaussianVAE) -> None:
     n_points, s, conf = 1500, 60, 0.9
-    r = _radius_for(lg, 0.7)
+    r = _radius_for(linear_vae, 0.7)
     x = _x(1).expand(n_points, D)
-    res = estimate_r_robustness(lg, x, r, num_samples=s, seed=11, confidence=conf)
-    p = lg.p_robust(r)
+    res = estimate_r_robustness(linear_vae, x, r, num_samples=s, seed=11, confidence=conf)
+    p = linear_vae.p_robust(r)
     covered = ((res.ci_low[:, 0] <= p) & (p <= res.ci_high[:, 0])).double().mean().item()
     se = math.sqrt(conf * (1 - conf) / n_points)
     # Clopper–Pearson is conservative: coverage >= nominal (within MC error), but not absurdly so
@@ -144,46 +141,46 @@ def test_chunk_size_invariance(dtype: torch.dtype) -> None:
     assert torch.equal(tiny.hits, ref2.hits) and torch.allclose(tiny.r_star, ref2.r_star, rtol=rtol, atol=0)
 
 
-def test_point_offset_splits_are_the_same_stream(lg: LinearGaussianVAE) -> None:
+def test_point_offset_splits_are_the_same_stream(linear_vae: LinearGaussianVAE) -> None:
     x = _x(12)
-    full = estimate_r_robustness(lg, x, [0.5, 1.0], num_samples=200, seed=1)
-    first = estimate_r_robustness(lg, x[:5], [0.5, 1.0], num_samples=200, seed=1)
-    rest = estimate_r_robustness(lg, x[5:], [0.5, 1.0], num_samples=200, seed=1, point_offset=5)
+    full = estimate_r_robustness(linear_vae, x, [0.5, 1.0], num_samples=200, seed=1)
+    first = estimate_r_robustness(linear_vae, x[:5], [0.5, 1.0], num_samples=200, seed=1)
+    rest = estimate_r_robustness(linear_vae, x[5:], [0.5, 1.0], num_samples=200, seed=1, point_offset=5)
     assert torch.equal(torch.cat([first.hits, rest.hits]), full.hits)
     assert rest.point_index.tolist() == list(range(5, 12))
 
 
-def test_seed_reproducibility_and_radius_order(lg: LinearGaussianVAE) -> None:
+def test_seed_reproducibility_and_radius_order(linear_vae: LinearGaussianVAE) -> None:
     x = _x(8)
-    a = estimate_r_robustness(lg, x, [1.0, 0.3, 0.7], num_samples=300, seed=7)
-    b = estimate_r_robustness(lg, x, [1.0, 0.3, 0.7], num_samples=300, seed=7)
-    c = estimate_r_robustness(lg, x, [1.0, 0.3, 0.7], num_samples=300, seed=8)
+    a = estimate_r_robustness(linear_vae, x, [1.0, 0.3, 0.7], num_samples=300, seed=7)
+    b = estimate_r_robustness(linear_vae, x, [1.0, 0.3, 0.7], num_samples=300, seed=7)
+    c = estimate_r_robustness(linear_vae, x, [1.0, 0.3, 0.7], num_samples=300, seed=8)
     assert torch.equal(a.hits, b.hits) and torch.equal(a.r_star, b.r_star)
     assert not torch.equal(a.hits, c.hits)
     # unsorted radii are returned in the order asked; hits are monotone in r
     assert a.radii.tolist() == [1.0, 0.3, 0.7]
     assert bool((a.hits[:, 1] <= a.hits[:, 2]).all() and (a.hits[:, 2] <= a.hits[:, 0]).all())
-    single = estimate_r_robustness(lg, x, 0.7, num_samples=300, seed=7)
+    single = estimate_r_robustness(linear_vae, x, 0.7, num_samples=300, seed=7)
     assert torch.equal(single.hits[:, 0], a.hits[:, 2])
 
 
-def test_result_serialisation(lg: LinearGaussianVAE) -> None:
-    res = estimate_r_robustness(lg, _x(3), [0.5, 1.0], num_samples=50, seed=0, point_offset=10)
+def test_result_serialisation(linear_vae: LinearGaussianVAE) -> None:
+    res = estimate_r_robustness(linear_vae, _x(3), [0.5, 1.0], num_samples=50, seed=0, point_offset=10)
     rows = res.to_rows()
     assert len(rows) == 6 and rows[0]["point"] == 10 and rows[1]["r"] == 1.0
     assert all(isinstance(v, (int, float, bool)) for row in rows for v in row.values())
     json.dumps(res.to_dict())
-    mb = margin_bound(lg, _x(3), 1.0, num_samples=50)
+    mb = margin_bound(linear_vae, _x(3), 1.0, num_samples=50)
     assert len(mb.to_rows()) == 3
     json.dumps(mb.to_dict())
 
 
 # --- the margin bound ---------------------------------------------------------------------------------------------
-def test_margin_bound_matches_closed_forms(lg: LinearGaussianVAE) -> None:
+def test_margin_bound_matches_closed_forms(linear_vae: LinearGaussianVAE) -> None:
     x, s, conf = _x(48), 800, 0.95
-    r = _radius_for(lg, 0.85)
-    mb = margin_bound(lg, x, r, num_samples=s, seed=3, confidence=conf)
-    exact = lg.bounds(r)
+    r = _radius_for(linear_vae, 0.85)
+    mb = margin_bound(linear_vae, x, r, num_samples=s, seed=3, confidence=conf)
+    exact = linear_vae.bounds(r)
     # components are exact for a linear encoder
     assert torch.allclose(mb.jac_frobenius, torch.full((48,), exact["jac_frobenius"], dtype=torch.float64))
     assert torch.allclose(mb.jac_spectral, torch.full((48,), exact["jac_spectral"], dtype=torch.float64))
@@ -207,11 +204,11 @@ def test_margin_bound_matches_closed_forms(lg: LinearGaussianVAE) -> None:
         assert abs(getattr(mb, name).mean().item() - exact[name]) < 5 * scale * se_q, name
 
 
-def test_whitened_and_spectral_ordering_with_anisotropic_sigma(lg: LinearGaussianVAE) -> None:
+def test_whitened_and_spectral_ordering_with_anisotropic_sigma(linear_vae: LinearGaussianVAE) -> None:
     sig = torch.tensor([0.2, 0.35, 0.5], dtype=torch.float64)
-    model = _as_vae_copy(lg, sig)
+    model = _as_vae_copy(linear_vae, sig)
     mb = margin_bound(model, _x(6), 1.5, num_samples=300, seed=0)
-    a = lg.A
+    a = linear_vae.A
     assert bool(mb.certified.all())
     assert torch.allclose(mb.jac_whitened_spectral, torch.linalg.matrix_norm(a / sig[:, None], ord=2).expand(6))
     assert torch.allclose(mb.sigma_min, torch.full((6,), 0.2, dtype=torch.float64))
@@ -220,31 +217,31 @@ def test_whitened_and_spectral_ordering_with_anisotropic_sigma(lg: LinearGaussia
     assert bool((mb.bound <= mb.spectral_bound).all() and (mb.spectral_bound <= mb.whitened_bound + 1e-12).all())
 
 
-def test_margin_bound_reuses_a_given_estimate(lg: LinearGaussianVAE) -> None:
+def test_margin_bound_reuses_a_given_estimate(linear_vae: LinearGaussianVAE) -> None:
     x = _x(6)
-    est = estimate_r_robustness(lg, x, [0.5, 1.0], num_samples=150, seed=4, point_offset=3)
-    direct = margin_bound(lg, x, 1.0, num_samples=150, seed=4, point_offset=3)
-    reused = margin_bound(lg, x, 1.0, estimate=est)
+    est = estimate_r_robustness(linear_vae, x, [0.5, 1.0], num_samples=150, seed=4, point_offset=3)
+    direct = margin_bound(linear_vae, x, 1.0, num_samples=150, seed=4, point_offset=3)
+    reused = margin_bound(linear_vae, x, 1.0, estimate=est)
     for name in ("bound", "certified_bound", "whitened_bound", "hits", "point_index"):
         assert torch.equal(getattr(reused, name), getattr(direct, name)), name
     with pytest.raises(ValueError, match="estimate"):
-        margin_bound(lg, x, 2.0, estimate=est)
+        margin_bound(linear_vae, x, 2.0, estimate=est)
     with pytest.raises(ValueError, match="estimate"):
-        margin_bound(lg, x[:2], 1.0, estimate=est)
+        margin_bound(linear_vae, x[:2], 1.0, estimate=est)
     with pytest.raises(TypeError, match="estimate"):
-        margin_bound(lg, x, 1.0, estimate=est.to_dict())
+        margin_bound(linear_vae, x, 1.0, estimate=est.to_dict())
 
 
-def test_non_robust_points_are_flagged_with_zero_bounds(lg: LinearGaussianVAE) -> None:
-    r = _radius_for(lg, 0.3)
-    mb = margin_bound(lg, _x(5), r, num_samples=200, seed=0)
+def test_non_robust_points_are_flagged_with_zero_bounds(linear_vae: LinearGaussianVAE) -> None:
+    r = _radius_for(linear_vae, 0.3)
+    mb = margin_bound(linear_vae, _x(5), r, num_samples=200, seed=0)
     assert not bool(mb.certified.any())
     for name in ("bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin"):
         assert bool((getattr(mb, name) == 0).all()), name
 
 
-def test_certified_bound_is_zero_when_the_lower_limit_is_below_half(lg: LinearGaussianVAE) -> None:
-    mb = margin_bound(lg, _x(40), _radius_for(lg, 0.56), num_samples=100, seed=0)
+def test_certified_bound_is_zero_when_the_lower_limit_is_below_half(linear_vae: LinearGaussianVAE) -> None:
+    mb = margin_bound(linear_vae, _x(40), _radius_for(linear_vae, 0.56), num_samples=100, seed=0)
     weak = mb.certified & (mb.ci_low <= 0.5)
     assert bool(weak.any())  # p_hat > 1/2 but not significantly: a point bound, no certificate
     assert bool((mb.certified_bound[weak] == 0).all() and (mb.bound[weak] > 0).all())
@@ -258,11 +255,11 @@ def test_top_level_names() -> None:
     assert callable(vaefast.is_r_robust)
 
 
-def test_saturated_p_hat_gives_finite_half_count_bound(lg: LinearGaussianVAE) -> None:
+def test_saturated_p_hat_gives_finite_half_count_bound(linear_vae: LinearGaussianVAE) -> None:
     s, conf = 100, 0.95
-    mb = margin_bound(lg, _x(4), 50.0, num_samples=s, seed=0, confidence=conf)
+    mb = margin_bound(linear_vae, _x(4), 50.0, num_samples=s, seed=0, confidence=conf)
     assert bool(mb.saturated.all()) and bool(mb.certified.all())
-    exact = lg.bounds(50.0)
+    exact = linear_vae.bounds(50.0)
     sig, fro = exact["sigma_min"], exact["jac_frobenius"]
     assert torch.allclose(mb.bound, torch.full((4,), sig * stats.norm.ppf(1 - 0.5 / s) / fro, dtype=torch.float64))
     low = ((1 - conf) / 2) ** (1 / s)  # Clopper–Pearson lower limit at k = n
@@ -296,29 +293,29 @@ def test_saturated_p_hat_gives_finite_half_count_bound(lg: LinearGaussianVAE) ->
         ({"delta": torch.full((D,), float("inf"), dtype=torch.float64)}, ValueError, "delta"),
     ],
 )
-def test_bad_inputs_name_the_argument(lg: LinearGaussianVAE, kwargs: dict, exc: type, name: str) -> None:
+def test_bad_inputs_name_the_argument(linear_vae: LinearGaussianVAE, kwargs: dict, exc: type, name: str) -> None:
     args = {"x": torch.zeros(2, D, dtype=torch.float64), "radii": 1.0, "num_samples": 10} | kwargs
     with pytest.raises(exc, match=name):
-        estimate_r_robustness(lg, **args)
+        estimate_r_robustness(linear_vae, **args)
 
 
-def test_bad_model_and_margin_bound_inputs(lg: LinearGaussianVAE) -> None:
+def test_bad_model_and_margin_bound_inputs(linear_vae: LinearGaussianVAE) -> None:
     with pytest.raises(TypeError, match="model"):
         estimate_r_robustness(nn.Linear(D, D), torch.zeros(2, D), 1.0)
     with pytest.raises(ValueError, match="r"):
-        margin_bound(lg, torch.zeros(2, D, dtype=torch.float64), -1.0)
+        margin_bound(linear_vae, torch.zeros(2, D, dtype=torch.float64), -1.0)
     with pytest.raises(ValueError, match="num_samples"):
-        margin_bound(lg, torch.zeros(2, D, dtype=torch.float64), 1.0, num_samples=0)
+        margin_bound(linear_vae, torch.zeros(2, D, dtype=torch.float64), 1.0, num_samples=0)
 
 
-def test_single_delta_broadcasts_and_float32_input_is_cast(lg: LinearGaussianVAE) -> None:
+def test_single_delta_broadcasts_and_float32_input_is_cast(linear_vae: LinearGaussianVAE) -> None:
     x = _x(4)
-    delta = 0.1 * lg.worst_direction()
-    a = estimate_r_robustness(lg, x, 1.0, num_samples=100, delta=delta)
-    b = estimate_r_robustness(lg, x, 1.0, num_samples=100, delta=delta.expand(4, D))
+    delta = 0.1 * linear_vae.worst_direction()
+    a = estimate_r_robustness(linear_vae, x, 1.0, num_samples=100, delta=delta)
+    b = estimate_r_robustness(linear_vae, x, 1.0, num_samples=100, delta=delta.expand(4, D))
     assert torch.equal(a.hits, b.hits)
-    c = estimate_r_robustness(lg, x.float(), 1.0, num_samples=100)
-    d_ = estimate_r_robustness(lg, x.float().double(), 1.0, num_samples=100)
+    c = estimate_r_robustness(linear_vae, x.float(), 1.0, num_samples=100)
+    d_ = estimate_r_robustness(linear_vae, x.float().double(), 1.0, num_samples=100)
     assert torch.equal(c.hits, d_.hits)
 
 
@@ -351,7 +348,7 @@ def test_cli_estimate_table_and_csv(tmp_path, capsys) -> None:
 
     from vaefast.cli import main
 
-    _small_vae().save(tmp_path / "run")
+    save_model(_small_vae(), tmp_path / "run")
     out = tmp_path / "est.csv"
     argv = ["estimate", str(tmp_path / "run"), "--points", "4", "--r", "2.0", "--r", "1.0", "3.0", "--samples", "64"]
     assert main([*argv, "--bound", "--out", str(out)]) == 0
@@ -373,7 +370,7 @@ def test_cli_estimate_flags_bounds_larger_than_the_box(tmp_path, capsys) -> None
     model = _small_vae()
     with torch.no_grad():
         model.encoder.mu.weight.mul_(1e-3)  # a nearly constant mean encoder: ||J_mu||_F tiny, bound huge
-    model.save(tmp_path / "run")
+    save_model(model, tmp_path / "run")
     out = tmp_path / "est.csv"
     assert main(["estimate", str(tmp_path / "run"), "--points", "4", "--r", "50", "--samples", "64", "--bound",
                  "--out", str(out)]) == 0  # fmt: skip
@@ -386,3 +383,26 @@ def test_cli_estimate_flags_bounds_larger_than_the_box(tmp_path, capsys) -> None
     assert int(line.split()[-1]) == len(exceeds)
     assert len(exceeds) == 4 and "larger than the largest perturbation" in text
     assert float(line.split()[-2]) <= max(float(r["box_limit"]) for r in rows)  # the median is capped
+
+
+@pytest.mark.gpu
+def test_inputs_on_another_device_than_the_model(linear_vae: LinearGaussianVAE) -> None:
+    x = _x(2)
+    with pytest.raises(ValueError, match="x is on cuda"):
+        estimate_r_robustness(linear_vae, x.cuda(), 1.0, num_samples=10)
+    with pytest.raises(ValueError, match="delta is on cuda"):
+        estimate_r_robustness(linear_vae, x, 1.0, num_samples=10, delta=torch.zeros(D, dtype=torch.float64).cuda())
+
+
+def test_margin_bound_needs_a_mean_encoder(linear_vae: LinearGaussianVAE) -> None:
+    class NoMeanEncoder(nn.Module):
+        input_shape, latent_dim, likelihood = (D,), d, "gaussian"
+
+        def encode(self, x):
+            return linear_vae.encode(x)
+
+        def decode(self, z):
+            return linear_vae.decode(z)
+
+    with pytest.raises(TypeError, match=r"missing mean_encoder\(\)"):
+        margin_bound(NoMeanEncoder(), _x(2), 1.0, num_samples=10)

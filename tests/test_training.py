@@ -15,6 +15,7 @@ import vaefast
 from vaefast import data, training
 from vaefast.cli import main
 from vaefast.models import VAE, VAEConfig, as_vae, load
+from vaefast.models import save as save_model
 from vaefast.testing import LinearGaussianVAE
 from vaefast.training import (
     encoder_statistics,
@@ -29,11 +30,6 @@ from vaefast.training import (
 )
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits"), data.load("digits", "test")
 
 
 def small(**kw):
@@ -219,6 +215,7 @@ def test_learned_nothing_warnings_on_an_encoder_that_ignores_its_input(digits):
         learned_nothing_warnings(model, te, kl_threshold=0.0)
 
 
+@pytest.mark.slow
 def test_learned_nothing_warnings_after_training(digits):
     tr, te = digits
     collapsed = VAE(VAEConfig(hidden=(64,), latent_dim=4, objective="beta_vae", beta=50.0), seed=0)
@@ -254,7 +251,7 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path):
     m = VAE(small())
     with pytest.raises(ValueError, match=r"device cuda: no CUDA GPU is visible"):
         train(m, torch.rand(8, 1, 8, 8), device="cuda", progress=False)
-    m.save(tmp_path / "run")
+    save_model(m, tmp_path / "run")
     with pytest.raises(ValueError, match=r"map_location cuda: no CUDA GPU is visible"):
         load(tmp_path / "run", map_location="cuda")
 
@@ -271,6 +268,7 @@ def trained(digits):
     return models
 
 
+@pytest.mark.slow
 def test_trained_vae_beats_trivial_baseline(trained, digits):
     tr, te = digits
     m = trained[1.0]
@@ -281,6 +279,7 @@ def test_trained_vae_beats_trivial_baseline(trained, digits):
     assert iw >= elbo - 0.05
 
 
+@pytest.mark.slow
 def test_larger_beta_gives_larger_encoder_sigma(trained, digits):
     _, te = digits
     with torch.no_grad():
@@ -322,3 +321,18 @@ def test_cli_tcvae_and_errors(tmp_path, capsys):
     assert main(["info", str(tmp_path / "empty")]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["train", "--latent", "0", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+
+
+def test_each_purpose_has_its_own_derived_seed(digits):
+    """evaluate's noise comes from derive_seed(seed, "training", "evaluate"): not the ELBO's, not the raw seed's."""
+    from vaefast.rng import derive_seed
+
+    model = VAE(small()).eval()
+    x = digits[1].x[:50]
+    gen = torch.Generator().manual_seed(derive_seed(3, "training", "evaluate"))
+    with torch.no_grad():
+        want = float(model.loss(x, dataset_size=50, generator=gen).elbo)
+    assert evaluate(model, x, batch_size=64, seed=3)["elbo"] == pytest.approx(want, rel=1e-6)
+    with torch.no_grad():
+        raw = float(model.loss(x, dataset_size=50, generator=torch.Generator().manual_seed(3)).elbo)
+    assert raw != want

@@ -319,3 +319,76 @@ def check_device(name: str, value: object) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ValueError(f"{name} {value}: only {count} CUDA device(s) visible (indices 0..{count - 1})")
     return device
+
+
+# --- the inputs of an analysis: x (and a perturbation) on the model's device, in its dtype -----------------------
+def model_device_dtype(model: object, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the model's first floating parameter or buffer.
+
+    Args:
+        model: a protocol model (a parameterless one, or one that is no ``nn.Module``, takes ``x``'s own).
+        x: the batch the model is about to see.
+
+    Returns:
+        ``(device, dtype)``.
+    """
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                return t.device, t.dtype
+    return x.device, x.dtype
+
+
+def check_delta(delta: object, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A finite perturbation of every point of ``x`` or one perturbation for all, as a tensor of ``x``'s shape.
+
+    Args:
+        delta: ``[B, *shape]`` (one per point) or ``[*shape]`` (shared).
+        x: the batch ``[B, *shape]`` it perturbs.
+        shape: the per-point input shape.
+
+    Returns:
+        ``delta`` expanded to ``x``'s shape (a view, no copy), on its own device and dtype.
+
+    Raises:
+        TypeError / ValueError: naming ``delta`` (not a float tensor, NaN/Inf, or neither shape).
+    """
+    delta = check_tensor("delta", delta)
+    if tuple(delta.shape) not in (tuple(x.shape), tuple(shape)):
+        raise ValueError(
+            f"delta must have the shape of x {tuple(x.shape)} or of one input {tuple(shape)}, got {tuple(delta.shape)}"
+        )
+    return delta.expand_as(x)
+
+
+def check_analysis_inputs(
+    model: object, x: object, delta: object | None = None, requires: Sequence[str] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """The one validation of an analysis' inputs: the model protocol, ``x`` (and ``delta``), device and dtype.
+
+    Args:
+        model: a protocol model (:func:`check_model`; a lazy ``as_vae`` adapter learns its shape from ``x``).
+        x: ``[B, *input_shape]`` (:func:`check_inputs`), on the model's device.
+        delta: None, or a perturbation accepted by :func:`check_delta`, on the model's device.
+        requires: further model methods the caller needs.
+
+    Returns:
+        ``(x, delta, input_shape)`` with ``x`` and ``delta`` (expanded to ``x``'s shape) cast to the model's floating
+        dtype (:func:`model_device_dtype`).
+
+    Raises:
+        TypeError / ValueError: naming the argument (``model``, ``x`` or ``delta``); a tensor on another device than
+        the model is a ``ValueError``.
+    """
+    check_model(model, requires)
+    x = check_inputs(model, x)  # type: ignore[arg-type]
+    shape = model_input_shape(model, x)
+    device, dtype = model_device_dtype(model, x)
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the model is on {device}")
+    if delta is not None:
+        delta = check_delta(delta, x, shape)
+        if delta.device != device:
+            raise ValueError(f"delta is on {delta.device} but the model is on {device}")
+        delta = delta.to(dtype)
+    return x.to(dtype), delta, shape

@@ -22,10 +22,18 @@ except ImportError as exc:  # a CPU-only / source checkout without a build still
 
 
 def has_compiled_ops() -> bool:
-    """True when the C++ extension ``vaefast._C`` is loaded and its operators are registered."""
+    """Whether the compiled ops are available.
+
+    Returns:
+        True when the C++ extension ``vaefast._C`` is loaded and its operators are registered.
+    """
     return _LOAD_ERROR is None
 
 
 def compiled_with_cuda() -> bool:
-    """True when the loaded extension contains CUDA kernels (whether or not a GPU is visible)."""
+    """Whether the compiled ops include CUDA kernels.
+
+    Returns:
+        True when the loaded extension contains CUDA kernels (whether or not a GPU is visible).
+    """
     return has_compiled_ops() and bool(torch.ops.vaefast.compiled_with_cuda())

@@ -9,16 +9,28 @@ import torch
 
 
 def to_python(value: Any) -> Any:
-    """Tensors -> (nested) lists of Python scalars; everything else unchanged."""
+    """A value as plain Python.
+
+    Args:
+        value: anything.
+
+    Returns:
+        A tensor as (nested) lists of Python scalars (detached, on CPU); anything else unchanged.
+    """
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().tolist()
     return value
 
 
 class ResultMixin:
-    """``to_dict()``: every dataclass field as plain Python (tensors become nested lists)."""
+    """Shared methods of the result dataclasses (which have a ``point_index`` field): ``to_dict`` and ``len``."""
 
     def to_dict(self) -> dict[str, Any]:
+        """Every dataclass field as plain Python.
+
+        Returns:
+            ``{field: to_python(value)}`` (tensors become nested lists).
+        """
         return {f.name: to_python(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def __len__(self) -> int:

@@ -39,10 +39,9 @@ from tqdm.auto import tqdm
 
 from vaefast._checks import (
     analysis,
+    check_analysis_inputs,
     check_box,
     check_choice,
-    check_inputs,
-    check_model,
     check_positive_float,
     check_positive_int,
     check_probability,
@@ -110,7 +109,12 @@ class NumericalMargin(ResultMixin):
     )  # fmt: skip
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One dict per point: the per-point fields above (``delta`` left out) and the number of evaluations."""
+        """Plain-Python rows.
+
+        Returns:
+            One dict per point: ``point, r, method``, the per-point fields above (``delta`` left out) and the number
+            of evaluations.
+        """
         rows = []
         for b in range(len(self)):
             row: dict[str, Any] = {"point": int(self.point_index[b]), "r": self.r, "method": self.method}
@@ -121,7 +125,14 @@ class NumericalMargin(ResultMixin):
 
     @staticmethod
     def concat(parts: list[NumericalMargin]) -> NumericalMargin:
-        """The results of consecutive point blocks as one result (same r, method and confidence)."""
+        """The results of consecutive point blocks as one result.
+
+        Args:
+            parts: results with the same r, method and confidence, in point order.
+
+        Returns:
+            Their per-point fields concatenated (tensors along the point axis, evaluations as one list).
+        """
         first = parts[0]
         fields = {
             f.name: torch.cat([getattr(p, f.name) for p in parts])
@@ -314,46 +325,52 @@ def numerical_margin(
         A :class:`NumericalMargin`: per point the margin, the bracket, and the perturbation that broke
         r-robustness at its upper end with the ``p_hat`` (and interval) the search saw there.
     """
-    x = check_inputs(check_model(model), x)
+    x, _, _ = check_analysis_inputs(model, x)
     r = check_positive_float("r", r)
-    method = check_choice("method", method, METHODS)
-    decision = check_choice("decision", decision, DECISIONS)
     tol = check_positive_float("tol", tol)
-    granularity = check_positive_float("granularity", granularity)
-    num_samples = check_positive_int("num_samples", num_samples)
-    confidence = check_probability("confidence", confidence)
-    check_choice("mode", mode, MODES)
-    seed = check_seed("seed", seed)
-    point_offset = check_seed("point_offset", point_offset)
     box = check_box(box)
     clean = None if estimate is None else _clean_outcome(estimate, r, x)
     caps, start_radius = _limits(x, box, max_radius, start_radius, tol)
+    attack, warm_attack = _sphere_attacks(
+        model, box=box, mode=mode, restarts=restarts, num_noise_samples=num_noise_samples, optimizer=optimizer,
+        seed=seed, steps=steps, warm_steps=warm_steps,
+    )  # fmt: skip
+    search = _SearchSettings(
+        method=check_choice("method", method, METHODS),
+        tol=tol,
+        granularity=check_positive_float("granularity", granularity),
+        start_radius=start_radius,
+        warm_start=bool(warm_start) and optimizer != "lbfgsb",
+        attack=attack,
+        warm_attack=warm_attack,
+        decision=check_choice("decision", decision, DECISIONS),
+        num_samples=check_positive_int("num_samples", num_samples),
+        confidence=check_probability("confidence", confidence),
+        seed=check_seed("seed", seed),
+    )
+    point_offset = check_seed("point_offset", point_offset)
+    if not one_at_a_time:
+        return _run(model, x, r, caps, search, point_offset, clean, progress)
+    parts = [
+        _run(model, x[i : i + 1], r, caps[i : i + 1], search, point_offset + i, _slice(clean, i), False)
+        for i in tqdm(range(x.shape[0]), desc=f"margin ({search.method}, per point)", disable=not progress)
+    ]
+    return NumericalMargin.concat(parts)
+
+
+def _sphere_attacks(
+    model: Any, *, box, mode, restarts, num_noise_samples, optimizer, seed, steps, warm_steps
+) -> tuple[MaxDamageAttack, MaxDamageAttack]:
+    """The search's sphere attack (``||delta|| = R``) and its warm-started variant with ``warm_steps`` steps."""
+    check_choice("mode", mode, MODES)
+    seed = check_seed("seed", seed)
     steps = check_positive_int("steps", steps)
     warm_steps = max(5, steps // 3) if warm_steps is None else check_positive_int("warm_steps", warm_steps)
     kw = dict(
         norm="L2", constraint="sphere", mode=mode, restarts=restarts, num_noise_samples=num_noise_samples, box=box,
         optimizer=optimizer, seed=seed,
     )  # fmt: skip
-    search = _SearchSettings(
-        method=method,
-        tol=tol,
-        granularity=granularity,
-        start_radius=start_radius,
-        warm_start=bool(warm_start) and optimizer != "lbfgsb",
-        attack=MaxDamageAttack(model, 1.0, steps=steps, **kw),
-        warm_attack=MaxDamageAttack(model, 1.0, steps=warm_steps, **kw),
-        decision=decision,
-        num_samples=num_samples,
-        confidence=confidence,
-        seed=seed,
-    )
-    if not one_at_a_time:
-        return _run(model, x, r, caps, search, point_offset, clean, progress)
-    parts = [
-        _run(model, x[i : i + 1], r, caps[i : i + 1], search, point_offset + i, _slice(clean, i), False)
-        for i in tqdm(range(x.shape[0]), desc=f"margin ({method}, per point)", disable=not progress)
-    ]
-    return NumericalMargin.concat(parts)
+    return MaxDamageAttack(model, 1.0, steps=steps, **kw), MaxDamageAttack(model, 1.0, steps=warm_steps, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +432,16 @@ def max_decisions(method: str, caps: torch.Tensor, start_radius: float, tol: flo
 
     Bisection: ``1 + ceil(log2(cap / start)) + 1`` doubling rounds and ``ceil(log2(cap / tol)) + 1`` halvings
     (a bracket never exceeds the cap); grid: ``floor(cap / granularity) + 1`` radii, plus the clean point.
+
+    Args:
+        method: ``"bisection"`` or ``"grid"``.
+        caps: ``[B]`` the search limits (the largest one counts).
+        start_radius: the first radius of the bisection's doubling phase.
+        tol: the bisection's final bracket width.
+        granularity: the grid step.
+
+    Returns:
+        ``D``, the Bonferroni divisor of the search's per-decision level.
     """
     cap = float(caps.max())
     if method == "grid":

@@ -37,7 +37,18 @@ def reparam_sample(
     with a Box-Muller transform built from IEEE arithmetic only, so results are bit-identical across CPU,
     CUDA, the pure-PyTorch reference and any chunking of points (``offset``) or samples (``sample_offset``).
     eps is float32; ``mu + sigma * eps`` is computed in float32 (float64 for float64 inputs) and stored in the
-    input dtype. Differentiable in ``mu`` and ``logvar``. Returns ``z`` of shape ``[B, num_samples, d]``.
+    input dtype. Differentiable in ``mu`` and ``logvar``.
+
+    Args:
+        mu: ``[B, d]`` finite floating tensor.
+        logvar: ``[B, d]``, the dtype and device of ``mu``.
+        num_samples: ``S >= 1``.
+        seed: the Philox key, in ``[0, 2**63)``.
+        offset: the global index of point 0 (``offset + B < 2**63``).
+        sample_offset: the index of sample 0 (``sample_offset + S <= 2**32``).
+
+    Returns:
+        ``z`` ``[B, S, d]`` in ``mu``'s dtype.
     """
     mu = check_tensor("mu", mu, ndim=2)
     logvar = check_tensor("logvar", logvar, ndim=2)
@@ -94,9 +105,17 @@ def sphere_hits(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``hits[b, k] = #{s : ||y[b, s] - center[b]||_2 <= radii[k]}`` as int64 ``[B, K]``.
 
-    Reads ``y [B, S, D]`` once and never materialises ``y - center``; distances are accumulated in float32
-    (float64 for float64 y), compared to the radii (any order, K may be 0) as ``distance <= radius``, and
-    returned as ``[B, S]`` with ``return_distances=True``.
+    Reads ``y`` once and never materialises ``y - center``; distances are accumulated in float32 (float64 for
+    float64 y) and compared to the radii as ``distance <= radius`` (in float64).
+
+    Args:
+        y: ``[B, S, D]`` samples (any strides).
+        center: ``[B, D]``, the dtype and device of ``y``.
+        radii: one radius or ``[K]`` (any order, finite and ``> 0``; an empty 1-D tensor gives ``K = 0``).
+        return_distances: also return ``dist[b, s] = ||y[b, s] - center[b]||_2``.
+
+    Returns:
+        ``hits`` ``[B, K]`` (and ``dist`` ``[B, S]`` with ``return_distances``).
     """
     y = check_tensor("y", y, ndim=3, finite=False)
     center = check_tensor("center", center, ndim=2)
@@ -138,13 +157,21 @@ _GRAM_CACHE_SIZE = 8
 
 
 def mlp_activation_param(activation: str, activation_param: float | None) -> float:
-    """Validated activation name and parameter (``None`` -> the torch default for that activation)."""
+    """The parameter of an activation of the fused Jacobian op, validated.
+
+    Args:
+        activation: a name of :data:`vaefast.reference.MLP_ACTIVATIONS`.
+        activation_param: leaky_relu's slope, elu's alpha, softplus' beta (``> 0``); None: torch's default.
+
+    Returns:
+        The parameter as a float.
+    """
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a str, got {type(activation).__name__}")
     if activation not in reference.MLP_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(reference.MLP_ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"activation must be one of {list(reference.MLP_ACTIVATIONS)}, got {activation!r}")
     if activation_param is None:
-        return float(reference.MLP_ACTIVATIONS[activation][1])
+        return float(reference.MLP_ACTIVATIONS[activation].default_param)
     if isinstance(activation_param, bool) or not isinstance(activation_param, (int, float)):
         raise TypeError(f"activation_param must be a real number or None, got {type(activation_param).__name__}")
     value = float(activation_param)
@@ -156,10 +183,17 @@ def mlp_activation_param(activation: str, activation_param: float | None) -> flo
 
 
 def first_layer_gram(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``G = W_1 W_1^T`` [H1, H1] (in ``dtype``), cached per weight tensor object, storage pointer and version.
+    """The first layer's Gram matrix ``G = W_1 W_1^T``, cached per weight tensor object, storage and version.
 
     The cache holds a weak reference to ``weight`` and checks it is the very same object, so a freed tensor whose
     memory is reused can never hit a stale entry; in-place updates bump ``_version`` and miss.
+
+    Args:
+        weight: ``W_1`` ``[H1, D]``.
+        dtype: of ``G`` (default: ``weight``'s).
+
+    Returns:
+        ``G`` ``[H1, H1]``.
     """
     dtype = weight.dtype if dtype is None else dtype
     if torch.compiler.is_compiling():
@@ -247,12 +281,23 @@ def mlp_jacobian_frobenius(
 
     ``x`` [B, D]; ``weights[l]`` [H_l, H_{l-1}] (``nn.Linear.weight``); ``biases[l]`` [H_l]; ``activation`` one of
     relu, leaky_relu (param: negative slope), elu (alpha), tanh, sigmoid, softplus (beta; torch's threshold 20),
-    gelu (erf), gelu_tanh, silu. Fused reverse accumulation of ``W_L diag(phi'(h_{L-1})) ... W_1`` (SPEC §2); the
-    first layer uses ``||M W_1||_F^2 = sum_rows m G m^T`` with the cached ``G = W_1 W_1^T`` (multiplied by its upper
-    triangle in column blocks) when that needs fewer flops than ``M W_1`` (about when ``H_1 < 1.6 D``).
-    The Gram form sums terms of both signs, so in float32 it loses relative accuracy when ``||J||_F`` is tiny next
-    to ``||M|| ||W_1||`` (results are clamped at 0, never NaN); use float64 for such ill-conditioned nets.
-    float16/bfloat16 inputs are computed in float32. Not differentiable: the result carries no autograd graph.
+    gelu (erf), gelu_tanh, silu. Fused reverse accumulation of ``M = W_L diag(phi'(h_{L-1})) ... W_2
+    diag(phi'(h_1))``; the first layer uses ``||M W_1||_F^2 = sum_rows m G m^T`` with the cached ``G = W_1 W_1^T``
+    (multiplied by its upper triangle in column blocks) when that needs fewer flops than ``M W_1`` (about when
+    ``H_1 < 1.6 D``). The Gram form sums terms of both signs, so in float32 it loses relative accuracy when
+    ``||J||_F`` is tiny next to ``||M|| ||W_1||`` (results are clamped at 0, never NaN); use float64 for such
+    ill-conditioned nets. float16/bfloat16 inputs are computed in float32. Not differentiable: the result carries
+    no autograd graph.
+
+    Args:
+        x: ``[B, D]``.
+        weights: ``[W_1, ..., W_L]``, ``W_l`` ``[H_l, H_{l-1}]``, the dtype and device of ``x``.
+        biases: ``[b_1, ..., b_L]``, ``b_l`` ``[H_l]``.
+        activation: the activation ``phi`` between layers.
+        activation_param: its parameter (None: torch's default).
+
+    Returns:
+        ``[B]`` in ``x``'s dtype.
     """
     weights, biases = _check_mlp(x, weights, biases)
     param = mlp_activation_param(activation, activation_param)

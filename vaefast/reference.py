@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from vaefast._chunks import points_per_batch, spans
 
 # --- reparam_sample --------------------------------------------------------------------------------
 # Mirrors csrc/common/philox.h and csrc/common/reparam_math.h operation for operation (same float32 constants,
@@ -42,7 +49,15 @@ def _mul32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32_10(
     c: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], k0: int, k1: int
 ) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 on int64 tensors holding uint32 words (broadcasting), key (k0, k1)."""
+    """Philox4x32-10: ten rounds of the Philox S-box with the key bumped by the Weyl constants between rounds.
+
+    Args:
+        c: the counter, four int64 tensors holding uint32 words (broadcast against each other).
+        k0, k1: the key words.
+
+    Returns:
+        The four output words (int64 tensors holding uint32 values).
+    """
     x0, x1, x2, x3 = c
     for r in range(10):
         if r > 0:
@@ -110,7 +125,14 @@ def _sincos_turn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded IEEE square root (numpy's; ``torch.sqrt`` on CPU may be off by an ulp)."""
+    """Correctly rounded IEEE square root (numpy's; ``torch.sqrt`` on CPU may be off by an ulp).
+
+    Args:
+        x: a float tensor (any device).
+
+    Returns:
+        ``sqrt(x)`` on ``x``'s device.
+    """
     return torch.from_numpy(np.sqrt(x.detach().cpu().numpy())).to(x.device)
 
 
@@ -127,6 +149,15 @@ def reparam_eps(
 
     Philox counter (j // 4, sample_offset + s, lo32(offset + b), hi32(offset + b)), key (lo32(seed),
     hi32(seed)); its words (x0, x1) -> eps[4q], eps[4q+1] and (x2, x3) -> eps[4q+2], eps[4q+3] by Box-Muller.
+
+    Args:
+        num_points, num_samples, latent_dim: ``B``, ``S``, ``d``.
+        seed: the key.
+        offset: the global index of point 0.
+        sample_offset: the index of sample 0.
+
+    Returns:
+        ``eps`` ``[B, S, d]`` float32 on CPU.
     """
     q = (latent_dim + 3) // 4
     point = (offset + torch.arange(num_points, dtype=torch.int64)).view(-1, 1, 1)
@@ -142,7 +173,17 @@ def reparam_eps(
 
 
 def exp_det(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) in x's dtype (float32/float64) from +, -, *, floor and exponent bits, as ``rmath::exp_det``."""
+    """``exp(x)`` from +, -, *, floor and exponent bits only, as ``rmath::exp_det`` (identical on every device).
+
+    ``x = n ln 2 + r`` (Cody–Waite split of ln 2), ``exp(r)`` by its Taylor polynomial (degree 13 in float64, 8 in
+    float32), scaled by ``2^n`` as two exact powers of two.
+
+    Args:
+        x: float32 or float64 (clamped to the range where the result is finite and normal).
+
+    Returns:
+        ``exp(x)`` in ``x``'s dtype.
+    """
     if x.dtype == torch.float64:
         lo, hi, log2e, ln2_hi, ln2_lo, degree = (
             -746.0,
@@ -204,15 +245,35 @@ class _ReparamSample(torch.autograd.Function):
 
 
 def reparam_backward(grad: torch.Tensor, mu: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d mu, d logvar) of z = mu + exp(logvar/2) eps given dL/dz: (sum_s g, 1/2 sum_s g (z - mu))."""
+    """The gradients of ``z = mu + exp(logvar / 2) eps`` (``sigma eps = z - mu``, so eps is not needed).
+
+    Args:
+        grad: ``g = dL/dz`` ``[B, S, d]``.
+        mu: ``[B, d]``.
+        z: ``[B, S, d]``.
+
+    Returns:
+        ``(dL/dmu, dL/dlogvar) = (sum_s g, 1/2 sum_s g (z - mu))``.
+    """
     return grad.sum(1), 0.5 * (grad * (z - mu.unsqueeze(1))).sum(1)
 
 
 def reparam_sample(
     mu: torch.Tensor, logvar: torch.Tensor, num_samples: int, seed: int = 0, offset: int = 0, sample_offset: int = 0
 ) -> torch.Tensor:
-    """z[b, s, :] = mu[b] + exp(logvar[b] / 2) * eps[b, s, :] (float32 eps, arithmetic in float32/float64),
-    differentiable in mu and logvar; bit-identical to ``torch.ops.vaefast.reparam_sample``."""
+    """``z[b, s, :] = mu[b] + exp(logvar[b] / 2) * eps[b, s, :]``, bit for bit as ``torch.ops.vaefast.reparam_sample``.
+
+    eps from :func:`reparam_eps` (float32), the arithmetic in float32 (float64 for float64 inputs), differentiable in
+    ``mu`` and ``logvar``.
+
+    Args:
+        mu, logvar: ``[B, d]``.
+        num_samples: ``S``.
+        seed, offset, sample_offset: as in :func:`reparam_eps`.
+
+    Returns:
+        ``z`` ``[B, S, d]`` in ``mu``'s dtype.
+    """
     return _ReparamSample.apply(mu, logvar, num_samples, seed, offset, sample_offset)
 
 
@@ -220,13 +281,21 @@ def reparam_sample(
 
 
 def sphere_distances(y: torch.Tensor, center: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """dist[b, s] = ||y[b, s] - center[b]||_2: the sum of squares in float64, rounded to the accumulation
-    dtype (float64 for float64 y, else float32), then the square root in that dtype."""
+    """``dist[b, s] = ||y[b, s] - center[b]||_2``: the sum of squares in float64, rounded to the accumulation dtype
+    (float64 for float64 y, else float32), then the correctly rounded square root in that dtype.
+
+    Args:
+        y: ``[B, S, D]``.
+        center: ``[B, D]``.
+        chunk_elements: numbers of ``y`` per float64 batch.
+
+    Returns:
+        ``[B, S]``.
+    """
     acc = _acc_dtype(y.dtype)
-    step = max(1, chunk_elements // max(1, y.shape[1] * y.shape[2]))
     parts = []
-    for b0 in range(0, y.shape[0], step):
-        diff = y[b0 : b0 + step].to(torch.float64) - center[b0 : b0 + step].to(torch.float64).unsqueeze(1)
+    for b0, b1 in spans(y.shape[0], points_per_batch(max(1, y.shape[1] * y.shape[2]), 1, chunk_elements)):
+        diff = y[b0:b1].to(torch.float64) - center[b0:b1].to(torch.float64).unsqueeze(1)
         parts.append(sqrt_rn((diff * diff).sum(-1).to(acc)))
     return torch.cat(parts) if parts else y.new_zeros((0, y.shape[1]), dtype=acc)
 
@@ -234,8 +303,18 @@ def sphere_distances(y: torch.Tensor, center: torch.Tensor, chunk_elements: int 
 def sphere_hits(
     y: torch.Tensor, center: torch.Tensor, radii: torch.Tensor, return_distances: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """hits[b, k] = #{s : ||y[b, s] - center[b]||_2 <= radii[k]} (int64), compared in float64; optionally
-    also the distances [B, S]."""
+    """``hits[b, k] = #{s : ||y[b, s] - center[b]||_2 <= radii[k]}``, the distances of :func:`sphere_distances`
+    compared in float64.
+
+    Args:
+        y: ``[B, S, D]``.
+        center: ``[B, D]``.
+        radii: ``[K]``.
+        return_distances: also return the distances.
+
+    Returns:
+        ``hits`` int64 ``[B, K]`` (and ``dist`` ``[B, S]``).
+    """
     dist = sphere_distances(y, center)
     hits = (dist.to(torch.float64).unsqueeze(-1) <= radii.to(torch.float64, copy=False).to(y.device)).sum(1)
     return (hits, dist) if return_distances else hits
@@ -243,26 +322,115 @@ def sphere_hits(
 
 # --- mlp_jacobian_frobenius ------------------------------------------------------------------------
 
-# Activations the fused Jacobian op understands: name -> (phi(h, param), default param). The derivative the
-# reference uses is taken by autograd on these very functions, so it is independent of the kernels' closed forms.
-MLP_ACTIVATIONS: dict[str, tuple] = {
-    "relu": (lambda h, p: torch.relu(h), 0.0),
-    "leaky_relu": (lambda h, p: torch.nn.functional.leaky_relu(h, p), 0.01),
-    "elu": (lambda h, p: torch.nn.functional.elu(h, p), 1.0),
-    "tanh": (lambda h, p: torch.tanh(h), 0.0),
-    "sigmoid": (lambda h, p: torch.sigmoid(h), 0.0),
-    "softplus": (lambda h, p: torch.nn.functional.softplus(h, beta=p, threshold=20.0), 1.0),
-    "gelu": (lambda h, p: torch.nn.functional.gelu(h), 0.0),
-    "gelu_tanh": (lambda h, p: torch.nn.functional.gelu(h, approximate="tanh"), 0.0),
-    "silu": (lambda h, p: torch.nn.functional.silu(h), 0.0),
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation of ``csrc/common/activations.h``: its function, default parameter and ``nn.Module`` form.
+
+    Attributes:
+        fn: ``phi(h, p)`` elementwise (``p``: leaky_relu's negative slope, elu's alpha, softplus' beta with torch's
+            threshold 20; ignored by the others). The reference's ``phi'`` is autograd on this very function, so it
+            is independent of the kernels' closed forms.
+        default_param: torch's default ``p``.
+        module_type: the ``nn.Module`` class computing it.
+        make: ``p -> nn.Module`` computing ``phi(., p)``.
+        param_of: ``module -> p`` for an instance of ``module_type`` that computes this activation, else None
+            (e.g. a softplus with another threshold, or the other GELU approximation).
+    """
+
+    fn: Callable[[torch.Tensor, float], torch.Tensor]
+    default_param: float
+    module_type: type[nn.Module]
+    make: Callable[[float], nn.Module]
+    param_of: Callable[[nn.Module], float | None]
+
+
+def _no_param(module_type: type[nn.Module], fn: Callable[[torch.Tensor], torch.Tensor], **kwargs: Any) -> Activation:
+    """A parameterless activation ``module_type(**kwargs)``: matches instances whose attributes equal ``kwargs``."""
+    return Activation(
+        fn=lambda h, p: fn(h),
+        default_param=0.0,
+        module_type=module_type,
+        make=lambda p: module_type(**kwargs),
+        param_of=lambda m: 0.0 if all(getattr(m, k) == v for k, v in kwargs.items()) else None,
+    )
+
+
+def _softplus_beta(module: nn.Module) -> float | None:
+    """softplus' beta when the module uses torch's default threshold (the only one the kernels implement)."""
+    return float(module.beta) if float(module.threshold) == 20.0 and module.beta > 0 else None
+
+
+# The one table of activations (the fused Jacobian op, the reference, vaefast's networks and the MLP recogniser),
+# in the order of ``vaefast::act::Kind``.
+MLP_ACTIVATIONS: dict[str, Activation] = {
+    "relu": _no_param(nn.ReLU, torch.relu),
+    "leaky_relu": Activation(
+        lambda h, p: F.leaky_relu(h, p), 0.01, nn.LeakyReLU, nn.LeakyReLU, lambda m: float(m.negative_slope)
+    ),
+    "elu": Activation(lambda h, p: F.elu(h, p), 1.0, nn.ELU, nn.ELU, lambda m: float(m.alpha)),
+    "tanh": _no_param(nn.Tanh, torch.tanh),
+    "sigmoid": _no_param(nn.Sigmoid, torch.sigmoid),
+    "softplus": Activation(
+        lambda h, p: F.softplus(h, beta=p, threshold=20.0), 1.0, nn.Softplus, lambda p: nn.Softplus(p), _softplus_beta
+    ),
+    "gelu": _no_param(nn.GELU, F.gelu, approximate="none"),
+    "gelu_tanh": _no_param(nn.GELU, lambda h: F.gelu(h, approximate="tanh"), approximate="tanh"),
+    "silu": _no_param(nn.SiLU, F.silu),
 }
+
+
+def activation_module(name: str, param: float | None = None) -> nn.Module:
+    """The ``nn.Module`` computing activation ``name``.
+
+    Args:
+        name: a key of :data:`MLP_ACTIVATIONS`.
+        param: its parameter ``p`` (None: torch's default).
+
+    Returns:
+        A module computing ``phi(h, p)``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in MLP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(MLP_ACTIVATIONS)}, got {name!r}")
+    act = MLP_ACTIVATIONS[name]
+    return act.make(act.default_param if param is None else float(param))
+
+
+def activation_of(module: nn.Module) -> tuple[str, float] | None:
+    """The table entry a module computes (exact types only: a subclass may change the function).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``(name, p)`` when ``module`` is one of :data:`MLP_ACTIVATIONS`, else None.
+    """
+    for name, act in MLP_ACTIVATIONS.items():
+        if type(module) is act.module_type:
+            param = act.param_of(module)
+            if param is not None:
+                return name, param
+    return None
 
 
 def mlp_forward(
     x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], activation: str, activation_param: float
 ) -> torch.Tensor:
-    """``mu = W_L phi(... phi(W_1 x + b_1) ...) + b_L`` for a batch ``x[B, D]``."""
-    phi = MLP_ACTIVATIONS[activation][0]
+    """The MLP ``mu = W_L phi(... phi(W_1 x + b_1) ...) + b_L``.
+
+    Args:
+        x: ``[B, D]``.
+        weights, biases: ``W_l`` ``[H_l, H_{l-1}]`` and ``b_l`` ``[H_l]``.
+        activation: a name of :data:`MLP_ACTIVATIONS`.
+        activation_param: its parameter.
+
+    Returns:
+        ``mu`` ``[B, H_L]``.
+    """
+    phi = MLP_ACTIVATIONS[activation].fn
     a = x
     for layer, (w, b) in enumerate(zip(weights, biases, strict=True)):
         a = a @ w.T + b
@@ -279,8 +447,14 @@ def mlp_jacobian(
     The chain rule in reverse order (``d`` rows per point, cheap when ``d`` is small): start from ``W_L`` and
     multiply by ``diag(phi'(h_l)) W_l`` layer by layer, with ``phi'`` taken elementwise by autograd on the
     activation itself.
+
+    Args:
+        x, weights, biases, activation, activation_param: as in :func:`mlp_forward`.
+
+    Returns:
+        ``J`` ``[B, H_L, D]``.
     """
-    phi = MLP_ACTIVATIONS[activation][0]
+    phi = MLP_ACTIVATIONS[activation].fn
     pre_activations = []
     a = x
     for w, b in zip(weights[:-1], biases[:-1], strict=True):
@@ -302,5 +476,12 @@ def mlp_jacobian_frobenius(
     activation: str,
     activation_param: float,
 ) -> torch.Tensor:
-    """``||d mu / d x||_F`` per point from the explicit Jacobian of :func:`mlp_jacobian` -> [B]."""
+    """``||d mu / d x||_F`` per point from the explicit Jacobian of :func:`mlp_jacobian`.
+
+    Args:
+        x, weights, biases, activation, activation_param: as in :func:`mlp_forward`.
+
+    Returns:
+        ``[B]``.
+    """
     return mlp_jacobian(x, weights, biases, activation, activation_param).flatten(1).norm(dim=1)

@@ -1,15 +1,15 @@
-"""r-robustness estimators (SPEC §1): Monte-Carlo ``p_r``, the smallest robust radius ``r*``, a sequential
-r-robustness test, and the input-space margin bound with its variants.
+"""r-robustness estimators: Monte-Carlo ``p_r``, the smallest robust radius ``r*``, a sequential r-robustness test,
+and the first-order lower bounds on the input-space margin.
 
-Notation as in SPEC §1: ``z = mu(x+delta) + sigma(x+delta) * eps`` with ``eps ~ N(0, I_d)`` drawn by
-:func:`vaefast.ops.reparam_sample` (Philox keyed by ``(seed, point_offset + b, sample index, latent index)``),
-distortion ``||g(z) - g(mu(x))||_2`` on flattened decoder means (the reference is always the *clean* x),
-``p_r = P(distortion <= r)``, r-robust iff ``p_r > 1/2``.
+Notation: ``z = mu(x + delta) + sigma(x + delta) * eps`` with ``eps ~ N(0, I_d)`` drawn by
+:func:`vaefast.ops.reparam_sample` (Philox keyed by ``(seed, point_offset + b, sample index, latent index)``), the
+distortion ``||g(z) - g(mu(x))||_2`` between flattened decoder means (the reference is always the *clean* x),
+``p_r = P(distortion <= r)``; the model is r-robust at ``(x, delta)`` iff ``p_r > 1/2``.
 
-Streaming: decoder batches hold at most ``max_batch_elements`` output numbers (points x samples x D); the samples
-of a point are processed in chunks of ``sample_chunk`` and points in chunks of ``point_chunk``. Because eps is keyed
-by global (point, sample) indices, every result is independent of the chunking. For ``r*`` the S distances of the
-points of one point chunk are kept (``point_chunk x S`` floats) and reduced with ``kthvalue`` before the next chunk.
+Streaming: decoder batches hold at most ``max_batch_elements`` output numbers (points x samples x D), chunked by
+:func:`vaefast._chunks.chunk_sizes`. Because eps is keyed by global (point, sample) indices, every result is
+independent of the chunking. For ``r*`` the S distances of the points of one point chunk are kept
+(``point_chunk x S`` floats) and reduced with ``kthvalue`` before the next chunk.
 
 Every entry point is an analysis of a trained model (:func:`vaefast._checks.analysis`): the model runs in eval mode
 (dropout off, batch norm on its running statistics) and every submodule's own training flag is restored afterwards;
@@ -30,13 +30,13 @@ from vaefast import ops
 from vaefast._checks import (
     analysis,
     as_radii,
+    check_analysis_inputs,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_seed,
-    check_tensor,
-    model_input_shape,
 )
+from vaefast._chunks import chunk_sizes, spans
 from vaefast._results import ResultMixin
 from vaefast.rng import id_runs
 from vaefast.stats import clopper_pearson, sequential_decision, sequential_schedule
@@ -57,9 +57,18 @@ DEFAULT_MAX_BATCH_ELEMENTS = 2**24  # decoder outputs per batch: 64 MB of float3
 # --- results ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class RRobustnessResult(ResultMixin):
-    """Per point b and radius k: ``hits[b,k] = #{s: ||Delta_s|| <= radii[k]}`` of ``num_samples``, ``p_hat = hits/S``,
-    two-sided Clopper–Pearson ``[ci_low, ci_high]`` at ``confidence``, ``robust = p_hat > 1/2``; per point
-    ``r_star = d_(floor(S/2)+1)`` (the smallest r with ``p_hat_r > 1/2``). ``point_index``: global RNG key per point.
+    """Monte-Carlo r-robustness of ``B`` points at ``K`` radii from ``S = num_samples`` samples each.
+
+    Attributes:
+        p_hat: ``[B, K]`` ``hits / S``, the estimate of ``p_r(x, delta)``.
+        ci_low, ci_high: ``[B, K]`` the two-sided Clopper–Pearson interval of ``p_hat`` at ``confidence``.
+        hits: ``[B, K]`` int64 ``#{s : ||Delta_s|| <= radii[k]}``.
+        num_samples: ``S``.
+        robust: ``[B, K]`` ``p_hat > 1/2``.
+        r_star: ``[B]`` ``d_(floor(S/2)+1)``, the smallest radius with ``p_hat_r > 1/2`` (sorted distances ``d``).
+        radii: ``[K]`` float64, in the order asked.
+        confidence: the interval's confidence.
+        point_index: ``[B]`` the global point ids keying the random numbers.
     """
 
     p_hat: torch.Tensor
@@ -74,7 +83,12 @@ class RRobustnessResult(ResultMixin):
     point_index: torch.Tensor
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """One row per (point, radius) — one row per point when a single radius was asked."""
+        """Plain-Python rows.
+
+        Returns:
+            One dict per (point, radius), points outer: ``point, r, hits, num_samples, p_hat, ci_low, ci_high,
+            robust, r_star``.
+        """
         rows = []
         for b in range(len(self)):
             for k in range(self.radii.shape[0]):
@@ -96,8 +110,18 @@ class RRobustnessResult(ResultMixin):
 
 @dataclasses.dataclass
 class RobustnessDecision(ResultMixin):
-    """Outcome of the sequential test: ``robust`` (the decision; ``p_hat > 1/2`` where undecided), ``decided`` (the
-    confidence bound excluded 1/2 before ``max_samples``), samples used, ``hits`` and ``p_hat = hits/samples_used``."""
+    """Outcome of the sequential test of ``p_r(x, delta) > 1/2`` for ``B`` points.
+
+    Attributes:
+        robust: ``[B]`` the decision (``p_hat > 1/2`` where undecided).
+        decided: ``[B]`` whether the confidence bound excluded 1/2 before ``max_samples``.
+        samples_used: ``[B]`` int64 samples drawn for the point.
+        p_hat: ``[B]`` ``hits / samples_used``.
+        hits: ``[B]`` int64 samples within the radius.
+        r: the radius.
+        confidence: the family-wise confidence of the decisions.
+        point_index: ``[B]`` the global point ids keying the random numbers.
+    """
 
     robust: torch.Tensor
     decided: torch.Tensor
@@ -109,6 +133,11 @@ class RobustnessDecision(ResultMixin):
     point_index: torch.Tensor
 
     def to_rows(self) -> list[dict[str, Any]]:
+        """Plain-Python rows.
+
+        Returns:
+            One dict per point: ``point, r, robust, decided, samples_used, hits, p_hat``.
+        """
         return [
             {
                 "point": int(self.point_index[b]),
@@ -125,7 +154,24 @@ class RobustnessDecision(ResultMixin):
 
 @dataclasses.dataclass
 class MarginBound(ResultMixin):
-    """The SPEC §1 lower bounds on the margin ``R^r_X(x)`` and their components (see :func:`margin_bound`)."""
+    """First-order lower bounds on the margin ``R^r_X(x)`` of ``B`` points and their components.
+
+    With ``q = Phi^-1(p_hat)`` (``p_hat = p_hat_r(x, 0)``) and ``sigma_min = min_i sigma(x)_i``:
+
+    Attributes:
+        bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_F`` (the paper's bound).
+        certified_bound: ``[B]`` ``sigma_min Phi^-1(ci_low) / ||J_mu(x)||_F`` (0 where ``ci_low <= 1/2``).
+        spectral_bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_2``.
+        whitened_bound: ``[B]`` ``q / ||diag(sigma(x))^-1 J_mu(x)||_2``.
+        latent_margin: ``[B]`` ``sigma_min q``.
+        sigma_min: ``[B]`` the smallest encoder standard deviation.
+        jac_frobenius, jac_spectral: ``[B]`` ``||J_mu(x)||_F`` and ``||J_mu(x)||_2``.
+        jac_whitened_spectral: ``[B]`` ``||diag(sigma(x))^-1 J_mu(x)||_2``.
+        p_hat, ci_low, hits: ``[B]`` the clean estimate the bounds use.
+        certified: ``[B]`` ``p_hat > 1/2`` (all bounds are 0 elsewhere).
+        saturated: ``[B]`` ``p_hat = 1``, where ``q`` uses the half-count rule ``p_hat -> 1 - 1/(2S)``.
+        r, num_samples, confidence: the settings; ``point_index``: the global point ids.
+    """
 
     bound: torch.Tensor
     certified_bound: torch.Tensor
@@ -152,6 +198,11 @@ class MarginBound(ResultMixin):
     )  # fmt: skip
 
     def to_rows(self) -> list[dict[str, Any]]:
+        """Plain-Python rows.
+
+        Returns:
+            One dict per point: ``point, r, num_samples`` and every per-point attribute.
+        """
         rows = []
         for b in range(len(self)):
             row: dict[str, Any] = {"point": int(self.point_index[b]), "r": self.r, "num_samples": self.num_samples}
@@ -161,59 +212,24 @@ class MarginBound(ResultMixin):
         return rows
 
 
-# --- input handling --------------------------------------------------------------------------------------------------
-def _model_float(model: Any, x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of the model's parameters (x's own for parameterless models)."""
-    params = list(model.parameters()) if isinstance(model, nn.Module) else []
-    params += list(model.buffers()) if isinstance(model, nn.Module) else []
-    for p in params:
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return x.device, x.dtype
-
-
-def _prepare(model: Any, x: object, delta: object | None) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
-    """Validate ``x[B, *input_shape]`` (and ``delta`` of x's shape or ``input_shape``); cast to the model's dtype."""
-    x = check_tensor("x", x)
-    shape = model_input_shape(model, x)
-    if tuple(x.shape[1:]) != shape or x.dim() != len(shape) + 1:
-        raise ValueError(
-            f"x must have shape [B, {', '.join(map(str, shape))}] (model.input_shape), got {tuple(x.shape)}"
-        )
-    device, dtype = _model_float(model, x)
-    if x.device != device:
-        raise ValueError(f"x is on {x.device} but the model is on {device}")
-    x = x.to(dtype)
-    if delta is not None:
-        delta = check_tensor("delta", delta)
-        if tuple(delta.shape) not in (tuple(x.shape), shape):
-            raise ValueError(
-                f"delta must have the shape of x {tuple(x.shape)} or of one input {shape}, got {tuple(delta.shape)}"
-            )
-        if delta.device != device:
-            raise ValueError(f"delta is on {delta.device} but the model is on {device}")
-        delta = delta.to(dtype).expand_as(x)
-    return x, delta, shape
-
-
+# --- sampling and counting -------------------------------------------------------------------------------------------
 def _check_max_batch_elements(value: int | None) -> int:
     """The decoder batch bound (output numbers per decoder call); ``None`` is the default."""
     return DEFAULT_MAX_BATCH_ELEMENTS if value is None else check_positive_int("max_batch_elements", value)
 
 
-def _check_offset(point_offset: object) -> int:
-    return check_seed("point_offset", point_offset)
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """Samples ``start .. start + count - 1`` of every point on the stream ``seed``, ``chunk`` samples per decode."""
 
-
-def _chunks(num_points: int, num_samples: int, out_dim: int, max_elements: int) -> tuple[int, int]:
-    """``(point_chunk, sample_chunk)`` with ``point_chunk * sample_chunk * out_dim <= max_elements`` when possible
-    (at least one sample of one point per batch)."""
-    sample_chunk = max(1, min(num_samples, max_elements // out_dim))
-    point_chunk = max(1, min(num_points, max_elements // (sample_chunk * out_dim)))
-    return point_chunk, sample_chunk
+    seed: int
+    start: int
+    count: int
+    chunk: int
 
 
 def _encode(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.encode(x)``, checked to be ``(mu, logvar)`` of shape ``[B, d]``."""
     mu, logvar = model.encode(x)
     if mu.dim() != 2 or logvar.shape != mu.shape or mu.shape[0] != x.shape[0]:
         raise ValueError(
@@ -222,13 +238,22 @@ def _encode(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, logvar
 
 
-def _sample(
-    mu: torch.Tensor, logvar: torch.Tensor, ids: torch.Tensor, num: int, seed: int, sample_offset: int
-) -> torch.Tensor:
-    """``z[b, s] = mu[b] + sigma[b] * eps(seed, ids[b], sample_offset + s)`` for arbitrary (sorted) global ids."""
+def _posterior_and_center(
+    model: Any, x: torch.Tensor, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mu, logvar)`` of ``q(z | x + delta)`` and the flattened reference reconstruction ``g(mu(x))`` ``[B, D]``."""
+    mu, logvar = _encode(model, x)
+    center = model.decode(mu).reshape(x.shape[0], -1)
+    if delta is not None:
+        mu, logvar = _encode(model, x + delta)
+    return mu, logvar, center
+
+
+def _sample(mu: torch.Tensor, logvar: torch.Tensor, ids: torch.Tensor, num: int, seed: int, start: int) -> torch.Tensor:
+    """``z[b, s] = mu[b] + sigma[b] * eps(seed, ids[b], start + s)`` for arbitrary global ids ``[B, num, d]``."""
     mu, logvar = mu.contiguous(), logvar.contiguous()  # e.g. halves of one Linear's output
     parts = [
-        ops.reparam_sample(mu[p : p + n], logvar[p : p + n], num, seed=seed, offset=first, sample_offset=sample_offset)
+        ops.reparam_sample(mu[p : p + n], logvar[p : p + n], num, seed=seed, offset=first, sample_offset=start)
         for p, n, first in id_runs(ids)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
@@ -236,30 +261,28 @@ def _sample(
 
 def _count_hits(
     model: Any,
-    mu: torch.Tensor,
-    logvar: torch.Tensor,
+    posterior: tuple[torch.Tensor, torch.Tensor],
     center: torch.Tensor,
     radii: torch.Tensor,
     ids: torch.Tensor,
-    num_samples: int,
-    sample_offset: int,
-    sample_chunk: int,
-    seed: int,
+    draw: _Draw,
     keep_distances: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hits ``[b, K]`` (int64) of samples ``sample_offset .. sample_offset+num_samples-1`` for one point chunk, and
-    their distances ``[b, num_samples]`` if asked (``radii``: float64, any order)."""
+    """Hits ``[b, K]`` (int64) of the samples ``draw`` for one point chunk, and their distances ``[b, count]``.
+
+    ``hits[b, k] = #{s : ||g(z_bs) - center_b||_2 <= radii[k]}`` (radii float64, any order); the distances (float32,
+    float64 for a float64 decoder) only with ``keep_distances``.
+    """
+    mu, logvar = posterior
     b, d = mu.shape
     hits = torch.zeros(b, radii.shape[0], dtype=torch.int64, device=mu.device)
     dist_dtype = torch.float64 if center.dtype == torch.float64 else torch.float32  # sphere_hits distance dtype
-    dist = torch.empty(b, num_samples, dtype=dist_dtype, device=mu.device) if keep_distances else None
-    for s0 in range(0, num_samples, sample_chunk):
-        n = min(sample_chunk, num_samples - s0)
-        z = _sample(mu, logvar, ids, n, seed, sample_offset + s0)
-        y = model.decode(z.reshape(b * n, d)).reshape(b, n, -1)
+    dist = torch.empty(b, draw.count, dtype=dist_dtype, device=mu.device) if keep_distances else None
+    for s0, s1 in spans(draw.count, draw.chunk):
+        z = _sample(mu, logvar, ids, s1 - s0, draw.seed, draw.start + s0)
+        y = model.decode(z.reshape(b * (s1 - s0), d)).reshape(b, s1 - s0, -1)
         if keep_distances:
-            h, dd = ops.sphere_hits(y, center, radii, return_distances=True)
-            dist[:, s0 : s0 + n] = dd  # type: ignore[index]
+            h, dist[:, s0:s1] = ops.sphere_hits(y, center, radii, return_distances=True)  # type: ignore[index]
         else:
             h = ops.sphere_hits(y, center, radii)
         hits += h
@@ -267,6 +290,38 @@ def _count_hits(
 
 
 # --- the estimator ---------------------------------------------------------------------------------------------------
+def _estimate(
+    model: Any,
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    radii: torch.Tensor,
+    ids: torch.Tensor,
+    num_samples: int,
+    seed: int,
+    max_elements: int,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hits ``[B, K]`` and ``r* [B]`` (CPU) of all points, point chunk by point chunk."""
+    num_points = x.shape[0]
+    point_chunk, sample_chunk = chunk_sizes(num_points, num_samples, x[0].numel(), max_elements)
+    draw = _Draw(seed, 0, num_samples, sample_chunk)
+    radii_dev = radii.to(x.device)  # compared in float64 with the distances (float32 for float32 decoders)
+    hits = torch.empty(num_points, radii.shape[0], dtype=torch.int64)
+    r_star = torch.empty(num_points, dtype=torch.float64)
+    chunks = spans(num_points, point_chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, total=math.ceil(num_points / point_chunk), desc="r-robustness", unit="chunk")
+    with torch.no_grad():
+        for b0, b1 in chunks:
+            mu, logvar, center = _posterior_and_center(model, x[b0:b1], None if delta is None else delta[b0:b1])
+            h, dist = _count_hits(model, (mu, logvar), center, radii_dev, ids[b0:b1], draw, True)
+            hits[b0:b1] = h.cpu()
+            r_star[b0:b1] = dist.kthvalue(num_samples // 2 + 1, dim=1).values.to(torch.float64).cpu()  # type: ignore[union-attr]
+    return hits, r_star
+
+
 @analysis
 def estimate_r_robustness(
     model: nn.Module,
@@ -282,46 +337,35 @@ def estimate_r_robustness(
 ) -> RRobustnessResult:
     """Monte-Carlo r-robustness of ``model`` at ``x`` (optionally perturbed by ``delta``) for every radius.
 
-    ``z_s ~ q(z | x + delta)`` (S = ``num_samples``), ``d_s = ||g(z_s) - g(mu(x))||_2``; per radius
-    ``p_hat = #{d_s <= r} / S`` with a two-sided Clopper–Pearson interval at ``confidence``; ``robust = p_hat > 1/2``;
-    ``r_star = d_(floor(S/2)+1)``. Point ``b`` uses RNG key ``point_offset + b`` (pass the global index when a data
-    set is split across calls). Decoder batches hold ``<= max_batch_elements`` output numbers (default 2**24); the
-    samples are bit-identical for any value, so hits are too and r* differs at most by the decoder's own
-    batch-size-dependent rounding. x (and delta) are cast to the model's parameter dtype and must be on its device;
-    distances are float32 (float64 for float64 models). ``progress`` shows a tqdm bar over point chunks.
+    ``z_s ~ q(z | x + delta)``, ``d_s = ||g(z_s) - g(mu(x))||_2`` (s = 1..S); per radius ``p_hat = #{d_s <= r} / S``
+    with a two-sided Clopper–Pearson interval, ``robust = p_hat > 1/2``; ``r_star = d_(floor(S/2)+1)``.
+
+    Args:
+        model: a protocol model (run in eval mode; the caller's modes are restored).
+        x: ``[B, *input_shape]`` on the model's device; cast to the model's parameter dtype.
+        radii: one radius or a sequence (any order), all finite and ``> 0``.
+        num_samples: ``S``.
+        delta: None, one perturbation ``[*input_shape]`` for all points, or ``[B, *input_shape]``.
+        seed: the Monte-Carlo stream.
+        confidence: of the Clopper–Pearson interval.
+        max_batch_elements: decoder outputs per decoder call (default 2**24). The samples are bit-identical for any
+            value, so hits are too; r* differs at most by the decoder's own batch-size-dependent rounding.
+        point_offset: point ``b`` uses the RNG key ``point_offset + b`` (the global index when a data set is split
+            across calls).
+        progress: a tqdm bar over point chunks.
+
+    Returns:
+        An :class:`RRobustnessResult`; distances are float32 (float64 for float64 models).
     """
     radii_t = as_radii("radii", radii)
     num_samples = check_positive_int("num_samples", num_samples)
     seed = check_seed("seed", seed)
     confidence = check_probability("confidence", confidence)
-    point_offset = _check_offset(point_offset)
-    max_elems = _check_max_batch_elements(max_batch_elements)
-    x, delta, shape = _prepare(model, x, delta)
-    num_points, out_dim = x.shape[0], math.prod(shape)
-    point_chunk, sample_chunk = _chunks(num_points, num_samples, out_dim, max_elems)
-    radii_dev = radii_t.to(x.device)  # compared in float64 with the distances (float32 for float32 decoders)
-    ids_all = torch.arange(point_offset, point_offset + num_points, dtype=torch.int64)
-    hits = torch.empty(num_points, radii_t.shape[0], dtype=torch.int64)
-    r_star = torch.empty(num_points, dtype=torch.float64)
-    kth = num_samples // 2 + 1
-    starts = range(0, num_points, point_chunk)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="r-robustness", unit="chunk")
-    with torch.no_grad():
-        for b0 in starts:
-            b1 = min(b0 + point_chunk, num_points)
-            xc = x[b0:b1]
-            mu, logvar = _encode(model, xc)
-            center = model.decode(mu).reshape(b1 - b0, -1)
-            if delta is not None:
-                mu, logvar = _encode(model, xc + delta[b0:b1])
-            h, dist = _count_hits(
-                model, mu, logvar, center, radii_dev, ids_all[b0:b1], num_samples, 0, sample_chunk, seed, True
-            )
-            hits[b0:b1] = h.cpu()
-            r_star[b0:b1] = dist.kthvalue(kth, dim=1).values.to(torch.float64).cpu()  # type: ignore[union-attr]
+    point_offset = check_seed("point_offset", point_offset)
+    max_elements = _check_max_batch_elements(max_batch_elements)
+    x, delta, _ = check_analysis_inputs(model, x, delta)
+    ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
+    hits, r_star = _estimate(model, x, delta, radii_t, ids, num_samples, seed, max_elements, progress)
     low, high = clopper_pearson(hits, num_samples, confidence)
     return RRobustnessResult(
         p_hat=hits.to(torch.float64) / num_samples,
@@ -333,11 +377,62 @@ def estimate_r_robustness(
         r_star=r_star,
         radii=radii_t,
         confidence=confidence,
-        point_index=ids_all,
+        point_index=ids,
     )
 
 
 # --- the sequential test ---------------------------------------------------------------------------------------------
+def _round_hits(
+    model: Any,
+    posterior: tuple[torch.Tensor, torch.Tensor],
+    center: torch.Tensor,
+    radius: torch.Tensor,
+    ids: torch.Tensor,
+    active: torch.Tensor,
+    draw: _Draw,
+    max_elements: int,
+) -> torch.Tensor:
+    """Hits ``[len(active)]`` (CPU) of one round's samples ``draw`` for the still undecided points ``active``.
+
+    Points and samples are chunked anew for the round's size (``draw.chunk`` is replaced).
+    """
+    mu, logvar = posterior
+    point_chunk, sample_chunk = chunk_sizes(active.shape[0], draw.count, center.shape[1], max_elements)
+    draw = dataclasses.replace(draw, chunk=sample_chunk)
+    out = torch.empty(active.shape[0], dtype=torch.int64)
+    for c0, c1 in spans(active.shape[0], point_chunk):
+        idx = active[c0:c1]
+        dev = idx.to(mu.device)
+        h, _ = _count_hits(model, (mu[dev], logvar[dev]), center[dev], radius, ids[idx], draw, False)
+        out[c0:c1] = h[:, 0].cpu()
+    return out
+
+
+def _sequential(
+    model: Any, x: torch.Tensor, delta: torch.Tensor | None, r: float, ids: torch.Tensor, schedule: list[int],
+    round_alpha: float, seed: int, max_elements: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(hits, used, decided, robust)`` per point (CPU) after the rounds of ``schedule`` (cumulative sizes)."""
+    n = x.shape[0]
+    hits, used = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    decided, robust = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    active, done = torch.arange(n), 0
+    with torch.no_grad():
+        mu, logvar, center = _posterior_and_center(model, x, delta)
+        radius = torch.tensor([r], dtype=torch.float64, device=center.device)
+        for total in schedule:
+            draw = _Draw(seed, start=done, count=total - done, chunk=total - done)
+            hits[active] += _round_hits(model, (mu, logvar), center, radius, ids, active, draw, max_elements)
+            used[active] = total
+            yes, no = sequential_decision(hits[active], total, round_alpha)
+            decided[active] = yes | no
+            robust[active[yes]] = True
+            active, done = active[~(yes | no)], total
+            if active.numel() == 0:
+                break
+    return hits, used, decided, robust
+
+
 @analysis
 def is_r_robust(
     model: nn.Module,
@@ -355,59 +450,34 @@ def is_r_robust(
     Rounds reach 32, 64, 128, ... (capped at ``max_samples``) samples per point; after round j of J a point is decided
     robust if the one-sided CP lower limit at level ``(1 - confidence) / J`` exceeds 1/2, not robust if the upper one
     is ``<= 1/2``; only undecided points draw more samples. By Bonferroni the probability of a wrong decision is
-    ``<= 1 - confidence`` for every point. Points still undecided at ``max_samples`` get ``decided = False`` and
-    ``robust = p_hat > 1/2``. Sample s of point b is the same draw as in :func:`estimate_r_robustness` (same seed and
-    point_offset), so ``p_hat`` equals the fixed-S estimate with ``S = samples_used``.
+    ``<= 1 - confidence`` for every point.
+
+    Args:
+        model: a protocol model (run in eval mode; the caller's modes are restored).
+        x: ``[B, *input_shape]`` on the model's device.
+        r: the radius (finite, ``> 0``).
+        delta: None, one perturbation ``[*input_shape]`` for all points, or ``[B, *input_shape]``.
+        confidence: the family-wise confidence of each point's decision.
+        max_samples: the most samples per point.
+        seed, point_offset: sample s of point b is the same draw as in :func:`estimate_r_robustness` with the same
+            seed and point_offset, so ``p_hat`` equals the fixed-S estimate with ``S = samples_used``.
+        max_batch_elements: decoder outputs per decoder call (default 2**24).
+
+    Returns:
+        A :class:`RobustnessDecision`; points still undecided at ``max_samples`` get ``decided = False`` and
+        ``robust = p_hat > 1/2``.
     """
     r = check_positive_float("r", r)
     confidence = check_probability("confidence", confidence)
     max_samples = check_positive_int("max_samples", max_samples)
     seed = check_seed("seed", seed)
-    point_offset = _check_offset(point_offset)
-    max_elems = _check_max_batch_elements(max_batch_elements)
-    x, delta, shape = _prepare(model, x, delta)
-    num_points, out_dim = x.shape[0], math.prod(shape)
+    point_offset = check_seed("point_offset", point_offset)
+    max_elements = _check_max_batch_elements(max_batch_elements)
+    x, delta, _ = check_analysis_inputs(model, x, delta)
     schedule = sequential_schedule(max_samples)
+    ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
     round_alpha = (1.0 - confidence) / len(schedule)
-    hits = torch.zeros(num_points, dtype=torch.int64)
-    used = torch.zeros(num_points, dtype=torch.int64)
-    decided = torch.zeros(num_points, dtype=torch.bool)
-    robust = torch.zeros(num_points, dtype=torch.bool)
-    ids_all = torch.arange(point_offset, point_offset + num_points, dtype=torch.int64)
-    with torch.no_grad():
-        mu0, logvar0 = _encode(model, x)
-        center = model.decode(mu0).reshape(num_points, -1)
-        mu, logvar = _encode(model, x + delta) if delta is not None else (mu0, logvar0)
-        radius = torch.tensor([r], dtype=torch.float64, device=center.device)
-        active = torch.arange(num_points)
-        done = 0
-        for n in schedule:
-            point_chunk, sample_chunk = _chunks(active.shape[0], n - done, out_dim, max_elems)
-            for c0 in range(0, active.shape[0], point_chunk):
-                idx = active[c0 : c0 + point_chunk]
-                dev_idx = idx.to(mu.device)
-                h, _ = _count_hits(
-                    model,
-                    mu[dev_idx],
-                    logvar[dev_idx],
-                    center[dev_idx],
-                    radius,
-                    ids_all[idx],
-                    n - done,
-                    done,
-                    sample_chunk,
-                    seed,
-                    False,
-                )
-                hits[idx] += h[:, 0].cpu()
-            used[active] = n
-            yes, no = sequential_decision(hits[active], n, round_alpha)
-            decided[active] = yes | no
-            robust[active[yes]] = True
-            active = active[~(yes | no)]
-            done = n
-            if active.numel() == 0:
-                break
+    hits, used, decided, robust = _sequential(model, x, delta, r, ids, schedule, round_alpha, seed, max_elements)
     undecided = ~decided
     robust[undecided] = 2 * hits[undecided] > used[undecided]
     return RobustnessDecision(
@@ -418,17 +488,30 @@ def is_r_robust(
         hits=hits,
         r=r,
         confidence=confidence,
-        point_index=ids_all,
+        point_index=ids,
     )
 
 
+# --- the margin bound ------------------------------------------------------------------------------------------------
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with ``0 / 0 = 0`` (no certificate stays 0 even for a constant encoder)."""
     return torch.where(num == 0, torch.zeros_like(num), num / den)
 
 
 def _column_for(estimate: object, r: float, x: object) -> RRobustnessResult:
-    """The single-radius view of ``estimate`` at radius ``r`` (checked against x's batch size)."""
+    """The single-radius view of ``estimate`` at radius ``r``, checked against ``x``'s batch size.
+
+    Args:
+        estimate: an :class:`RRobustnessResult` with a column for ``r``.
+        r: the radius.
+        x: the points it must cover (only their number is checked).
+
+    Returns:
+        ``estimate`` restricted to radius ``r`` (``K = 1``).
+
+    Raises:
+        TypeError / ValueError: naming ``estimate``.
+    """
     if not isinstance(estimate, RRobustnessResult):
         raise TypeError(f"estimate must be an RRobustnessResult, got {type(estimate).__name__}")
     match = (estimate.radii == r).nonzero().flatten()
@@ -436,19 +519,62 @@ def _column_for(estimate: object, r: float, x: object) -> RRobustnessResult:
         raise ValueError(f"estimate has no column for r={r} (radii {estimate.radii.tolist()})")
     if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] != len(estimate):
         raise ValueError(f"estimate covers {len(estimate)} points but x has {x.shape[0]}")
-    k = int(match[0])
+    k = slice(int(match[0]), int(match[0]) + 1)
     return dataclasses.replace(
         estimate,
-        p_hat=estimate.p_hat[:, k : k + 1],
-        ci_low=estimate.ci_low[:, k : k + 1],
-        ci_high=estimate.ci_high[:, k : k + 1],
-        hits=estimate.hits[:, k : k + 1],
-        robust=estimate.robust[:, k : k + 1],
-        radii=estimate.radii[k : k + 1],
+        p_hat=estimate.p_hat[:, k],
+        ci_low=estimate.ci_low[:, k],
+        ci_high=estimate.ci_high[:, k],
+        hits=estimate.hits[:, k],
+        robust=estimate.robust[:, k],
+        radii=estimate.radii[k],
     )
 
 
-# --- the margin bound ------------------------------------------------------------------------------------------------
+def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per point (float64, CPU): ``sigma_min``, ``||J_mu||_F``, ``||J_mu||_2`` and ``||diag(sigma)^-1 J_mu||_2``."""
+    from vaefast.jacobian import jacobian_frobenius, jacobian_spectral
+
+    with torch.no_grad():
+        sigma = torch.exp(0.5 * _encode(model, x)[1])
+    encoder = model.mean_encoder()
+
+    def cpu64(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(torch.float64).cpu()
+
+    return {
+        "sigma_min": cpu64(sigma).min(dim=1).values,
+        "jac_frobenius": cpu64(jacobian_frobenius(encoder, x)),
+        "jac_spectral": cpu64(jacobian_spectral(encoder, x)),
+        "jac_whitened_spectral": cpu64(jacobian_spectral(encoder, x, row_scale=1.0 / sigma)),
+    }
+
+
+def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry."""
+    hits, p_hat, ci_low = est.hits[:, 0], est.p_hat[:, 0], est.ci_low[:, 0]
+    s = est.num_samples
+    certified, saturated = 2 * hits > s, hits == s
+    p_eff = torch.where(saturated, torch.full_like(p_hat, 1.0 - 0.5 / s), p_hat)
+    q = torch.from_numpy(sps.norm.ppf(p_eff.numpy())).where(certified, torch.zeros_like(p_hat))
+    q_low = torch.from_numpy(sps.norm.ppf(ci_low.numpy())).where(ci_low > 0.5, torch.zeros_like(ci_low))
+    sigma_min, fro = geometry["sigma_min"], geometry["jac_frobenius"]
+    latent_margin = sigma_min * q
+    return {
+        "bound": _ratio(latent_margin, fro),
+        "certified_bound": _ratio(sigma_min * q_low, fro),
+        "spectral_bound": _ratio(latent_margin, geometry["jac_spectral"]),
+        "whitened_bound": _ratio(q, geometry["jac_whitened_spectral"]),
+        "latent_margin": latent_margin,
+        **geometry,
+        "p_hat": p_hat,
+        "ci_low": ci_low,
+        "hits": hits,
+        "certified": certified,
+        "saturated": saturated,
+    }
+
+
 @analysis
 def margin_bound(
     model: nn.Module,
@@ -461,23 +587,30 @@ def margin_bound(
     max_batch_elements: int | None = None,
     estimate: RRobustnessResult | None = None,
 ) -> MarginBound:
-    """First-order lower bounds on the input-space margin ``R^r_X(x)`` (SPEC §1), from ``p_hat = p_hat_r(x, 0)``:
+    """First-order lower bounds on the input-space margin ``R^r_X(x)`` from ``p_hat = p_hat_r(x, 0)``.
 
     - ``latent_margin = sigma_min * Phi^-1(p_hat)``, ``sigma_min = min_i sigma(x)_i``;
     - ``bound = latent_margin / ||J_mu(x)||_F`` (the paper's bound);
     - ``spectral_bound = latent_margin / ||J_mu(x)||_2`` (>= bound);
     - ``whitened_bound = Phi^-1(p_hat) / ||diag(sigma(x))^-1 J_mu(x)||_2`` (>= spectral_bound);
     - ``certified_bound = sigma_min * Phi^-1(ci_low) / ||J||_F`` with the two-sided Clopper–Pearson lower limit
-      ``ci_low`` at ``confidence`` (the p-part then holds with that confidence, not only for the point estimate;
-      it is still a first-order bound); 0 when ``ci_low <= 1/2``.
+      ``ci_low`` (the p-part then holds with that confidence; still a first-order bound); 0 when ``ci_low <= 1/2``.
 
-    Where ``p_hat <= 1/2`` there is no certificate: ``certified = False`` and all bounds are 0.
-    ``p_hat = 1`` (every sample inside the sphere) would make ``Phi^-1`` infinite although only ``p >= ci_low`` is
-    known; there the point bounds use the half-count rule ``p_hat -> 1 - 1/(2S)`` (as if ``S - 1/2`` samples hit) and
-    ``saturated = True`` flags it; ``certified_bound`` is always finite. A zero Jacobian gives an infinite bound.
+    Where ``p_hat <= 1/2`` there is no certificate: ``certified = False`` and all bounds are 0. ``p_hat = 1`` would
+    make ``Phi^-1`` infinite although only ``p >= ci_low`` is known; there the point bounds use the half-count rule
+    ``p_hat -> 1 - 1/(2S)`` and ``saturated = True`` flags it. A zero Jacobian gives an infinite bound.
 
-    ``estimate``: an :class:`RRobustnessResult` already computed for these points at radius ``r`` (e.g. by a sweep)
-    is reused instead of sampling again; ``num_samples``, ``seed`` and ``confidence`` are then taken from it.
+    Args:
+        model: a protocol model with ``mean_encoder`` (run in eval mode; the caller's modes are restored).
+        x: ``[B, *input_shape]`` on the model's device.
+        r: the reconstruction radius.
+        num_samples, seed, confidence, point_offset, max_batch_elements: of the clean estimate
+            (:func:`estimate_r_robustness`).
+        estimate: an :class:`RRobustnessResult` already computed for these points at radius ``r`` (e.g. by a
+            sweep), reused instead of sampling again; ``num_samples``, ``seed`` and ``confidence`` are then its own.
+
+    Returns:
+        A :class:`MarginBound`.
     """
     r = check_positive_float("r", r)
     if estimate is None:
@@ -487,44 +620,11 @@ def margin_bound(
         )  # fmt: skip
     else:
         est = _column_for(estimate, r, x)
-    from vaefast.jacobian import jacobian_frobenius, jacobian_spectral
-
-    x, _, _ = _prepare(model, x, None)
-    with torch.no_grad():
-        _, logvar = _encode(model, x)
-        sigma = torch.exp(0.5 * logvar)
-    encoder = model.mean_encoder()
-    fro = jacobian_frobenius(encoder, x).detach().to(torch.float64).cpu()
-    spec = jacobian_spectral(encoder, x).detach().to(torch.float64).cpu()
-    white = jacobian_spectral(encoder, x, row_scale=1.0 / sigma).detach().to(torch.float64).cpu()
-    sigma = sigma.to(torch.float64).cpu()
-    sigma_min = sigma.min(dim=1).values
-
-    hits, p_hat, ci_low = est.hits[:, 0], est.p_hat[:, 0], est.ci_low[:, 0]
-    s = est.num_samples
-    certified = 2 * hits > s
-    saturated = hits == s
-    p_eff = torch.where(saturated, torch.full_like(p_hat, 1.0 - 0.5 / s), p_hat)
-    q = torch.from_numpy(sps.norm.ppf(p_eff.numpy())).where(certified, torch.zeros_like(p_hat))
-    q_low = torch.from_numpy(sps.norm.ppf(ci_low.numpy())).where(ci_low > 0.5, torch.zeros_like(ci_low))
-    latent_margin = sigma_min * q
+    x, _, _ = check_analysis_inputs(model, x, requires=("mean_encoder",))
     return MarginBound(
-        bound=_ratio(latent_margin, fro),
-        certified_bound=_ratio(sigma_min * q_low, fro),
-        spectral_bound=_ratio(latent_margin, spec),
-        whitened_bound=_ratio(q, white),
-        latent_margin=latent_margin,
-        sigma_min=sigma_min,
-        jac_frobenius=fro,
-        jac_spectral=spec,
-        jac_whitened_spectral=white,
-        p_hat=p_hat,
-        ci_low=ci_low,
-        hits=hits,
-        certified=certified,
-        saturated=saturated,
+        **_bounds(est, _encoder_geometry(model, x)),
         r=r,
-        num_samples=s,
+        num_samples=est.num_samples,
         confidence=est.confidence,
         point_index=est.point_index,
     )

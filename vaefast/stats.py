@@ -43,10 +43,18 @@ def _as_counts(
 def clopper_pearson(
     hits: torch.Tensor | np.ndarray | int, n: torch.Tensor | np.ndarray | int, confidence: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-sided Clopper–Pearson interval ``(low, high)`` (float64 tensors shaped like ``hits``) for ``hits`` of ``n``.
+    """Two-sided Clopper–Pearson interval for ``hits`` successes of ``n`` trials.
 
     ``low = Beta.ppf(alpha/2; k, n-k+1)`` (0 when k = 0), ``high = Beta.ppf(1-alpha/2; k+1, n-k)`` (1 when k = n),
     ``alpha = 1 - confidence``. Guaranteed coverage ``>= confidence`` for every true p.
+
+    Args:
+        hits: ``k``, integer counts (tensor, array or int).
+        n: the trials, broadcast against ``hits``.
+        confidence: in (0, 1).
+
+    Returns:
+        ``(low, high)``, float64 tensors of the broadcast shape.
     """
     confidence = check_probability("confidence", confidence)
     alpha = 1.0 - confidence
@@ -59,7 +67,15 @@ def clopper_pearson_one_sided(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One-sided Clopper–Pearson limits at level ``alpha`` each: ``P(p < low) <= alpha`` and ``P(p > high) <= alpha``.
 
-    ``alpha`` may be an array broadcastable against ``hits`` (per-point levels).
+    ``low = Beta.ppf(alpha; k, n-k+1)`` (0 when k = 0), ``high = Beta.ppf(1-alpha; k+1, n-k)`` (1 when k = n).
+
+    Args:
+        hits: ``k``, integer counts.
+        n: the trials, broadcast against ``hits``.
+        alpha: in (0, 1); an array broadcastable against ``hits`` gives per-point levels.
+
+    Returns:
+        ``(low, high)``, float64 tensors.
     """
     a = np.asarray(alpha, dtype=np.float64)
     if np.any(a <= 0) or np.any(a >= 1):
@@ -76,7 +92,15 @@ def _limits(hits, n, alpha_low, alpha_high) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def sequential_schedule(max_samples: int, first: int = FIRST_ROUND) -> list[int]:
-    """Cumulative sample sizes per round: ``first, 2 first, 4 first, ...`` capped at (ending with) ``max_samples``."""
+    """Cumulative sample sizes of the sequential test's rounds.
+
+    Args:
+        max_samples: the last (largest) size.
+        first: the first round's size.
+
+    Returns:
+        ``[first, 2 first, 4 first, ...]`` capped at and ending with ``max_samples``.
+    """
     max_samples = check_positive_int("max_samples", max_samples)
     first = check_positive_int("first", first)
     sizes = []
@@ -89,10 +113,16 @@ def sequential_schedule(max_samples: int, first: int = FIRST_ROUND) -> list[int]
 
 
 def sequential_decision(hits: torch.Tensor, n: int, round_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """After a round with ``hits`` of ``n`` samples: ``(decided_robust, decided_not_robust)`` bool tensors.
+    """The decisions after a round: robust when the one-sided CP lower limit at ``round_alpha`` is ``> 1/2``, not
+    robust when the one-sided upper limit is ``<= 1/2`` (both cannot hold: low <= high).
 
-    Robust when the one-sided CP lower limit at ``round_alpha`` is ``> 1/2``; not robust when the one-sided upper
-    limit is ``<= 1/2``. (Both cannot hold: low <= high.)
+    Args:
+        hits: ``[B]`` successes so far.
+        n: the samples so far (the same for every point).
+        round_alpha: the round's level ``alpha / J``.
+
+    Returns:
+        ``(decided_robust, decided_not_robust)``, bool tensors on ``hits``' device.
     """
     low, high = clopper_pearson_one_sided(hits, n, round_alpha)
     return (low > 0.5).to(hits.device), (high <= 0.5).to(hits.device)

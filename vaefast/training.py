@@ -1,6 +1,11 @@
 """Training loop for protocol models that define ``loss`` (vaefast ``VAE`` and ``as_vae`` adapters), plus
 evaluation helpers: the batched ELBO, the importance-weighted log-likelihood bound, trivial latent-free baselines,
 a learned-nothing check (posterior collapse) and the metrics of a finished run (``metrics.json``).
+
+Random numbers: every purpose has its own generator, seeded with ``rng.derive_seed(seed, "training", purpose)``
+for the purposes ``"shuffle"`` (the epoch order), ``"noise"`` (the training objective's reparameterisation),
+``"evaluate"`` (:func:`evaluate`, also the validation of :func:`train`) and ``"iwae"``
+(:func:`importance_weighted_log_likelihood`), so no two purposes (nor ``VAE``'s own initialisation) share numbers.
 """
 
 from __future__ import annotations
@@ -19,8 +24,21 @@ from torch import nn
 from torch.distributions import ContinuousBernoulli
 from tqdm.auto import tqdm
 
-from vaefast._checks import check_device, check_positive_float, check_positive_int, check_seed, check_tensor
+from vaefast._checks import (
+    check_device,
+    check_inputs,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+    check_tensor,
+    eval_mode,
+    model_device_dtype,
+)
+from vaefast._chunks import index_batches, points_per_batch
 from vaefast.data.base import DataSplit
+from vaefast.models.likelihoods import gaussian_kl, gaussian_log_density, repeat_per_sample
+from vaefast.models.vae import sample_latent
+from vaefast.rng import derive_seed
 
 METRIC_COLUMNS = (
     "epoch",
@@ -38,12 +56,21 @@ METRIC_COLUMNS = (
 )
 
 
+TERMS = ("loss", "elbo", "recon", "kl", "tc")
+
+
 @dataclass
 class TrainingHistory:
-    """Per-epoch metrics (``rows``: dicts keyed by ``METRIC_COLUMNS``; NaN where not applicable) and the outcome.
+    """Per-epoch metrics and the outcome of :func:`train`.
 
-    ``best_epoch`` maximises the validation ELBO (the training ELBO without validation data); the returned
-    model holds that epoch's weights when ``restore_best`` (the default).
+    Attributes:
+        rows: one dict per epoch keyed by ``METRIC_COLUMNS`` (NaN where not applicable).
+        best_epoch: the epoch with the largest validation ELBO (the training ELBO without validation data); the
+            returned model holds its weights when ``restore_best`` (the default).
+        best_elbo: that ELBO.
+        stopped_early: whether ``patience`` ended the run.
+        seconds: the wall time of the run.
+        out: the run folder, if any.
     """
 
     rows: list[dict[str, float]] = field(default_factory=list)
@@ -54,16 +81,33 @@ class TrainingHistory:
     out: Path | None = None
 
     def column(self, name: str) -> list[float]:
-        """One metric over epochs."""
+        """One metric over epochs.
+
+        Args:
+            name: one of ``METRIC_COLUMNS``.
+
+        Returns:
+            Its value per epoch.
+        """
         if name not in METRIC_COLUMNS:
             raise ValueError(f"name must be one of {list(METRIC_COLUMNS)}, got {name!r}")
         return [row[name] for row in self.rows]
 
     @property
     def epochs_run(self) -> int:
+        """The number of epochs trained.
+
+        Returns:
+            ``len(rows)``.
+        """
         return len(self.rows)
 
     def to_dict(self) -> dict[str, Any]:
+        """The history as JSON-ready values.
+
+        Returns:
+            ``best_epoch, best_elbo, epochs_run, stopped_early, seconds, rows``.
+        """
         return {
             "best_epoch": self.best_epoch,
             "best_elbo": self.best_elbo,
@@ -75,30 +119,39 @@ class TrainingHistory:
 
 
 def as_images(data: DataSplit | torch.Tensor, name: str, model: nn.Module | None = None) -> torch.Tensor:
-    """The image tensor of a ``DataSplit`` or tensor, checked against ``model.input_shape``."""
+    """The point tensor of a ``DataSplit`` or tensor.
+
+    Args:
+        data: a :class:`DataSplit` (its ``x``) or a tensor ``[N, *shape]``.
+        name: the argument's name in error messages.
+        model: checked against its input shape (:func:`vaefast._checks.check_inputs`) when given.
+
+    Returns:
+        The finite float tensor ``[N, *shape]``.
+    """
     x = data.x if isinstance(data, DataSplit) else data
+    if model is not None:
+        return check_inputs(model, x, name)
     x = check_tensor(name, x)
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape [N, *input_shape], got {tuple(x.shape)}")
-    if model is not None and tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(f"{name} has points of shape {tuple(x.shape[1:])} but the model expects {model.input_shape}")
     return x
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _device(model: nn.Module, x: torch.Tensor) -> torch.device:
+    """The model's device (``x``'s for a parameterless model)."""
+    return model_device_dtype(model, x)[0]
 
 
-def _batches(n: int, batch_size: int, order: torch.Tensor | None = None):
-    for start in range(0, n, batch_size):
-        yield slice(start, start + batch_size) if order is None else order[start : start + batch_size]
+def _generator(seed: int, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``derive_seed(seed, "training", purpose)``."""
+    return torch.Generator(device=device).manual_seed(derive_seed(check_seed("seed", seed), "training", purpose))
 
 
 def _terms_to_floats(terms: Any) -> dict[str, float]:
+    """The :data:`TERMS` of a ``LossTerms`` as floats (NaN for absent ones)."""
     out = {}
-    for key in ("loss", "elbo", "recon", "kl", "tc"):
+    for key in TERMS:
         value = getattr(terms, key)
         out[key] = float("nan") if value is None else float(value.detach())
     return out
@@ -112,24 +165,33 @@ def evaluate(
     seed: int = 0,
     dataset_size: int | None = None,
 ) -> dict[str, float]:
-    """Means over ``data`` of the objective's terms (``loss``, ``elbo``, ``recon``, ``kl``, ``tc``): one latent
-    sample per point from a generator seeded with ``seed`` (same seed, same numbers)."""
+    """Means over ``data`` of the objective's terms, from one latent sample per point, in eval mode.
+
+    Args:
+        model: a protocol model with ``loss`` (the caller's modes are restored).
+        data: the points.
+        batch_size: points per ``loss`` call.
+        seed: the noise comes from a generator seeded with ``derive_seed(seed, "training", "evaluate")`` (same seed,
+            same numbers).
+        dataset_size: ``N`` of β-TCVAE's minibatch-weighted sampling (default ``len(data)``).
+
+    Returns:
+        ``{"loss", "elbo", "recon", "kl", "tc"}``: point-weighted means of the batch means (``tc`` NaN unless
+        β-TCVAE).
+    """
     check_positive_int("batch_size", batch_size)
-    check_seed("seed", seed)
     x = as_images(data, "data", model)
-    device = _device(model)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
+    device = _device(model, x)
+    gen = _generator(seed, "evaluate", device)
     n = x.shape[0]
     size = max(dataset_size or n, min(batch_size, n))
-    sums = dict.fromkeys(("loss", "elbo", "recon", "kl", "tc"), 0.0)
-    for idx in _batches(n, batch_size):
-        xb = x[idx].to(device)
-        terms = _terms_to_floats(model.loss(xb, dataset_size=size, generator=gen))
-        for key in sums:
-            sums[key] += terms[key] * xb.shape[0]
-    model.train(was_training)
+    sums = dict.fromkeys(TERMS, 0.0)
+    with eval_mode(model):
+        for idx in index_batches(n, batch_size):
+            xb = x[idx].to(device)
+            terms = _terms_to_floats(model.loss(xb, dataset_size=size, generator=gen))
+            for key in sums:
+                sums[key] += terms[key] * xb.shape[0]
     return {key: value / n for key, value in sums.items()}
 
 
@@ -150,16 +212,30 @@ def train(
 ) -> TrainingHistory:
     """Train ``model`` with Adam on its own objective (``model.loss``), one epoch = one shuffled pass.
 
-    Per epoch, the train means (accumulated during the epoch) and validation means (:func:`evaluate`, fixed
-    seed) of loss / ELBO / recon / KL / TC go to ``out/metrics.csv``; ``out/checkpoints/{last,best}`` hold the
-    weights; early stopping after ``patience`` epochs without a better validation ELBO. Finally the best weights
-    are restored (``restore_best``) and saved to ``out`` (``config.json`` + ``model.safetensors``).
-    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device`` (a CUDA request without a
-    visible GPU is a ``ValueError``).
-    ``num_threads``: torch intra-op threads while training (restored afterwards); ``"auto"`` uses 1 for
-    conv-free models on CPU (several times faster for these small GEMMs on a busy machine).
-    Shuffling and the reparameterisation noise come from generators seeded with ``seed``: on CPU, the same
-    model initialisation and seed give bit-identical weights.
+    Per epoch, the train means (accumulated during the epoch) and validation means (:func:`evaluate`, fixed seed) of
+    loss / ELBO / recon / KL / TC go to ``out/metrics.csv``; ``out/checkpoints/{last,best}`` hold the weights.
+
+    Args:
+        model: an ``nn.Module`` with ``loss(x, dataset_size, generator)`` (a vaefast ``VAE`` or ``as_vae`` model).
+        train_data: the training points.
+        val_data: validation points (None: the best epoch is chosen on the training ELBO).
+        epochs: the most epochs.
+        batch_size: points per step.
+        lr: Adam's learning rate.
+        seed: the shuffling, the reparameterisation noise and the validation noise come from generators seeded
+            from it (one per purpose); on CPU, the same model initialisation and seed give bit-identical weights.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device`` (a CUDA request without a
+            visible GPU is a ``ValueError``).
+        out: the run folder (None: nothing written); the final weights go to ``out`` (``config.json`` +
+            ``model.safetensors``).
+        patience: stop after this many epochs without a better validation ELBO (None: never).
+        progress: a tqdm bar over epochs.
+        restore_best: load the best epoch's weights at the end.
+        num_threads: torch intra-op threads while training (restored afterwards); ``"auto"`` uses 1 for conv-free
+            models on CPU (several times faster for these small GEMMs on a busy machine).
+
+    Returns:
+        The :class:`TrainingHistory`; the model ends in eval mode.
     """
     if not isinstance(model, nn.Module) or not callable(getattr(model, "loss", None)):
         raise TypeError("model must be an nn.Module with a loss(x, dataset_size, generator) method (a vaefast VAE)")
@@ -172,7 +248,6 @@ def train(
     if patience is not None:
         check_positive_int("patience", patience)
     device = check_device("device", device)
-    out_dir = None if out is None else Path(out)
     model.to(device)
     threads = _training_threads(model, device, num_threads)
     previous_threads = torch.get_num_threads()
@@ -180,8 +255,9 @@ def train(
         torch.set_num_threads(threads)
     try:
         return _train_loop(
-            model, x_train, x_val, epochs, batch_size, lr, seed, device, out_dir, patience, progress, restore_best
-        )
+            model, x_train, x_val, epochs, batch_size, lr, seed, device, None if out is None else Path(out),
+            patience, progress, restore_best,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -197,82 +273,109 @@ def _training_threads(model: nn.Module, device: torch.device, num_threads: int |
     return check_positive_int("num_threads", num_threads)
 
 
-def _train_loop(
-    model: nn.Module,
-    x_train: torch.Tensor,
-    x_val: torch.Tensor | None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    device: torch.device,
-    out_dir: Path | None,
-    patience: int | None,
-    progress: bool,
-    restore_best: bool,
-) -> TrainingHistory:
-    from vaefast.models.io import save
+class _RunFolder:
+    """``metrics.csv`` (one row per epoch) and ``checkpoints/{last,best}`` of a run folder (nothing without one)."""
 
+    def __init__(self, out_dir: Path | None) -> None:
+        self.out_dir, self.file, self.writer = out_dir, None, None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(out_dir / "metrics.csv", "w", newline="")  # noqa: SIM115  (closed in close())
+            self.writer = csv.DictWriter(self.file, fieldnames=METRIC_COLUMNS)
+            self.writer.writeheader()
+
+    def epoch(self, model: nn.Module, row: dict[str, float], improved: bool) -> None:
+        """Append ``row`` and checkpoint the weights (``best`` too when ``improved``)."""
+        if self.writer is None:
+            return
+        from vaefast.models.io import save
+
+        self.writer.writerow(row)
+        self.file.flush()  # type: ignore[union-attr]
+        save(model, self.out_dir / "checkpoints" / "last")  # type: ignore[operator]
+        if improved:
+            save(model, self.out_dir / "checkpoints" / "best")  # type: ignore[operator]
+
+    def close(self) -> None:
+        """Close ``metrics.csv``."""
+        if self.file is not None:
+            self.file.close()
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    generators: tuple[torch.Generator, torch.Generator],
+) -> dict[str, float]:
+    """One shuffled pass (``generators``: shuffle, noise); the point-weighted means of the batch terms."""
+    shuffle_gen, noise_gen = generators
+    n = x_train.shape[0]
+    sums = dict.fromkeys(TERMS, 0.0)
+    for idx in index_batches(n, batch_size, torch.randperm(n, generator=shuffle_gen)):
+        xb = x_train[idx].to(device, non_blocking=True)
+        terms = model.loss(xb, dataset_size=n, generator=noise_gen)
+        optimizer.zero_grad(set_to_none=True)
+        terms.loss.backward()
+        optimizer.step()
+        for key, value in _terms_to_floats(terms).items():
+            sums[key] += value * xb.shape[0]
+    return {key: value / n for key, value in sums.items()}
+
+
+def _epoch_row(
+    model: nn.Module, epoch: int, means: dict[str, float], x_val: torch.Tensor | None, batch_size: int, seed: int
+) -> dict[str, float]:
+    """The ``METRIC_COLUMNS`` row of an epoch (validation by :func:`evaluate`; ``seconds`` filled by the caller)."""
+    if not math.isfinite(means["loss"]):
+        raise FloatingPointError(f"training diverged at epoch {epoch} (loss {means['loss']}); try a lower lr")
+    val = evaluate(model, x_val, batch_size=max(batch_size, 256), seed=seed) if x_val is not None else None
+    row = {f"train_{k}": v for k, v in means.items()}
+    row.update({f"val_{k}": (float("nan") if val is None else val[k]) for k in TERMS})
+    row["epoch"], row["seconds"] = epoch, float("nan")
+    return {k: row[k] for k in METRIC_COLUMNS}
+
+
+def _train_loop(
+    model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor | None, epochs: int, batch_size: int, lr: float,
+    seed: int, device: torch.device, out_dir: Path | None, patience: int | None, progress: bool, restore_best: bool,
+) -> TrainingHistory:  # fmt: skip
+    """The epochs of :func:`train` (arguments already checked)."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator(device=device).manual_seed((seed + 1) % 2**63)
-    n = x_train.shape[0]
-    history = TrainingHistory(out=out_dir)
-    best_state: dict[str, torch.Tensor] | None = None
-    writer = None
-    csv_file = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        csv_file = open(out_dir / "metrics.csv", "w", newline="")  # noqa: SIM115  (closed in finally)
-        writer = csv.DictWriter(csv_file, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
+    generators = (_generator(seed, "shuffle"), _generator(seed, "noise", device))
+    history, best_state, folder = TrainingHistory(out=out_dir), None, _RunFolder(out_dir)
     start = time.perf_counter()
     bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
     try:
         for epoch in bar:
             t0 = time.perf_counter()
-            sums = dict.fromkeys(("loss", "elbo", "recon", "kl", "tc"), 0.0)
-            order = torch.randperm(n, generator=shuffle_gen)
-            for idx in _batches(n, batch_size, order):
-                xb = x_train[idx].to(device, non_blocking=True)
-                terms = model.loss(xb, dataset_size=n, generator=noise_gen)
-                optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
-                optimizer.step()
-                for key, value in _terms_to_floats(terms).items():
-                    sums[key] += value * xb.shape[0]
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {sums['loss']}); try a lower lr")
-            row = {f"train_{k}": v / n for k, v in sums.items()}
-            val = evaluate(model, x_val, batch_size=max(batch_size, 256), seed=seed) if x_val is not None else None
-            row.update({f"val_{k}": (float("nan") if val is None else val[k]) for k in sums})
-            row["epoch"], row["seconds"] = epoch, time.perf_counter() - t0
-            history.rows.append({k: row[k] for k in METRIC_COLUMNS})
-            score = row["val_elbo"] if val is not None else row["train_elbo"]
+            means = _train_epoch(model, optimizer, x_train, batch_size, device, generators)
+            row = _epoch_row(model, epoch, means, x_val, batch_size, seed)
+            row["seconds"] = time.perf_counter() - t0
+            history.rows.append(row)
+            score = row["val_elbo"] if x_val is not None else row["train_elbo"]
             improved = score > history.best_elbo
             if improved:
                 history.best_epoch, history.best_elbo = epoch, score
                 best_state = copy.deepcopy(model.state_dict())
-            if writer is not None:
-                writer.writerow(history.rows[-1])
-                csv_file.flush()
-                save(model, out_dir / "checkpoints" / "last")
-                if improved:
-                    save(model, out_dir / "checkpoints" / "best")
+            folder.epoch(model, row, improved)
             bar.set_postfix(train_elbo=f"{row['train_elbo']:.2f}", val_elbo=f"{row['val_elbo']:.2f}")
             if patience is not None and epoch - history.best_epoch >= patience:
                 history.stopped_early = True
                 break
     finally:
         bar.close()
-        if csv_file is not None:
-            csv_file.close()
+        folder.close()
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     history.seconds = time.perf_counter() - start
     if out_dir is not None:
+        from vaefast.models.io import save
+
         save(model, out_dir)
     return history
 
@@ -288,32 +391,34 @@ def importance_weighted_log_likelihood(
     """Per-point IWAE bound ``log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)`` (Burda et al. 2016).
 
     A lower bound on ``log p(x)`` that tightens as K grows (K = 1: the single-sample ELBO with a sampled KL).
-    Points are processed in chunks of ``max_batch_elements // K``; noise comes from one generator seeded with
-    ``seed``.
+
+    Args:
+        model: a protocol model (run in eval mode; the caller's modes are restored).
+        x: the points.
+        num_samples: ``K``.
+        seed: the noise comes from a generator seeded with ``derive_seed(seed, "training", "iwae")``.
+        max_batch_elements: latent samples per batch: points are processed ``max(1, max_batch_elements // K)`` at
+            a time.
+
+    Returns:
+        ``[N]`` the bound per point.
     """
     check_positive_int("num_samples", num_samples)
-    check_seed("seed", seed)
     check_positive_int("max_batch_elements", max_batch_elements)
     xs = as_images(x, "x", model)
-    device = _device(model)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    chunk = max(1, max_batch_elements // num_samples)
+    device = _device(model, xs)
+    gen = _generator(seed, "iwae", device)
     out = []
-    was_training = model.training
-    model.eval()
-    for idx in _batches(xs.shape[0], chunk):
-        xb = xs[idx].to(device)
-        mu, logvar = model.encode(xb)
-        std = torch.exp(0.5 * logvar)
-        eps = torch.randn((xb.shape[0], num_samples, mu.shape[1]), generator=gen, device=device, dtype=mu.dtype)
-        z = mu.unsqueeze(1) + std.unsqueeze(1) * eps
-        b, k = z.shape[:2]
-        x_rep = xb.unsqueeze(1).expand(b, k, *xb.shape[1:]).reshape(b * k, *xb.shape[1:])
-        log_px_z = model.log_likelihood(x_rep, z.reshape(b * k, -1)).reshape(b, k)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
-        log_qz = -0.5 * (eps.pow(2) + logvar.unsqueeze(1) + math.log(2 * math.pi)).sum(-1)
-        out.append(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(num_samples))
-    model.train(was_training)
+    with eval_mode(model):
+        for idx in index_batches(xs.shape[0], points_per_batch(num_samples, 1, max_batch_elements)):
+            xb = xs[idx].to(device)
+            mu, logvar = model.encode(xb)
+            z = sample_latent(mu, logvar, num_samples, gen)
+            b, k = z.shape[:2]
+            log_px_z = model.log_likelihood(repeat_per_sample(xb, k), z.reshape(b * k, -1)).reshape(b, k)
+            log_pz = gaussian_log_density(z, 0.0, 0.0).sum(-1)
+            log_qz = gaussian_log_density(z, mu.unsqueeze(1), logvar.unsqueeze(1)).sum(-1)
+            out.append(torch.logsumexp(log_px_z + log_pz - log_qz, dim=1) - math.log(num_samples))
     return torch.cat(out)
 
 
@@ -355,7 +460,7 @@ def pixel_mean_baseline(
         return (b * p.log() + (1 - b) * (1 - p).log()).flatten(1).sum(1)
     if likelihood == "gaussian":
         std = check_positive_float("gaussian_std", gaussian_std)
-        return (-0.5 * ((b - mean) / std).pow(2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+        return gaussian_log_density(b, mean, 2.0 * math.log(std)).flatten(1).sum(1)
     if likelihood == "continuous_bernoulli":
         logits = _continuous_bernoulli_logits(mean)
         return ContinuousBernoulli(logits=logits.expand_as(b), validate_args=False).log_prob(b).flatten(1).sum(1)
@@ -411,16 +516,14 @@ def encoder_statistics(
     """
     check_positive_int("batch_size", batch_size)
     x = as_images(data, "data", model)
-    device = _device(model)
-    was_training = model.training
-    model.eval()
+    device = _device(model, x)
     kl_sum, sigma_sum = None, 0.0
-    for idx in _batches(x.shape[0], batch_size):
-        mu, logvar = model.encode(x[idx].to(device))
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1)
-        kl_sum = kl.sum(0) if kl_sum is None else kl_sum + kl.sum(0)
-        sigma_sum += float(torch.exp(0.5 * logvar).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for idx in index_batches(x.shape[0], batch_size):
+            mu, logvar = model.encode(x[idx].to(device))
+            kl = gaussian_kl(mu, logvar, per_dimension=True).sum(0)
+            kl_sum = kl if kl_sum is None else kl_sum + kl
+            sigma_sum += float(torch.exp(0.5 * logvar).sum())
     return (kl_sum / x.shape[0]).double().cpu(), sigma_sum / (x.shape[0] * kl_sum.numel())
 
 

@@ -20,8 +20,18 @@ SPLITS = ("train", "test")
 
 
 def load(name: str, split: str = "train", root: str | Path | None = None, **kwargs) -> DataSplit:
-    """Load one split of a dataset. ``kwargs`` go to the dataset's loader (e.g. ``num_rotations`` for shapes,
-    ``download=False`` for the file-based sets)."""
+    """Load one split of a dataset.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        split: ``"train"`` or ``"test"``.
+        root: the folder of a file-based set (None: :func:`default_root`); must be None for digits and shapes.
+        **kwargs: for the dataset's loader (e.g. ``num_rotations`` for shapes, ``download=False`` for the
+            file-based sets).
+
+    Returns:
+        The :class:`DataSplit`, pixels in [0, 1].
+    """
     if name not in DATASETS:
         raise ValueError(f"name must be one of {list(DATASETS)}, got {name!r}")
     if split not in SPLITS:

@@ -9,11 +9,20 @@ from pathlib import Path
 import torch
 
 from vaefast._checks import check_probability, check_seed
+from vaefast.rng import derive_seed
 
 
 @dataclass
 class DataSplit:
-    """``x`` float32 ``[N, C, H, W]`` in [0, 1]; ``y`` int64 ``[N]`` or None; ``factors`` float32 ``[N, F]`` or None."""
+    """One split of a dataset as tensors.
+
+    Attributes:
+        x: float32 ``[N, C, H, W]`` in [0, 1].
+        y: int64 labels ``[N]`` or None.
+        factors: float32 generative factors ``[N, F]`` or None.
+        name: the dataset's name (``"<name>:heldout"`` for a held-out part).
+        factor_names: the names of the ``F`` factors, or None.
+    """
 
     x: torch.Tensor
     y: torch.Tensor | None
@@ -35,10 +44,23 @@ class DataSplit:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one point.
+
+        Returns:
+            ``(C, H, W)``.
+        """
         return tuple(self.x.shape[1:])
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> DataSplit:
-        """The rows ``index`` (a long tensor or boolean mask)."""
+        """The rows ``index`` of every tensor.
+
+        Args:
+            index: a long tensor of rows or a boolean mask.
+            name: the subset's name (default: this split's).
+
+        Returns:
+            A new :class:`DataSplit`.
+        """
         return DataSplit(
             self.x[index],
             None if self.y is None else self.y[index],
@@ -48,17 +70,32 @@ class DataSplit:
         )
 
     def split(self, fraction: float, seed: int = 0) -> tuple[DataSplit, DataSplit]:
-        """A deterministic random ``(rest, held_out)`` split with ``round(fraction * N)`` held-out points."""
+        """A deterministic random split into the rest and ``k = clamp(round(fraction * N), 1, N - 1)`` held-out points.
+
+        Args:
+            fraction: the held-out fraction, in (0, 1).
+            seed: the permutation comes from a generator seeded with ``rng.derive_seed(seed, "data", "split")``.
+
+        Returns:
+            ``(rest, held_out)``, each in the original row order.
+        """
         check_probability("fraction", fraction)
-        check_seed("seed", seed)
         n = len(self)
         k = max(1, min(n - 1, round(fraction * n)))
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(derive_seed(check_seed("seed", seed), "data", "split"))
+        perm = torch.randperm(n, generator=gen)
         return self.subset(perm[k:].sort().values), self.subset(perm[:k].sort().values, f"{self.name}:heldout")
 
 
 def default_root(name: str) -> Path:
-    """``$VAEFAST_DATA/<name>`` or ``~/.cache/vaefast/data/<name>``."""
+    """The default folder of a file-based dataset.
+
+    Args:
+        name: the dataset's name.
+
+    Returns:
+        ``$VAEFAST_DATA/<name>``, or ``~/.cache/vaefast/data/<name>`` when the variable is unset.
+    """
     base = os.environ.get("VAEFAST_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "vaefast", "data")
     return Path(base) / name
 

@@ -35,7 +35,17 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 batch file -> (uint8 images ``[N, 3, 32, 32]``, int64 labels ``[N]``)."""
+    """Read one CIFAR-10 batch file (restricted unpickling: numpy arrays and plain containers only).
+
+    Args:
+        path: the batch file.
+
+    Returns:
+        ``(images, labels)``: uint8 ``[N, 3, 32, 32]`` and int64 ``[N]``.
+
+    Raises:
+        ValueError: an unreadable or malformed file, naming it.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -61,7 +71,19 @@ def _batch_dir(root: Path) -> Path | None:
 
 
 def load_cifar10(split: str = "train", root: str | Path | None = None, download: bool = True) -> DataSplit:
-    """CIFAR-10 ``[N, 3, 32, 32]`` float32 pixels / 255 with int64 labels, from ``root/cifar-10-batches-py``."""
+    """CIFAR-10 from its python batches in ``root/cifar-10-batches-py`` (or ``root`` itself).
+
+    Args:
+        split: ``"train"`` (the five data batches) or ``"test"``.
+        root: the folder (None: :func:`~vaefast.data.base.default_root`).
+        download: fetch the files with torchvision when they are missing.
+
+    Returns:
+        A :class:`DataSplit` of float32 pixels / 255 ``[N, 3, 32, 32]`` with int64 labels.
+
+    Raises:
+        FileNotFoundError: the files are missing (and could not be fetched).
+    """
     root_path = Path(root) if root is not None else default_root("cifar10")
     names = SPLIT_FILES[split]
     directory = _batch_dir(root_path)

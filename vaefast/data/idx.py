@@ -24,7 +24,17 @@ TORCHVISION = {"mnist": ("MNIST", "MNIST"), "fashion-mnist": ("FashionMNIST", "F
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Parse one IDX file (gzip-compressed if its name ends in ``.gz``) into a numpy array."""
+    """Parse one IDX file (gzip-compressed if its name ends in ``.gz``).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The array of the header's shape and element type.
+
+    Raises:
+        ValueError: an unreadable, truncated or malformed file, naming it.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -85,10 +95,22 @@ def _fetch(name: str, root: Path) -> str:
 def load_idx_dataset(
     name: str, split: str = "train", root: str | Path | None = None, download: bool = True
 ) -> DataSplit:
-    """``"mnist"`` / ``"fashion-mnist"`` as ``[N, 1, 28, 28]`` float32 pixels / 255 and int64 labels.
+    """MNIST or Fashion-MNIST from the canonical IDX files (``.gz`` or not).
 
-    Looks in ``root``, ``root/raw`` and torchvision's ``root/<MNIST|FashionMNIST>/raw`` for the canonical
-    file names (``.gz`` or not); if absent and ``download``, tries torchvision.
+    Looks in ``root``, ``root/raw`` and torchvision's ``root/<MNIST|FashionMNIST>/raw``; if absent and ``download``,
+    tries torchvision.
+
+    Args:
+        name: ``"mnist"`` or ``"fashion-mnist"``.
+        split: ``"train"`` or ``"test"``.
+        root: the folder (None: :func:`~vaefast.data.base.default_root`).
+        download: fetch the files with torchvision when they are missing.
+
+    Returns:
+        A :class:`DataSplit` of float32 pixels / 255 ``[N, 1, 28, 28]`` with int64 labels.
+
+    Raises:
+        FileNotFoundError: the files are missing (and could not be fetched).
     """
     root_path = Path(root) if root is not None else default_root(name)
     files = _locate(name, split, root_path)

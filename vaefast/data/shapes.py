@@ -14,15 +14,28 @@ import math
 import torch
 
 from vaefast._checks import check_positive_int, check_probability
+from vaefast._chunks import spans
 from vaefast.data.base import DataSplit
+from vaefast.rng import derive_seed
 
 SHAPE_NAMES = ("square", "ellipse", "heart")
 FACTOR_NAMES = ("shape", "scale", "rotation", "pos_x", "pos_y")
 IMAGE_SIZE = 64
+SPLIT_SEED = 0
 
 
 def shape_factors(num_scales: int = 3, num_rotations: int = 6, num_positions: int = 6) -> torch.Tensor:
-    """The factor grid ``[N, 5]``: shape index, scale in [0.5, 1], rotation in [0, 2 pi), pos_x, pos_y in [0, 1]."""
+    """The full factor grid.
+
+    Args:
+        num_scales: scales evenly spaced in [0.5, 1] (1: scale 1).
+        num_rotations: rotations ``2 pi k / num_rotations``.
+        num_positions: positions evenly spaced in [0, 1] per axis (1: the centre 0.5).
+
+    Returns:
+        ``[3 * num_scales * num_rotations * num_positions^2, 5]`` float32 rows (shape index, scale, rotation,
+        pos_x, pos_y), shapes outermost.
+    """
     check_positive_int("num_scales", num_scales)
     check_positive_int("num_rotations", num_rotations)
     check_positive_int("num_positions", num_positions)
@@ -38,15 +51,24 @@ def shape_factors(num_scales: int = 3, num_rotations: int = 6, num_positions: in
 
 
 def render_shapes(factors: torch.Tensor, size: int = IMAGE_SIZE, chunk: int = 512) -> torch.Tensor:
-    """Binary images ``[N, 1, size, size]`` (float32 0/1) for factor rows ``[N, 5]`` (see module docstring)."""
+    """Render factor rows as binary images (the geometry of the module docstring).
+
+    Args:
+        factors: ``[N, 5]`` rows (shape index, scale, rotation, pos_x, pos_y).
+        size: the image side (``>= 4``).
+        chunk: images rendered per batch.
+
+    Returns:
+        float32 0/1 images ``[N, 1, size, size]``.
+    """
     if not isinstance(factors, torch.Tensor) or factors.dim() != 2 or factors.shape[1] != 5:
         raise ValueError(f"factors must be a tensor [N, 5], got {getattr(factors, 'shape', type(factors).__name__)}")
     check_positive_int("size", size, minimum=4)
     centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     py, px = torch.meshgrid(centres, centres, indexing="ij")
     out = torch.empty(factors.shape[0], 1, size, size)
-    for start in range(0, factors.shape[0], chunk):
-        f = factors[start : start + chunk].float()
+    for start, stop in spans(factors.shape[0], chunk):
+        f = factors[start:stop].float()
         shape, scale, rot, pos_x, pos_y = (f[:, i, None, None] for i in range(5))
         radius = 0.15 * scale
         dx = (px - (0.2 + 0.6 * pos_x)) / radius
@@ -59,7 +81,7 @@ def render_shapes(factors: torch.Tensor, size: int = IMAGE_SIZE, chunk: int = 51
         a, b = 1.1 * u, 0.1 - 1.1 * v
         heart = (a.pow(2) + b.pow(2) - 1).pow(3) - a.pow(2) * b.pow(3) <= 0
         img = torch.where(shape == 0, square, torch.where(shape == 1, ellipse, heart))
-        out[start : start + chunk, 0] = img.float()
+        out[start:stop, 0] = img.float()
     return out
 
 
@@ -70,14 +92,24 @@ def load_shapes(
     num_positions: int = 6,
     test_fraction: float = 0.1,
 ) -> DataSplit:
-    """The shapes grid split deterministically (seed 0) into train/test; ``factors`` are returned with the images.
+    """The shapes grid split deterministically into train and test; ``factors`` are returned with the images.
 
-    Default grid: 3 shapes x 3 scales x 6 rotations x 6 x 6 positions = 1,944 images (about a second).
+    Default grid: 3 shapes x 3 scales x 6 rotations x 6 x 6 positions = 1,944 images (about a second). The test
+    rows are the first ``max(1, round(test_fraction * N))`` of a permutation from a generator seeded with
+    ``rng.derive_seed(SPLIT_SEED, "data", "shapes")``.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        num_scales, num_rotations, num_positions: the grid (:func:`shape_factors`).
+        test_fraction: the test share, in (0, 1).
+
+    Returns:
+        A :class:`DataSplit` with labels (the shape index) and the factors.
     """
     check_probability("test_fraction", test_fraction)
     factors = shape_factors(num_scales, num_rotations, num_positions)
     n = factors.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(SPLIT_SEED, "data", "shapes")))
     k = max(1, round(test_fraction * n))
     idx = (perm[:k] if split == "test" else perm[k:]).sort().values
     f = factors[idx]

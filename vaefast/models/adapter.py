@@ -36,7 +36,17 @@ class ForeignVAE(BaseVAE):
     """A user's encoder (``x -> (mu, logvar)``) and decoder (``z -> logits`` or ``z -> mean``) as a vaefast model.
 
     ``input_shape``/``latent_dim`` come from the arguments, are inferred from each other by one probe forward
-    pass, or (if neither is given) from the first ``encode`` call. The pair is checked for consistency.
+    pass, or (if neither is given) from the first ``encode`` call. The pair is checked for consistency. Build it with
+    :func:`as_vae`, which checks the arguments.
+
+    Args:
+        encoder: ``x -> (mu, logvar)``.
+        decoder: ``z -> logits`` or ``z -> mean``.
+        likelihood: the observation model's name.
+        decoder_output: ``"logits"`` or ``"mean"``.
+        input_shape: the per-point input shape, or None.
+        latent_dim: ``d``, or None.
+        gaussian_std: the Gaussian likelihood's fixed standard deviation.
     """
 
     def __init__(
@@ -108,6 +118,14 @@ class ForeignVAE(BaseVAE):
 
     @property
     def input_shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        """The shape of one input.
+
+        Returns:
+            ``input_shape``, given to :func:`as_vae` or learned from the first ``encode``.
+
+        Raises:
+            ValueError: not known yet.
+        """
         if self._input_shape is None:
             raise ValueError(
                 "input_shape is not known yet: pass input_shape= (or latent_dim=) to as_vae, or encode once"
@@ -116,6 +134,14 @@ class ForeignVAE(BaseVAE):
 
     @property
     def latent_dim(self) -> int:  # type: ignore[override]
+        """The latent dimension.
+
+        Returns:
+            ``d``, given to :func:`as_vae` or learned with the input shape.
+
+        Raises:
+            ValueError: not known yet.
+        """
         if self._latent_dim is None or self._input_shape is None:
             raise ValueError(
                 "latent_dim is not known yet: pass input_shape= (or latent_dim=) to as_vae, or encode once"
@@ -124,6 +150,14 @@ class ForeignVAE(BaseVAE):
 
     # --- the protocol --------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's posterior ``q(z|x) = N(mu, diag e^logvar)``; the first call fixes an unknown input shape.
+
+        Args:
+            x: ``[B, *input_shape]``.
+
+        Returns:
+            ``(mu [B, d], logvar [B, d])``.
+        """
         if self._input_shape is None and isinstance(x, torch.Tensor) and x.dim() >= 2:
             self._resolve(tuple(x.shape[1:]))
         return super().encode(x)
@@ -136,23 +170,47 @@ class ForeignVAE(BaseVAE):
         return self.decoder(z).reshape(z.shape[0], *self.input_shape)
 
     def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's natural output: the decoder's logits, or the logits of its mean (``"mean"``).
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, *input_shape]``.
+        """
         out = self._raw_decoder(z)
         if self.decoder_output_kind == "mean":
             return self.observation.output_from_mean(out)
         return out
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``g(z)``: the decoder's own mean (``decoder_output="mean"``) or the likelihood mean of its logits."""
+        """``g(z)``: the decoder's own mean (``decoder_output="mean"``) or the likelihood mean of its logits.
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, *input_shape]``.
+        """
         z = self._check_z(z)
         if self.decoder_output_kind == "mean":
             return self._raw_decoder(z)
         return self.observation.mean(self._raw_decoder(z))
 
     def mean_encoder(self) -> nn.Module:
-        """``x -> encoder(x)[0]`` (shares the encoder's parameters)."""
+        """``x -> mu(x)``.
+
+        Returns:
+            A module computing ``encoder(x)[0]`` (sharing the encoder's parameters).
+        """
         return _MeanOf(self.encoder)
 
     def extra_repr(self) -> str:
+        """The likelihood and decoder output kind, for ``repr``.
+
+        Returns:
+            One line.
+        """
         return f"likelihood={self.likelihood}, decoder_output={self.decoder_output_kind}"
 
 

@@ -7,8 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from vaefast.reference import MLP_ACTIVATIONS
+
 ARCHITECTURES = ("mlp", "conv")
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "softplus", "gelu", "silu")
+ACTIVATIONS = tuple(MLP_ACTIVATIONS)  # the activations of csrc/common/activations.h
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli")
 OBJECTIVES = ("elbo", "beta_vae", "beta_tcvae")
 LEARNED_VARIANCE = ("pixel", "scalar")
@@ -17,7 +19,14 @@ LEARNED_VARIANCE = ("pixel", "scalar")
 def default_conv_channels(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Channels of the stride-2 conv stack for the supported image sizes (28x28, 32x32, 64x64, or any even size).
 
-    Each layer halves the spatial size; we stop once the feature map is at most 7x7 or odd.
+    Each layer halves the spatial size; the stack stops once the feature map is at most 7x7 or odd (at most four
+    layers of widths 32, 64, 64, 128).
+
+    Args:
+        input_shape: ``(C, H, W)``.
+
+    Returns:
+        The channels per layer (empty when ``H`` or ``W`` is odd or at most 7).
     """
     _, h, w = input_shape
     widths = (32, 64, 64, 128)
@@ -111,16 +120,29 @@ class VAEConfig:
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
 
     def resolved_conv_channels(self) -> tuple[int, ...]:
-        """``conv_channels`` or the default for this image size."""
+        """The channels of the conv stack.
+
+        Returns:
+            ``conv_channels``, or :func:`default_conv_channels` of ``input_shape`` when None.
+        """
         return self.conv_channels if self.conv_channels is not None else default_conv_channels(self.input_shape)
 
     @property
     def input_size(self) -> int:
-        """``D = prod(input_shape)``."""
+        """The number of input numbers.
+
+        Returns:
+            ``D = prod(input_shape)``.
+        """
         return math.prod(self.input_shape)
 
     # --- JSON round trip -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values.
+
+        Returns:
+            Every field, tuples as lists.
+        """
         d = asdict(self)
         for key in ("input_shape", "hidden", "conv_channels"):
             if d[key] is not None:
@@ -129,6 +151,14 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
+        """The config of :meth:`to_dict`'s output.
+
+        Args:
+            data: field values (unknown fields are an error; missing ones take their defaults).
+
+        Returns:
+            The validated config.
+        """
         if not isinstance(data, dict):
             raise TypeError(f"config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -138,10 +168,26 @@ class VAEConfig:
         return cls(**data)
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The config as JSON text.
+
+        Args:
+            indent: ``json.dumps``' indent.
+
+        Returns:
+            :meth:`to_dict` as JSON with sorted keys.
+        """
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> VAEConfig:
+        """The config of :meth:`to_json`'s output.
+
+        Args:
+            text: JSON text.
+
+        Returns:
+            The validated config (invalid JSON is a ``ValueError``).
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

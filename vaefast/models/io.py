@@ -23,7 +23,15 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """Write ``model.state_dict()`` to a safetensors file (tensors made contiguous, on CPU)."""
+    """Write ``model.state_dict()`` to a safetensors file (tensors made contiguous, on CPU; atomic rename).
+
+    Args:
+        model: any ``nn.Module``.
+        path: the ``.safetensors`` file.
+
+    Returns:
+        ``path``.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
@@ -35,7 +43,15 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    """Save ``model`` into ``directory``: ``config.json`` (if it has a ``VAEConfig``) and ``model.safetensors``."""
+    """Save ``model`` into ``directory``: ``config.json`` (if it has a ``VAEConfig``) and ``model.safetensors``.
+
+    Args:
+        model: the model (a :class:`~vaefast.models.VAE` can be rebuilt by :func:`load`).
+        directory: the folder (created if needed).
+
+    Returns:
+        ``directory``.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)
@@ -46,7 +62,17 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
 
 def load_config(directory: str | Path) -> VAEConfig:
-    """Read and validate ``directory/config.json``."""
+    """Read and validate ``directory/config.json``.
+
+    Args:
+        directory: the model folder.
+
+    Returns:
+        The :class:`VAEConfig`.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file.
+    """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no model config at {path} (expected {CONFIG_FILE} written by model.save)")

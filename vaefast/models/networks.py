@@ -14,36 +14,14 @@ import torch
 from torch import nn
 
 from vaefast.models.config import VAEConfig
-
-
-def make_activation(name: str, param: float | None = None) -> nn.Module:
-    """The ``nn.Module`` for an activation name; ``param`` is leaky_relu's slope, elu's alpha, softplus' beta."""
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.01 if param is None else param)
-    if name == "elu":
-        return nn.ELU(1.0 if param is None else param)
-    if name == "tanh":
-        return nn.Tanh()
-    if name == "sigmoid":
-        return nn.Sigmoid()
-    if name == "softplus":
-        return nn.Softplus(1.0 if param is None else param)
-    if name == "gelu":
-        return nn.GELU()
-    if name == "silu":
-        return nn.SiLU()
-    raise ValueError(
-        f"activation must be one of relu, leaky_relu, elu, tanh, sigmoid, softplus, gelu, silu; got {name!r}"
-    )
+from vaefast.reference import activation_module
 
 
 def _dense_stack(sizes: list[int], config: VAEConfig) -> list[nn.Module]:
     """``[Linear(s0, s1), act, Linear(s1, s2), act, ...]`` (an activation after every layer)."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), make_activation(config.activation, config.activation_param)]
+        layers += [nn.Linear(a, b), activation_module(config.activation, config.activation_param)]
     return layers
 
 
@@ -55,17 +33,32 @@ class _GaussianEncoder(nn.Module):
     logvar: nn.Linear
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two heads on the trunk's features ``h``.
+
+        Args:
+            x: ``[B, *input_shape]``.
+
+        Returns:
+            ``(mu [B, d], raw_logvar [B, d])``.
+        """
         h = self.trunk(x)
         return self.mu(h), self.logvar(h)
 
     def mean_module(self) -> nn.Sequential:
-        """``x -> mu`` as ``nn.Sequential(*trunk, mu)`` sharing this encoder's parameters (for an MLP encoder:
-        ``Flatten, Linear, act, ..., Linear``, which the fused Jacobian kernel recognises)."""
+        """``x -> mu`` as ``nn.Sequential(*trunk, mu)`` sharing this encoder's parameters.
+
+        Returns:
+            For an MLP encoder ``Flatten, Linear, act, ..., Linear``, which the fused Jacobian kernel recognises.
+        """
         return nn.Sequential(*self.trunk, self.mu)
 
 
 class MLPEncoder(_GaussianEncoder):
-    """``h = act(W_L ... act(W_1 flatten(x)))``; ``mu = W_mu h + b``, ``raw_logvar = W_s h + c``."""
+    """``h = act(W_L ... act(W_1 flatten(x)))``; ``mu = W_mu h + b``, ``raw_logvar = W_s h + c``.
+
+    Args:
+        config: ``input_shape``, ``hidden`` widths, ``activation`` (and its parameter) and ``latent_dim``.
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -76,7 +69,11 @@ class MLPEncoder(_GaussianEncoder):
 
 
 class MLPDecoder(nn.Module):
-    """``out = W_out act(... act(W_1 z)) + b``, reshaped to ``input_shape``."""
+    """``out = W_out act(... act(W_1 z)) + b``, reshaped to ``input_shape`` (the encoder's widths reversed).
+
+    Args:
+        config: ``input_shape``, ``hidden`` widths, ``activation`` (and its parameter) and ``latent_dim``.
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -85,11 +82,23 @@ class MLPDecoder(nn.Module):
         self.output_shape = tuple(config.input_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The natural output of the likelihood.
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, *input_shape]``.
+        """
         return self.net(z).reshape(z.shape[0], *self.output_shape)
 
 
 class ConvEncoder(_GaussianEncoder):
-    """Stride-2 ``4x4`` convolutions (each halving H and W), flatten, dense ``hidden`` layers, mu/logvar heads."""
+    """Stride-2 ``4x4`` convolutions (each halving H and W), flatten, dense ``hidden`` layers, mu/logvar heads.
+
+    Args:
+        config: ``input_shape = (C, H, W)``, ``conv_channels``, ``hidden``, ``activation`` and ``latent_dim``.
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -99,7 +108,7 @@ class ConvEncoder(_GaussianEncoder):
         for cin, cout in zip((c, *channels[:-1]), channels, strict=True):
             layers += [
                 nn.Conv2d(cin, cout, 4, stride=2, padding=1),
-                make_activation(config.activation, config.activation_param),
+                activation_module(config.activation, config.activation_param),
             ]
         factor = 2 ** len(channels)
         flat = channels[-1] * (h // factor) * (w // factor)
@@ -110,7 +119,11 @@ class ConvEncoder(_GaussianEncoder):
 
 
 class ConvDecoder(nn.Module):
-    """Dense layers up to ``C_last x H/2^L x W/2^L``, then stride-2 ``4x4`` transposed convolutions."""
+    """Dense layers up to ``C_last x H/2^L x W/2^L``, then stride-2 ``4x4`` transposed convolutions.
+
+    Args:
+        config: ``input_shape = (C, H, W)``, ``conv_channels``, ``hidden``, ``activation`` and ``latent_dim``.
+    """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -125,15 +138,30 @@ class ConvDecoder(nn.Module):
         for i, (cin, cout) in enumerate(zip(rev, [*rev[1:], c], strict=True)):
             layers.append(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1))
             if i < len(rev) - 1:
-                layers.append(make_activation(config.activation, config.activation_param))
+                layers.append(activation_module(config.activation, config.activation_param))
         self.deconv = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The natural output of the likelihood.
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, C, H, W]``.
+        """
         return self.deconv(self.dense(z).reshape(z.shape[0], *self.base_shape))
 
 
 def build_networks(config: VAEConfig) -> tuple[nn.Module, nn.Module]:
-    """The (encoder, decoder) pair described by ``config``."""
+    """The networks described by ``config``.
+
+    Args:
+        config: ``architecture="mlp"`` or ``"conv"`` and the sizes.
+
+    Returns:
+        ``(encoder, decoder)``: ``x -> (mu, raw_logvar)`` and ``z -> natural output``.
+    """
     if config.architecture == "mlp":
         return MLPEncoder(config), MLPDecoder(config)
     return ConvEncoder(config), ConvDecoder(config)

@@ -3,6 +3,10 @@
 Encoder ``q(z|x) = N(mu(x), diag exp(logvar(x)))``, prior ``p(z) = N(0, I)``, decoder ``p(x|z)`` from
 :mod:`vaefast.models.likelihoods`. Single-sample ELBO with the analytic KL:
 ``ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z))``, ``KL = 1/2 sum_k (mu_k^2 + s_k^2 - log s_k^2 - 1)``.
+
+Seeds: ``VAE(config, seed)`` initialises its parameters from ``rng.derive_seed(seed, "vae", "init")`` and
+``elbo(x, seed=s)`` draws its noise from a generator seeded with ``rng.derive_seed(s, "vae", "elbo")``, so neither
+shares numbers with training (:mod:`vaefast.training`) run with the same seed.
 """
 
 from __future__ import annotations
@@ -16,17 +20,31 @@ from torch import nn
 
 from vaefast._checks import check_positive_int, check_seed, check_tensor
 from vaefast.models.config import VAEConfig
-from vaefast.models.likelihoods import Likelihood, make_likelihood, soft_bound
+from vaefast.models.likelihoods import (
+    Likelihood,
+    gaussian_kl,
+    gaussian_log_density,
+    make_likelihood,
+    reparameterise,
+    repeat_per_sample,
+    soft_bound,
+)
 from vaefast.models.networks import build_networks
+from vaefast.rng import derive_seed
 
-_LOG_2PI = math.log(2 * math.pi)
+__all__ = ["VAE", "BaseVAE", "LossTerms", "sample_latent"]
 
 
 @dataclass
 class LossTerms:
-    """Batch means of the training objective and its parts (scalars; ``tc``/``mi``/``dimkl`` only for β-TCVAE).
+    """Batch means of the training objective and its parts.
 
-    ``loss`` is what the optimiser minimises; ``elbo = recon - kl`` always uses the analytic KL.
+    Attributes:
+        loss: what the optimiser minimises.
+        elbo: ``recon - kl`` (always with the analytic KL).
+        recon: ``log p(x | z)``, ``z ~ q(z|x)``.
+        kl: ``KL(q(z|x) || N(0, I))``.
+        tc, mi, dimkl: the β-TCVAE decomposition (None for the other objectives).
     """
 
     loss: torch.Tensor
@@ -38,17 +56,27 @@ class LossTerms:
     dimkl: torch.Tensor | None = None
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """``KL(N(mu, diag e^logvar) || N(0, I)) = 1/2 sum_k (mu_k^2 + e^logvar_k - logvar_k - 1)`` per row."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(-1)
+def sample_latent(
+    mu: torch.Tensor, logvar: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Reparameterised samples ``z = mu + exp(logvar / 2) * eps``, ``eps ~ N(0, I)`` from ``generator``.
 
+    Args:
+        mu: ``[B, d]``.
+        logvar: ``[B, d]``.
+        num_samples: None for one sample per point, else ``S``.
+        generator: the source of ``eps`` (None: torch's global generator).
 
-def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Element-wise ``log N(z; mu, e^logvar)`` (no reduction)."""
-    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + _LOG_2PI)
+    Returns:
+        ``[B, d]`` (or ``[B, S, d]``).
+    """
+    shape = mu.shape if num_samples is None else (mu.shape[0], num_samples, mu.shape[1])
+    eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return reparameterise(mu, logvar, eps)
 
 
 def _generator(seed: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The ELBO's noise generator: the caller's, one seeded from ``derive_seed(seed, "vae", "elbo")``, or None."""
     if generator is not None:
         if seed is not None:
             raise ValueError("pass either seed or generator, not both")
@@ -57,12 +85,33 @@ def _generator(seed: int | None, generator: torch.Generator | None, device: torc
         return generator
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(check_seed("seed", seed))
+    return torch.Generator(device=device).manual_seed(derive_seed(check_seed("seed", seed), "vae", "elbo"))
+
+
+def _total_correlation_terms(
+    z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, dataset_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(MI, TC, dimKL)`` per point from minibatch-weighted sampling (Chen et al. 2018).
+
+    ``log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log(N M)`` and ``log prod_k q(z_ik) ~ sum_k [logsumexp_j
+    log q(z_ik|x_j) - log(N M)]`` (N = ``dataset_size``, M = batch size); ``MI = log q(z|x) - log q(z)``,
+    ``TC = log q(z) - log prod_k q(z_k)``, ``dimKL = log prod_k q(z_k) - log p(z)``.
+    """
+    log_qzx = gaussian_log_density(z, mu, logvar).sum(1)
+    log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
+    mat = gaussian_log_density(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # [i, j, k]
+    log_nm = math.log(dataset_size * z.shape[0])
+    log_qz = torch.logsumexp(mat.sum(2), dim=1) - log_nm
+    log_prod_qz = (torch.logsumexp(mat, dim=1) - log_nm).sum(1)
+    return log_qzx - log_qz, log_qz - log_prod_qz, log_prod_qz - log_pz
 
 
 class BaseVAE(nn.Module):
-    """Shared protocol implementation. Subclasses set ``input_shape``, ``latent_dim``, ``likelihood`` (str),
-    ``observation`` (a :class:`Likelihood`) and implement ``_encode_raw`` / ``decoder_output`` / ``mean_encoder``.
+    """The model protocol on top of an encoder, a decoder and a :class:`Likelihood`.
+
+    Subclasses set ``input_shape``, ``latent_dim``, ``likelihood`` (str), ``observation`` (a :class:`Likelihood`)
+    and implement ``_encode_raw`` / ``decoder_output`` / ``mean_encoder``; the objective weights (``objective``,
+    ``beta``, ``mi_weight``, ``tc_weight``, ``dimkl_weight``) select :meth:`loss`.
     """
 
     input_shape: tuple[int, ...]
@@ -80,10 +129,22 @@ class BaseVAE(nn.Module):
         raise NotImplementedError
 
     def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's natural output (logits or mean) ``[N, *input_shape]``."""
+        """The decoder's natural output (logits or mean).
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, *input_shape]``.
+        """
         raise NotImplementedError
 
     def mean_encoder(self) -> nn.Module:
+        """``x -> mu(x)`` as a module sharing the encoder's parameters.
+
+        Returns:
+            The module.
+        """
         raise NotImplementedError
 
     # --- checks --------------------------------------------------------------------------------------
@@ -103,15 +164,37 @@ class BaseVAE(nn.Module):
 
     # --- the protocol --------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x[B, *input_shape] -> (mu[B, d], logvar[B, d])``."""
+        """The posterior ``q(z|x) = N(mu, diag e^logvar)``.
+
+        Args:
+            x: ``[B, *input_shape]``.
+
+        Returns:
+            ``(mu [B, d], logvar [B, d])``.
+        """
         return self._encode_raw(self._check_x(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``z[N, d] -> g(z)[N, *input_shape]``, the likelihood mean."""
+        """The likelihood mean ``g(z)``.
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, *input_shape]``.
+        """
         return self.observation.mean(self.decoder_output(self._check_z(z)))
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``log p(x|z)``: ``z[B, d] -> [B]`` or ``z[B, S, d] -> [B, S]`` (S latent samples per point)."""
+        """``log p(x | z)`` of every point under one or several latent samples.
+
+        Args:
+            x: ``[B, *input_shape]``.
+            z: ``[B, d]`` or ``[B, S, d]`` (S samples per point).
+
+        Returns:
+            ``[B]`` or ``[B, S]``.
+        """
         x = self._check_x(x)
         z = self._check_z(z, ndim=(2, 3))
         if z.shape[0] != x.shape[0]:
@@ -119,58 +202,67 @@ class BaseVAE(nn.Module):
         if z.dim() == 2:
             return self.observation.log_prob(x, self.decoder_output(z))
         b, s, _ = z.shape
-        xs = x.unsqueeze(1).expand(b, s, *x.shape[1:]).reshape(b * s, *x.shape[1:])
-        return self.observation.log_prob(xs, self.decoder_output(z.reshape(b * s, -1))).reshape(b, s)
+        out = self.decoder_output(z.reshape(b * s, -1))
+        return self.observation.log_prob(repeat_per_sample(x, s), out).reshape(b, s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction ``g(mu(x))``."""
+        """The deterministic reconstruction ``g(mu(x))``.
+
+        Args:
+            x: ``[B, *input_shape]``.
+
+        Returns:
+            ``[B, *input_shape]``.
+        """
         return self.decode(self.encode(x)[0])
 
-    @staticmethod
-    def sample_latent(
-        mu: torch.Tensor, logvar: torch.Tensor, num_samples: int | None = None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """``z = mu + exp(logvar/2) * eps``: ``[B, d]`` (or ``[B, S, d]`` with ``num_samples``)."""
-        if num_samples is None:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            return mu + torch.exp(0.5 * logvar) * eps
-        eps = torch.randn(
-            (mu.shape[0], num_samples, mu.shape[1]), generator=generator, device=mu.device, dtype=mu.dtype
-        )
-        return mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+    sample_latent = staticmethod(sample_latent)
 
     def elbo(
         self, x: torch.Tensor, num_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Per-point ELBO ``mean_s log p(x|z_s) - KL(q(z|x) || N(0, I))``, ``z_s ~ q(z|x)`` (default one sample).
+        """Per-point ELBO ``mean_s log p(x|z_s) - KL(q(z|x) || N(0, I))``, ``z_s ~ q(z|x)``.
 
-        Pass ``seed`` (or a ``generator``) for reproducible numbers; otherwise the global RNG is used.
+        Args:
+            x: ``[B, *input_shape]``.
+            num_samples: ``S``, latent samples per point.
+            seed: reproducible noise from a generator seeded with ``rng.derive_seed(seed, "vae", "elbo")``.
+            generator: the caller's generator instead (not with ``seed``); neither: torch's global generator.
+
+        Returns:
+            ``[B]``.
         """
         check_positive_int("num_samples", num_samples)
         x = self._check_x(x)
         gen = _generator(seed, generator, x.device)
         mu, logvar = self._encode_raw(x)
         if num_samples == 1:
-            recon = self.log_likelihood(x, self.sample_latent(mu, logvar, generator=gen))
+            recon = self.log_likelihood(x, sample_latent(mu, logvar, generator=gen))
         else:
-            recon = self.log_likelihood(x, self.sample_latent(mu, logvar, num_samples, gen)).mean(1)
+            recon = self.log_likelihood(x, sample_latent(mu, logvar, num_samples, gen)).mean(1)
         return recon - gaussian_kl(mu, logvar)
 
     def loss(
         self, x: torch.Tensor, dataset_size: int | None = None, generator: torch.Generator | None = None
     ) -> LossTerms:
-        """The training objective (to minimise) and its components, as batch means.
+        """The training objective (to minimise) and its components, as batch means, from one ``z ~ q(z|x)``.
 
         - ``elbo``: ``-(recon - KL)``; ``beta_vae``: ``-(recon - beta KL)``;
         - ``beta_tcvae`` (Chen et al. 2018): ``-(recon - a MI - b TC - c dimKL)`` with the minibatch-weighted
-          sampling estimates ``log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log(N M)`` and
-          ``log prod_k q(z_ik) ~ sum_k [logsumexp_j log q(z_ik|x_j) - log(N M)]`` (N = ``dataset_size``,
-          M = batch size); ``MI = log q(z|x) - log q(z)``, ``TC = log q(z) - log prod_k q(z_k)``,
-          ``dimKL = log prod_k q(z_k) - log p(z)``.
+          sampling estimates of :func:`_total_correlation_terms` (a, b, c = ``mi_weight``, ``tc_weight``,
+          ``dimkl_weight``).
+
+        Args:
+            x: ``[M, *input_shape]``.
+            dataset_size: ``N``, the number of training points (β-TCVAE only; ``>= M``).
+            generator: the source of the reparameterisation noise (None: torch's global generator).
+
+        Returns:
+            The :class:`LossTerms`.
         """
         x = self._check_x(x)
         mu, logvar = self._encode_raw(x)
-        z = self.sample_latent(mu, logvar, generator=generator)
+        z = sample_latent(mu, logvar, generator=generator)
         recon = self.log_likelihood(x, z)
         kl = gaussian_kl(mu, logvar)
         elbo = (recon - kl).mean()
@@ -180,15 +272,8 @@ class BaseVAE(nn.Module):
             return LossTerms(-(recon - self.beta * kl).mean(), elbo, recon.mean(), kl.mean())
         if dataset_size is None:
             raise ValueError("objective='beta_tcvae' needs dataset_size (the number of training points)")
-        m = x.shape[0]
-        check_positive_int("dataset_size", dataset_size, minimum=m)
-        log_qzx = gaussian_log_density(z, mu, logvar).sum(1)
-        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
-        mat = gaussian_log_density(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # [i, j, k]
-        log_nm = math.log(dataset_size * m)
-        log_qz = torch.logsumexp(mat.sum(2), dim=1) - log_nm
-        log_prod_qz = (torch.logsumexp(mat, dim=1) - log_nm).sum(1)
-        mi, tc, dimkl = log_qzx - log_qz, log_qz - log_prod_qz, log_prod_qz - log_pz
+        check_positive_int("dataset_size", dataset_size, minimum=x.shape[0])
+        mi, tc, dimkl = _total_correlation_terms(z, mu, logvar, dataset_size)
         objective = recon - self.mi_weight * mi - self.tc_weight * tc - self.dimkl_weight * dimkl
         return LossTerms(-objective.mean(), elbo, recon.mean(), kl.mean(), tc.mean(), mi.mean(), dimkl.mean())
 
@@ -196,8 +281,12 @@ class BaseVAE(nn.Module):
 class VAE(BaseVAE):
     """A VAE built from a :class:`VAEConfig` (MLP or conv encoder/decoder, any supported likelihood/objective).
 
-    ``logvar = b tanh(raw / b)`` with ``b = config.logvar_bound`` (see :class:`VAEConfig`). Parameters are
-    initialised from ``seed`` (``None``: the global RNG) so construction is reproducible.
+    ``logvar = b tanh(raw / b)`` with ``b = config.logvar_bound`` (see :class:`VAEConfig`).
+
+    Args:
+        config: the architecture, likelihood and objective.
+        seed: parameters are initialised from ``rng.derive_seed(seed, "vae", "init")`` (None: torch's global
+            generator), so construction is reproducible.
     """
 
     def __init__(self, config: VAEConfig, seed: int | None = 0) -> None:
@@ -216,7 +305,7 @@ class VAE(BaseVAE):
             self._build()
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(check_seed("seed", seed))
+                torch.manual_seed(derive_seed(check_seed("seed", seed), "vae", "init"))
                 self._build()
 
     def _build(self) -> None:
@@ -235,19 +324,43 @@ class VAE(BaseVAE):
         return mu, soft_bound(raw, self.config.logvar_bound)
 
     def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder network's output (logits or mean).
+
+        Args:
+            z: ``[N, d]``.
+
+        Returns:
+            ``[N, *input_shape]``.
+        """
         return self.decoder(z)
 
     def mean_encoder(self) -> nn.Sequential:
-        """``x -> mu`` as an ``nn.Sequential`` sharing the encoder's parameters (for MLP encoders exactly
-        ``Flatten, Linear, act, ..., Linear``, the form the fused Jacobian kernel recognises)."""
+        """``x -> mu`` as an ``nn.Sequential`` sharing the encoder's parameters.
+
+        Returns:
+            For MLP encoders exactly ``Flatten, Linear, act, ..., Linear``, the form the fused Jacobian kernel
+            recognises.
+        """
         return self.encoder.mean_module()
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+        """Write ``config.json`` and ``model.safetensors`` (:func:`vaefast.models.io.save`).
+
+        Args:
+            directory: the folder (created if needed).
+
+        Returns:
+            ``directory``.
+        """
         from vaefast.models.io import save
 
         return save(self, directory)
 
     def extra_repr(self) -> str:
+        """The architecture, likelihood, objective and latent size, for ``repr``.
+
+        Returns:
+            One line.
+        """
         c = self.config
         return f"{c.architecture}, likelihood={c.likelihood}, objective={c.objective}, latent_dim={c.latent_dim}"
