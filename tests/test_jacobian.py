@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from vaefast import compiled_with_cuda, has_compiled_ops
+from vaefast import has_compiled_ops
 from vaefast import reference as ref
 from vaefast.jacobian import encoder_jacobian, jacobian_frobenius, jacobian_spectral, mlp_spec
 from vaefast.ops import mlp_activation_param, mlp_jacobian_frobenius
@@ -39,11 +39,14 @@ def _jacrev_norm(f, x):
     return jac.flatten(1).norm(dim=1), jac.flatten(2)
 
 
-def _op(x, weights, biases, act, param, first_gram):
-    """The compiled op when built, else the pure-PyTorch reference (which has no Gram path)."""
+def _op(x, weights, biases, act, param, first_gram, device="cpu"):
+    """The compiled op on ``device`` when built, else the pure-PyTorch reference (which has no Gram path); the
+    result comes back to the CPU."""
+    x, weights, biases = x.to(device), [w.to(device) for w in weights], [b.to(device) for b in biases]
+    first_gram = None if first_gram is None else first_gram.to(device)
     if has_compiled_ops():
-        return torch.ops.vaefast.mlp_jacobian_frobenius(x, weights, biases, act, param, first_gram)
-    return ref.mlp_jacobian_frobenius(x, weights, biases, act, param)
+        return torch.ops.vaefast.mlp_jacobian_frobenius(x, weights, biases, act, param, first_gram).cpu()
+    return ref.mlp_jacobian_frobenius(x, weights, biases, act, param).cpu()
 
 
 def _oracle(x, weights, biases, act, param):
@@ -56,24 +59,24 @@ def _oracle(x, weights, biases, act, param):
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
-def test_op_matches_jacrev_float64(act, shape):
+def test_op_matches_jacrev_float64(act, shape, device):
     param = mlp_activation_param(act, PARAMS.get(act))
     x, weights, biases = _mlp(shape, torch.float64, seed=len(shape) * 100 + shape[1])
     expected = _oracle(x, weights, biases, act, param)
     gram = weights[0] @ weights[0].T
     for first_gram in (None, gram):  # direct product / op's own choice, and the Gram path
-        out = _op(x, weights, biases, act, param, first_gram)
+        out = _op(x, weights, biases, act, param, first_gram, device)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
     torch.testing.assert_close(mlp_jacobian_frobenius(x, weights, biases, act, param), expected, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_op_float32(act):
+def test_op_float32(act, device):
     param = mlp_activation_param(act, PARAMS.get(act))
     x, weights, biases = _mlp((12, 16, 9, 4), torch.float32, seed=7)
     expected = _oracle(x, weights, biases, act, param)
     for first_gram in (None, weights[0] @ weights[0].T):
-        out = _op(x, weights, biases, act, param, first_gram)
+        out = _op(x, weights, biases, act, param, first_gram, device)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=0)
 
@@ -92,20 +95,20 @@ def test_public_op_matches_oracle_any_build():
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_op_blocked_triangular_gram(act):
+def test_op_blocked_triangular_gram(act, device):
     """H1 = 300: the first layer's triangular Gram product runs in 3 column blocks (128, 128, 44)."""
     x, weights, biases = _mlp((400, 300, 20, 3), torch.float64, seed=9)
     x = x[:3]
     expected = _oracle(x, weights, biases, act, 0.0)
     for first_gram in (None, weights[0] @ weights[0].T):
-        out = _op(x, weights, biases, act, 0.0, first_gram)
+        out = _op(x, weights, biases, act, 0.0, first_gram, device)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=0)
 
 
-def test_op_edge_cases():
+def test_op_edge_cases(device):
     # a pure linear map: ||J||_F = ||W||_F everywhere
     x, weights, biases = _mlp((6, 4), torch.float64, seed=1)
-    out = _op(x, weights, biases, "relu", 0.0, None)
+    out = _op(x, weights, biases, "relu", 0.0, None, device)
     torch.testing.assert_close(out, weights[0].norm().expand(x.shape[0]), rtol=1e-12, atol=0)
     # pre-activations exactly 0 (ReLU'(0) = 0, LeakyReLU'(0) = slope, as torch) and softplus beyond threshold 20
     x, weights, biases = _mlp((5, 6, 3), torch.float64, seed=2)
@@ -113,13 +116,13 @@ def test_op_edge_cases():
     biases[0][:3] = 0
     x[1] = 40.0
     for act, param in [("relu", 0.0), ("leaky_relu", 0.1), ("elu", 1.0), ("softplus", 2.0)]:
-        out = _op(x, weights, biases, act, param, None)
+        out = _op(x, weights, biases, act, param, None, device)
         torch.testing.assert_close(out, _oracle(x, weights, biases, act, param), rtol=1e-10, atol=0)
     # non-contiguous inputs
     x, weights, biases = _mlp((9, 5, 3), torch.float64, seed=4)
     xt = x.T.contiguous().T
     wt = [w.T.contiguous().T for w in weights]
-    out = _op(xt, wt, biases, "tanh", 0.0, None)
+    out = _op(xt, wt, biases, "tanh", 0.0, None, device)
     torch.testing.assert_close(out, _oracle(x, weights, biases, "tanh", 0.0), rtol=1e-10, atol=0)
 
 
@@ -136,8 +139,9 @@ def test_gram_cache_sees_inplace_updates():
 
 
 @needs_op
-def test_opcheck():
+def test_opcheck(device):
     x, weights, biases = _mlp((10, 6, 7, 3), torch.float64, seed=5)
+    x, weights, biases = x.to(device), [w.to(device) for w in weights], [b.to(device) for b in biases]
     gram = weights[0] @ weights[0].T
     for first_gram in (None, gram):
         torch.library.opcheck(
@@ -185,7 +189,7 @@ def test_op_bad_inputs():
             torch.ops.vaefast.mlp_jacobian_frobenius(x, weights, biases, "relu", 0.0, weights[0])
 
 
-@pytest.mark.skipif(not (compiled_with_cuda() and torch.cuda.is_available()), reason="needs a GPU and a CUDA build")
+@pytest.mark.gpu
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_cuda_matches_cpu(act):
     param = mlp_activation_param(act, PARAMS.get(act))

@@ -1,4 +1,6 @@
-"""Input validation shared by every public entry point (SPEC §4): clear errors that name the argument."""
+"""The one place for validation: the model protocol (:class:`VAEModel`) and its check, the input validators shared by
+every public entry point (clear ``TypeError``/``ValueError`` messages that name the argument), eval mode for every
+analysis, and devices."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from torch import nn
 from vaefast import reference, rng
 from vaefast._checks import check_positive_int, check_seed, check_tensor, eval_mode
 from vaefast.ops import mlp_jacobian_frobenius
+from vaefast.reference import activation_of
 
 __all__ = ["MLPSpec", "encoder_jacobian", "jacobian_frobenius", "jacobian_spectral", "mlp_spec"]
 
@@ -58,28 +59,6 @@ class MLPSpec:
     biases: list[torch.Tensor]
     activation: str
     activation_param: float
-
-
-def _activation_of(module: nn.Module) -> tuple[str, float] | None:
-    """(name, parameter) of a supported activation module, else None (exact types only: no subclasses)."""
-    kind = type(module)
-    if kind is nn.ReLU:
-        return "relu", 0.0
-    if kind is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if kind is nn.ELU:
-        return "elu", float(module.alpha)
-    if kind is nn.Tanh:
-        return "tanh", 0.0
-    if kind is nn.Sigmoid:
-        return "sigmoid", 0.0
-    if kind is nn.Softplus:
-        return ("softplus", float(module.beta)) if float(module.threshold) == 20.0 and module.beta > 0 else None
-    if kind is nn.GELU:
-        return {"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(module.approximate)
-    if kind is nn.SiLU:
-        return "silu", 0.0
-    return None
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -113,7 +92,7 @@ def mlp_spec(fn: object) -> MLPSpec | None:
     linears, acts = layers[0::2], layers[1::2]
     if any(type(m) is not nn.Linear for m in linears):
         return None
-    kinds = {_activation_of(m) for m in acts}
+    kinds = {activation_of(m) for m in acts}
     if None in kinds or len(kinds) > 1:
         return None
     activation, param = kinds.pop() if kinds else ("relu", 0.0)

@@ -11,9 +11,17 @@ processes, draws its numbers here:
   batch it is in, so every function that keys its noise by point id is batch-invariant.
 - :func:`id_runs`: the maximal runs of consecutive ids in a batch (one Philox call per run).
 
-Streams in use (the Monte-Carlo estimators draw the reparameterisation noise on ``seed`` itself, unchanged):
+- :func:`generator`: a ``torch.Generator`` seeded with ``derive_seed(seed, *parts)``, for the few consumers whose
+  numbers are order-dependent by nature (training's shuffling and noise, a model's initialisation, data splits).
+
+Streams of :func:`normals` in use (the Monte-Carlo estimators draw the reparameterisation noise on ``seed`` itself):
 ``"attack-noise"`` (the max-damage attack's common random numbers), ``"attack-start"`` (random starts of every
 restart), ``"elbo-noise"`` (the output attack's ELBO target), ``"hutchinson"`` (Jacobian probes).
+
+Identities of :func:`derive_seed` in use: ``("vae", "init")`` and ``("vae", "elbo")`` (models), ``("training",
+purpose)`` for purpose in shuffle / noise / evaluate / iwae, ``("data", "split")`` and ``("data", "shapes")``,
+``("mc" | "curve", model, r)`` and ``("auto-radii", model)`` (sweeps), ``("verify", seed)`` (the replay of a
+sweep's evidence), ``("stream", name)`` (the streams above).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 
 from vaefast._checks import check_positive_int, check_seed
 
-__all__ = ["derive_seed", "id_runs", "normals"]
+__all__ = ["derive_seed", "generator", "id_runs", "normals"]
 
 
 def derive_seed(base: int, *parts: object) -> int:
@@ -103,3 +111,17 @@ def normals(
         eps = ops.reparam_sample(zeros, zeros, num, seed=key, offset=first, sample_offset=sample_offset)
         out[pos : pos + length] = eps.to(dtype)
     return out
+
+
+def generator(seed: int, *parts: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``derive_seed(seed, *parts)``.
+
+    Args:
+        seed: the user's seed.
+        *parts: the purpose, e.g. ``("training", "shuffle")``: different purposes never share numbers.
+        device: the generator's device.
+
+    Returns:
+        The seeded generator.
+    """
+    return torch.Generator(device=device).manual_seed(derive_seed(check_seed("seed", seed), *parts))

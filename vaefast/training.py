@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributions import ContinuousBernoulli
 from tqdm.auto import tqdm
 
+from vaefast import rng
 from vaefast._checks import (
     check_device,
     check_inputs,
@@ -38,7 +39,6 @@ from vaefast._chunks import index_batches, points_per_batch
 from vaefast.data.base import DataSplit
 from vaefast.models.likelihoods import gaussian_kl, gaussian_log_density, repeat_per_sample
 from vaefast.models.vae import sample_latent
-from vaefast.rng import derive_seed
 
 METRIC_COLUMNS = (
     "epoch",
@@ -145,7 +145,7 @@ def _device(model: nn.Module, x: torch.Tensor) -> torch.device:
 
 def _generator(seed: int, purpose: str, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on ``device`` seeded with ``derive_seed(seed, "training", purpose)``."""
-    return torch.Generator(device=device).manual_seed(derive_seed(check_seed("seed", seed), "training", purpose))
+    return rng.generator(seed, "training", purpose, device=device)
 
 
 def _terms_to_floats(terms: Any) -> dict[str, float]:

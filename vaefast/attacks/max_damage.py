@@ -19,6 +19,7 @@ import torch
 from vaefast._checks import check_choice, check_positive_int, check_seed
 from vaefast.attacks.base import Attack, AttackCall, EpsSpec, check_eps
 from vaefast.attacks.engine import CONSTRAINTS, LoopConfig, check_loop_args, restart_noise
+from vaefast.models.likelihoods import reparameterise
 
 MODES = ("mean_var", "mean")
 
@@ -102,7 +103,7 @@ class MaxDamageAttack(Attack):
         if eta is None or self.mode == "mean":
             z = mu.unsqueeze(1)
         else:
-            z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eta.to(mu.dtype)
+            z = reparameterise(mu, logvar, eta.to(mu.dtype))
         b, s, d = z.shape
         recon = model.decode(z.reshape(b * s, d)).reshape(b, s, -1)
         sq = (recon - reference.unsqueeze(1)).pow(2).sum(-1)

@@ -17,6 +17,7 @@ from vaefast._checks import check_choice, check_positive_int
 from vaefast.attacks.base import AttackCall
 from vaefast.attacks.engine import restart_noise
 from vaefast.attacks.targeted import TargetedAttack
+from vaefast.models.likelihoods import gaussian_kl, reparameterise
 
 LOSSES = ("mse", "elbo")
 
@@ -84,11 +85,11 @@ class OutputAttack(TargetedAttack):
         if self.loss_kind == "mse":
             return (model.decode(mu).flatten(1) - target.flatten(1)).pow(2).sum(1)
         eta = call.data.cache["noise"][rows, restart]
-        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eta
+        z = reparameterise(mu, logvar, eta)
         b, s, d = z.shape
         xt = target.unsqueeze(1).expand(b, s, *target.shape[1:]).reshape(b * s, *target.shape[1:])
         nll = -model.log_likelihood(xt, z.reshape(b * s, d)).reshape(b, s).mean(1)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
+        kl = gaussian_kl(mu, logvar)
         return nll + kl
 
     def _extra(self, call: AttackCall, x_adv: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from vaefast._checks import check_probability, check_seed
-from vaefast.rng import derive_seed
+from vaefast import rng
+from vaefast._checks import check_probability
 
 
 @dataclass
@@ -82,7 +82,7 @@ class DataSplit:
         check_probability("fraction", fraction)
         n = len(self)
         k = max(1, min(n - 1, round(fraction * n)))
-        gen = torch.Generator().manual_seed(derive_seed(check_seed("seed", seed), "data", "split"))
+        gen = rng.generator(seed, "data", "split")
         perm = torch.randperm(n, generator=gen)
         return self.subset(perm[k:].sort().values), self.subset(perm[:k].sort().values, f"{self.name}:heldout")
 

@@ -13,10 +13,10 @@ import math
 
 import torch
 
+from vaefast import rng
 from vaefast._checks import check_positive_int, check_probability
 from vaefast._chunks import spans
 from vaefast.data.base import DataSplit
-from vaefast.rng import derive_seed
 
 SHAPE_NAMES = ("square", "ellipse", "heart")
 FACTOR_NAMES = ("shape", "scale", "rotation", "pos_x", "pos_y")
@@ -109,7 +109,7 @@ def load_shapes(
     check_probability("test_fraction", test_fraction)
     factors = shape_factors(num_scales, num_rotations, num_positions)
     n = factors.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(SPLIT_SEED, "data", "shapes")))
+    perm = torch.randperm(n, generator=rng.generator(SPLIT_SEED, "data", "shapes"))
     k = max(1, round(test_fraction * n))
     idx = (perm[:k] if split == "test" else perm[k:]).sort().values
     f = factors[idx]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vaefast import rng
 from vaefast._checks import check_positive_int, check_seed, check_tensor
 from vaefast.models.config import VAEConfig
 from vaefast.models.likelihoods import (
@@ -85,7 +86,7 @@ def _generator(seed: int | None, generator: torch.Generator | None, device: torc
         return generator
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(derive_seed(check_seed("seed", seed), "vae", "elbo"))
+    return rng.generator(seed, "vae", "elbo", device=device)
 
 
 def _total_correlation_terms(
