@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vaefast import plots, report, store
+from vaefast import analysis, plots, report, store
 
 SHAPE = (1, 4, 4)
 RADII = (0.5, 1.0)
@@ -124,15 +124,15 @@ def _tables(verifications: bool = True) -> dict[str, list[dict]]:
             "verifications": ver}  # fmt: skip
 
 
-def sweep_data(verifications: bool = True) -> report.SweepData:
-    """The synthetic sweep as :class:`report.SweepData`, the way :func:`report.load` returns it."""
+def sweep_data(verifications: bool = True) -> analysis.SweepData:
+    """The synthetic sweep as :class:`analysis.SweepData`, the way :func:`analysis.load` returns it."""
     t = _tables(verifications)
     models = {}
     for m in t["models"]:
         models[m["name"]] = {**m, "config": json.loads(m["config"]), "input_shape": tuple(json.loads(m["input_shape"]))}
     spec = json.dumps({"num_samples": 1000, "confidence": 0.95, "seed": 0})
-    return report.SweepData(t["results"], t["curves"], models, t["points"], t["units"], {"spec": spec},
-                            t["verifications"])  # fmt: skip
+    return analysis.SweepData(t["results"], t["curves"], models, t["points"], t["units"], {"spec": spec},
+                              t["verifications"])  # fmt: skip
 
 
 def _insert(conn: sqlite3.Connection, table: str, rows: list[dict]) -> None:
@@ -177,7 +177,7 @@ def _capture(monkeypatch) -> dict:
 
 
 def test_headline_counts():
-    h = report.headline(sweep_data())
+    h = analysis.headline(sweep_data())
     assert h["n_items"] == h["items"] == N_GROUPS * N_POINTS
     assert (h["n_uncertified"], h["n_unbracketed"], h["n_comparable"]) == (N_GROUPS, N_GROUPS, 4 * N_GROUPS)
     assert h["bound_exceeds_box"] == N_GROUPS  # point 2 of every (model, r)
@@ -201,7 +201,7 @@ def test_disagreements_are_counted_not_explained_away():
     data = sweep_data()
     row = next(r for r in data.results if r["pos"] == 3)
     row.update(margin=0.0, margin_lower=0.0)
-    h = report.headline(data)
+    h = analysis.headline(data)
     assert h["clean_point_disagreements"] == 1
     assert h["n_comparable"] == 4 * N_GROUPS  # still comparable: it shows up as an invalid bound, not hidden
     assert "clean-point decision disagreements (certified but margin 0): 1" in report.format_headline(h)
@@ -209,8 +209,8 @@ def test_disagreements_are_counted_not_explained_away():
 
 def test_summary_rows_counts_and_capping():
     data = sweep_data()
-    rows = report.summary_rows(data)
-    assert len(rows) == N_GROUPS and set(report.SUMMARY_COLUMNS) <= set(rows[0])
+    rows = analysis.summary_rows(data)
+    assert len(rows) == N_GROUPS and set(analysis.SUMMARY_COLUMNS) <= set(rows[0])
     for s in rows:
         assert (s["n_items"], s["n_uncertified"], s["n_unbracketed"], s["n_comparable"]) == (6, 1, 1, 4)
         assert s["bound_exceeds_box"] == 1
@@ -222,11 +222,11 @@ def test_summary_rows_counts_and_capping():
         assert s["rel_ll_deg"] >= 0
     # the bound larger than the box is reported as max_radius, flagged, never above it
     big = next(r for r in data.results if r["pos"] == 2)
-    assert report.exceeds_box(big) and report.capped_bound(big) == pytest.approx(big["max_radius"])
-    assert all(report.capped_bound(r) <= r["max_radius"] + 1e-12 for r in data.results)
+    assert analysis.exceeds_box(big) and analysis.capped_bound(big) == pytest.approx(big["max_radius"])
+    assert all(analysis.capped_bound(r) <= r["max_radius"] + 1e-12 for r in data.results)
     # no box: no cap, no flag
     free = {**big, "max_radius": None}
-    assert not report.exceeds_box(free) and report.capped_bound(free) == big["bound"]
+    assert not analysis.exceeds_box(free) and analysis.capped_bound(free) == big["bound"]
 
 
 def test_statistics_against_scipy():
@@ -234,7 +234,7 @@ def test_statistics_against_scipy():
     comp = [r for r in data.results if r["certified"] and r["bracketed"]]
     b = np.array([min(r["bound"], r["max_radius"]) for r in comp])
     m = np.array([r["margin"] for r in comp])
-    h = report.headline(data)
+    h = analysis.headline(data)
     assert h["n_comparable"] == len(comp)
     assert h["validity"] == pytest.approx(float(np.mean(b <= m)))
     assert h["validity"] == pytest.approx(3 / 4)  # the capped bound at point 2 is the box > margin = 0.9 box
@@ -243,7 +243,7 @@ def test_statistics_against_scipy():
 
 
 def test_not_reverified_without_rows():
-    h = report.headline(sweep_data(verifications=False))
+    h = analysis.headline(sweep_data(verifications=False))
     assert h["verification"]["checked"] == 0
     assert "evidence not re-verified (run `vaefast verify DB`)" in report.format_headline(h)
 
@@ -310,7 +310,7 @@ def test_bound_plot_marks_capped(tmp_path, monkeypatch):
 def test_report_files(db, tmp_path):
     page = report.write_report(db, tmp_path / "rep")
     htm = page.read_text()
-    for fname, _, _ in report.FIGURES:
+    for fname in plots.FIGURES:
         png = tmp_path / "rep" / fname
         assert png.exists(), fname
         blob = png.read_bytes()
@@ -325,10 +325,10 @@ def test_report_files(db, tmp_path):
 
 
 def test_load_matches_rows(db):
-    data = report.load(db)
+    data = analysis.load(db)
     ref = sweep_data()
     assert len(data.results) == len(ref.results) and len(data.verifications) == 4
-    assert report.headline(data)["n_comparable"] == report.headline(ref)["n_comparable"]
+    assert analysis.headline(data)["n_comparable"] == analysis.headline(ref)["n_comparable"]
     by_id = {r["item_id"]: r for r in data.results}
     for r in ref.results:
         assert by_id[r["item_id"]]["max_radius"] == pytest.approx(r["max_radius"])
@@ -339,7 +339,7 @@ def test_no_verifications_table(db, tmp_path):
     conn.execute("DROP TABLE verifications")
     conn.commit()
     conn.close()
-    data = report.load(db)
+    data = analysis.load(db)
     assert data.verifications == []
     page = report.write_report(db, tmp_path / "rep")
     assert "evidence not re-verified (run `vaefast verify DB`)" in page.read_text()
@@ -352,7 +352,7 @@ def test_older_schema_is_refused_with_a_clear_error(db):
     conn.commit()
     conn.close()
     with pytest.raises(ValueError, match="results schema 1, this vaefast reads schema"):
-        report.load(db)
+        analysis.load(db)
 
 
 def test_cli_report(db, tmp_path, capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vaefast import store
+from vaefast.sweep import schema
 
 
 def _unit(uid: str, n: int = 2) -> dict:
@@ -52,6 +53,28 @@ def test_schema_and_wal(tmp_path):
     for c in (*store.RESULT_COLUMNS, *store.CURVE_COLUMNS, *store.UNIT_COLUMNS):
         assert c in store.__doc__
     assert store.get_meta(conn)["schema_version"] == store.SCHEMA_VERSION
+    conn.close()
+
+
+def test_tables_are_derived_from_the_schema(tmp_path):
+    """Every table the store creates has exactly the schema's columns, types and key; its constants are the
+    schema's; reads drop exactly the schema's blob columns; the docstring documents every column of every table."""
+    conn = store.connect(tmp_path / "r.db")
+    assert set(store.TABLES) == set(schema.TABLES)
+    for name, table in schema.TABLES.items():
+        info = list(conn.execute(f"PRAGMA table_info({name})"))
+        assert tuple(r[1] for r in info) == table.names, name
+        assert [r[2] for r in info] == [c.type for c in table.columns], name
+        assert tuple(r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5])) == table.key, name
+        for column in table.columns:
+            assert f"``{column.name}``" in store.__doc__ or column.name in ("key", "value"), (name, column.name)
+    assert (store.RESULT_COLUMNS, store.CURVE_COLUMNS) == (schema.RESULTS.names, schema.CURVES.names)
+    assert (store.UNIT_COLUMNS, store.VERIFY_COLUMNS) == (schema.UNITS.names, schema.VERIFICATIONS.names)
+    store.commit_unit(conn, _unit("u0"), _rows("u0", [0]))
+    (row,) = store.read_table(conn, "results")
+    assert set(row) == set(schema.RESULTS.names) - schema.RESULTS.blobs == set(schema.RESULTS.names) - {
+        "delta", "recon_clean", "recon_adv"}  # fmt: skip
+    assert set(store.read_table(conn, "results", blobs=True)[0]) == set(schema.RESULTS.names)
     conn.close()
 
 

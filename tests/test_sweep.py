@@ -21,10 +21,12 @@ from vaefast.sweep import (
     SweepSpec,
     WorkUnit,
     auto_radii,
+    compute_unit,
     derive_seed,
     enumerate_units,
     item_id,
     run_sweep,
+    schema,
     shard,
 )
 from vaefast.testing import LinearGaussianVAE
@@ -174,6 +176,31 @@ def test_existing_db_needs_resume_and_same_spec(lg_db):
         run_sweep(_lg_models(), _lg_points(), db=lg_db, progress=False, resume=True, **{**SWEEP_KW, "seed": 1})
     res = run_sweep(_lg_models(), _lg_points(), db=lg_db, progress=False, resume=True, **SWEEP_KW)
     assert res.units_computed == 0 and res.units_skipped == res.units_total == 12
+
+
+def test_compute_unit_rows_have_exactly_the_schema_columns(tmp_path):
+    """The rows a unit produces, the store's tables and its column constants have the same keys: one schema."""
+    model = _lg_models(order=("lg0",))["lg0"]
+    spec = SweepSpec(radii=[0.4, 1.4], attack_eps=[0.05], num_samples=256, margin_tol=0.05,
+                     attack_kwargs={"steps": 3, "mode": "mean", "box": None})  # fmt: skip
+    conn = store.connect(tmp_path / "s.db")
+    with_evidence = without = 0
+    for r in spec.radii:  # r = 0.4 is below r* (no evidence), r = 1.4 above it (evidence)
+        unit = WorkUnit("lg0", r, 0, 3)
+        unit_row, results, curves = compute_unit(model, _lg_points()[:3], unit, spec)
+        assert {*unit_row, "rank", "world_size", "finished_at"} == set(schema.UNITS.names) == set(store.UNIT_COLUMNS)
+        assert len(results) == 3 and len(curves) == 3
+        for row in results:
+            assert row.keys() == set(schema.RESULTS.names) == set(store.RESULT_COLUMNS)
+            with_evidence += row["delta"] is not None
+            without += row["delta"] is None
+            if row["delta"] is None:  # the evidence columns are NULL together
+                assert all(row[c] is None for c in schema.RESULTS.group(schema.EVIDENCE))
+        assert all(row.keys() == set(schema.CURVES.names) == set(store.CURVE_COLUMNS) for row in curves)
+        store.commit_unit(conn, {**unit_row, "rank": 0, "world_size": 1}, results, curves)  # strict inserts
+    assert with_evidence and without
+    assert len(store.completed_units(conn)) == 2
+    conn.close()
 
 
 # --- subprocesses: kill -9 + resume, torchrun ---------------------------------------------------------------

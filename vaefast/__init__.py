@@ -50,9 +50,10 @@ _LAZY: dict[str, str] = {
     "auddc": "vaefast.attacks",
     "numerical_margin": "vaefast.margin",
     "NumericalMargin": "vaefast.margin",
-    # sweeps
+    # sweeps, their evidence, the demo
     "run_sweep": "vaefast.sweep",
     "verify_sweep": "vaefast.verify",
+    "run_demo": "vaefast.demo",
 }
 
 __all__ = ["__version__", "compiled_with_cuda", "has_compiled_ops", *_LAZY]
@@ -88,4 +89,9 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The public names and submodules.
+
+    Returns:
+        Them, sorted.
+    """
     return sorted({*__all__, *public_submodules()})

@@ -1,16 +1,18 @@
 """The report's figures, drawn from a sweep database with matplotlib (Agg backend, PNG files).
 
-Each ``plot_*`` function takes :class:`vaefast.report.SweepData` and an output path, draws one figure and
-returns the path, or ``None`` when the sweep holds no data for that figure (e.g. no attack budgets, no β). The
-figures' captions are :data:`vaefast.report.FIGURES`. Bounds are always shown capped to the largest perturbation
-the data box allows (:func:`vaefast.report.capped_bound`), with capped values marked; no value is left out of a
-figure without the figure saying how many.
+Each ``plot_*`` function takes :class:`vaefast.analysis.SweepData` and an output path, draws one figure and
+returns the path, or ``None`` when the sweep holds no data for that figure (e.g. no attack budgets, no β). Each is
+registered in :data:`FIGURES` with its file name, title and caption by the :func:`figure` decorator above it.
+Bounds are always shown capped to the largest perturbation the data box allows
+(:func:`vaefast.analysis.capped_bound`), with capped values marked; no value is left out of a figure without the
+figure saying how many.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vaefast import store  # noqa: E402
-from vaefast.report import (  # noqa: E402
+from vaefast.analysis import (  # noqa: E402
     SweepData,
     bound_stats,
     capped_bound,
@@ -35,6 +37,47 @@ from vaefast.report import (  # noqa: E402
 DPI = 120
 CAPPED_STYLE = {"marker": "H", "s": 80, "facecolors": "none", "edgecolors": "k", "linewidths": 0.9}
 CAPPED_LABEL = "black hexagon: bound(s) capped to the box"
+
+Plotter = Callable[[SweepData, Path], "Path | None"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report.
+
+    Attributes:
+        file: its PNG file name in the report folder.
+        title: its section title.
+        caption: what it shows, for the report page.
+        draw: the plotter: ``draw(data, path)`` writes the PNG and returns ``path``, or ``None`` without data.
+    """
+
+    file: str
+    title: str
+    caption: str
+    draw: Plotter
+
+
+FIGURES: dict[str, Figure] = {}  # file name -> figure, in the order of the report
+
+
+def figure(file: str, title: str, caption: str) -> Callable[[Plotter], Plotter]:
+    """Decorator: register the plotter below as the report's figure ``file`` with its title and caption.
+
+    Args:
+        file: the PNG file name.
+        title: the section title.
+        caption: the caption.
+
+    Returns:
+        The decorator (the plotter itself is returned unchanged).
+    """
+
+    def register(draw: Plotter) -> Plotter:
+        FIGURES[file] = Figure(file, title, caption, draw)
+        return draw
+
+    return register
 
 
 def _colors(names: Sequence[str]) -> dict[str, Any]:
@@ -135,6 +178,14 @@ def _fit_line(ax, m: np.ndarray, b: np.ndarray, xs: np.ndarray, log_axes: bool, 
         ax.plot(xs, pooled["slope"] * xs + pooled["intercept"], color="crimson", lw=1.2, label=label)
 
 
+@figure(
+    "bound_vs_margin.png",
+    "Bound vs numerical margin",
+    "Each dot is a comparable (point, r) item: certified (p̂ > 1/2) and bracketed by the margin search; the title "
+    "says how many items were left out as uncertified or unbracketed. Dots below y = x (dashed) are items where "
+    "the lower bound is valid. A bound larger than the largest perturbation the data box allows is capped to that "
+    "radius and ringed by a black hexagon.",
+)
 def plot_bound_vs_margin(data: SweepData, path: Path) -> Path | None:
     """Figure 1: capped bound (y) vs numerical margin (x) over comparable items, y = x, fit, ρ per model and pooled.
 
@@ -251,6 +302,15 @@ def _draw_degradation(ax, data: SweepData, panel: Mapping[str, Any], column: str
         ax.text(0.5, 0.5, "no item with a value here", ha="center", va="center", transform=ax.transAxes, fontsize=9)
 
 
+@figure(
+    "degradation_vs_margin.png",
+    "Likelihood degradation vs margin",
+    "Damage to the likelihood of the clean x, against the point's numerical margin: at a fixed attack budget "
+    "(maximum-damage attack, ‖δ‖ ≤ eps) and at the perturbation δ that broke r-robustness at the margin. "
+    "Gaussian-likelihood models: the drop log p(x|μ(x)) − log p(x|μ(x+δ)) in nats (log p can be near 0 there); "
+    "other models: the relative degradation |log p(x|z*) − log p(x|z)| / |log p(x|z)| ≥ 0. Panel titles count the "
+    "items without a value.",
+)
 def plot_degradation_vs_margin(data: SweepData, path: Path) -> Path | None:
     """Figure 2: likelihood degradation vs numerical margin, at a fixed budget and at the evidence δ.
 
@@ -374,6 +434,14 @@ def _example_row(fig, axes, data: SweepData, row: Mapping[str, Any], x: np.ndarr
     axes[4].set_xlabel(f"at x + δ: {adv}\nnot r-robust ({_verified_tag(data, row['item_id'])})", fontsize=7)
 
 
+@figure(
+    "examples.png",
+    "Evidence: the perturbation that broke r-robustness",
+    "Largest- and smallest-margin points: x, the perturbation δ found by the margin search itself at the "
+    "numerical margin (‖δ‖ = margin; diverging colours centred at 0), x + δ, and the reconstructions g(μ(x)) and "
+    "g(μ(x + δ)); labelled with the p̂ (Clopper–Pearson interval, samples) the search saw at x + δ, which is ≤ "
+    "1/2: the input is not r-robust there.",
+)
 def plot_examples(data: SweepData, path: Path) -> Path | None:
     """Figure 3: the evidence δ that broke r-robustness at the margin, for the largest and smallest margins.
 
@@ -410,8 +478,21 @@ def plot_examples(data: SweepData, path: Path) -> Path | None:
 # figures 4-6
 
 
+@figure(
+    "phat_vs_eps.png",
+    "p̂ vs attack norm",
+    "Median p̂_r over points (band: interquartile range) under the maximum-damage attack with ‖δ‖ ≤ eps.",
+)
 def plot_phat_vs_eps(data: SweepData, path: Path) -> Path | None:
-    """Figure 4: median p̂_r (IQR band) under the max-damage attack against its budget, one panel per r."""
+    """Figure 4: median p̂_r (IQR band) under the max-damage attack against its budget, one panel per r.
+
+    Args:
+        data: the sweep.
+        path: the PNG to write.
+
+    Returns:
+        ``path``, or ``None`` without curves.
+    """
     if not data.curves:
         return None
     radii = sorted({c["r"] for c in data.curves})
@@ -481,6 +562,12 @@ def _beta_margins(ax, data: SweepData, names: Sequence[str], marker: str, line: 
     return total
 
 
+@figure(
+    "beta.png",
+    "Against β",
+    "Median margins (bounds capped to the box; black hexagon where a bound was capped), min σ and ‖J‖_F per model "
+    "against β (β-TCVAE marked separately).",
+)
 def plot_beta(data: SweepData, path: Path) -> Path | None:
     """Figure 5: median numerical margin (solid) and capped bound (dashed) per radius, min σ and ‖J‖_F against β.
 
@@ -526,6 +613,12 @@ def plot_beta(data: SweepData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+@figure(
+    "margin_vs_r.png",
+    "Margin against r",
+    "Median numerical margin (solid) and bound (dashed, capped to the box; black hexagon where a bound was "
+    "capped) per model against r: the ranking of models by robustness can change with r.",
+)
 def plot_margin_vs_r(data: SweepData, path: Path) -> Path | None:
     """Figure 6: median numerical margin (solid) and capped bound (dashed) against r, one colour per model.
 
@@ -560,31 +653,16 @@ def plot_margin_vs_r(data: SweepData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-PLOTTERS = {
-    "bound_vs_margin.png": plot_bound_vs_margin,
-    "degradation_vs_margin.png": plot_degradation_vs_margin,
-    "examples.png": plot_examples,
-    "phat_vs_eps.png": plot_phat_vs_eps,
-    "beta.png": plot_beta,
-    "margin_vs_r.png": plot_margin_vs_r,
-}
-
-
-def make_all(data: SweepData, out: str | Path) -> dict[str, Path]:
-    """Draw every figure the data supports.
+def make_all(data: SweepData, out: str | Path) -> list[tuple[Figure, Path | None]]:
+    """Draw every figure of :data:`FIGURES` the data supports.
 
     Args:
         data: the sweep.
         out: the output folder (created).
 
     Returns:
-        ``{file name: path}`` of the figures drawn.
+        Per figure, in report order, the figure and its path (``None`` when it was not drawn).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    made = {}
-    for fname, fn in PLOTTERS.items():
-        p = fn(data, out / fname)
-        if p is not None:
-            made[fname] = p
-    return made
+    return [(fig, fig.draw(data, out / fig.file)) for fig in FIGURES.values()]

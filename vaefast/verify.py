@@ -32,9 +32,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from vaefast import store
 from vaefast._checks import check_positive_int, check_probability, check_seed
+from vaefast.rng import derive_seed, id_runs
+from vaefast.robustness import estimate_r_robustness
+from vaefast.sweep.inputs import load_models, weights_digest
+from vaefast.sweep.spec import DEFAULT_BOX, SweepSpec, margin_box
 
 __all__ = ["VerifyReport", "verify_sweep"]
 
@@ -59,22 +64,30 @@ class VerifyReport:
 
     @property
     def checked(self) -> int:
+        """The number of claims checked."""
         return len(self.rows)
 
     @property
     def confirmed(self) -> int:
+        """The number of claims confirmed."""
         return sum(int(r["confirmed"]) for r in self.rows)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
+        """The rows of the claims not confirmed."""
         return [r for r in self.rows if not r["confirmed"]]
 
     @property
     def all_confirmed(self) -> bool:
+        """Whether every claim checked was confirmed."""
         return self.confirmed == self.checked
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per (model, r, kind): claims checked and confirmed, and the confirmed fraction."""
+        """The replay per group.
+
+        Returns:
+            One row per (model, r, kind): claims ``checked`` and ``confirmed``, and the confirmed ``fraction``.
+        """
         groups: dict[tuple[str, float, str], list[int]] = {}
         for row in self.rows:
             key = (row["model"], row["r"], row["kind"])
@@ -142,8 +155,6 @@ def _select(rows: list[dict[str, Any]], sample: int | None, seed: int) -> list[d
 
 def _load_models(info, overrides, names, device) -> dict[str, nn.Module]:
     """The sweep's models from ``overrides`` or their stored run folders, checked against the stored weights."""
-    from vaefast.sweep import _weights_digest, load_models
-
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(info)
     if unknown:
@@ -156,7 +167,7 @@ def _load_models(info, overrides, names, device) -> dict[str, nn.Module]:
         sources[name] = source
     loaded, _ = load_models(sources)
     for name, model in loaded.items():
-        if _weights_digest(model) != info[name]["weights_sha256"]:
+        if weights_digest(model) != info[name]["weights_sha256"]:
             raise ValueError(f"model {name!r}: its weights differ from the ones the sweep stored (SHA-256 mismatch)")
         loaded[name] = model.to(device)
     return loaded
@@ -164,11 +175,7 @@ def _load_models(info, overrides, names, device) -> dict[str, nn.Module]:
 
 def _replay(rows, models, info, points, spec, factor, confidence, seed, progress) -> list[dict[str, Any]]:
     """Check every claim of ``rows``, grouped by (model, r) so each group is one batched estimate per kind."""
-    from tqdm.auto import tqdm
-
-    from vaefast.sweep import SweepSpec, margin_settings
-
-    box = margin_settings(SweepSpec(**spec)).get("box", (0.0, 1.0)) if spec else (0.0, 1.0)
+    box = margin_box(SweepSpec(**spec)) if spec else DEFAULT_BOX
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["r"]), []).append(row)
@@ -197,8 +204,6 @@ def _tensor(blob: bytes | None, shape: Sequence[int], like: torch.Tensor | None 
 
 def _check_group(model, shape, claims, kind, r, points, box, factor, confidence, seed) -> list[dict[str, Any]]:
     """Exact checks, then one fresh estimate per run of consecutive positions (random numbers keyed by pos)."""
-    from vaefast.rng import derive_seed
-
     param = next(iter(model.parameters()), None)
     ref = (
         torch.zeros((), dtype=torch.float32)
@@ -252,9 +257,6 @@ def _exact_reason(row, x: torch.Tensor, delta: torch.Tensor | None, box) -> str 
 
 def _estimate(model, x, delta, r, samples, seed, confidence, positions):
     """``estimate_r_robustness`` with the random numbers of row i keyed by ``positions[i]`` (consecutive runs)."""
-    from vaefast.rng import id_runs
-    from vaefast.robustness import estimate_r_robustness
-
     parts = []
     for start, length, first in id_runs(torch.tensor(positions)):
         sl = slice(start, start + length)

@@ -1,16 +1,23 @@
-"""Pieces shared by the per-model subcommands (``estimate``, ``margin``): model + points, CSV output."""
+"""Pieces shared by several subcommands: model + points and CSV output (``estimate``, ``margin``), the sweep
+options and their mapping onto :func:`vaefast.sweep.run_sweep` (``sweep``, ``demo``), ``--model NAME=RUN_DIR``."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
 def add_model_and_points_options(p: argparse.ArgumentParser) -> None:
-    """``RUN`` plus the dataset / point-range / device options."""
+    """Add ``RUN`` plus the dataset / point-range / device options.
+
+    Args:
+        p: the subcommand's parser.
+    """
     p.add_argument("run", help="model folder (written by 'vaefast train' or model.save)")
     p.add_argument("--data", default="digits", help="dataset name for vaefast.data.load (default: digits)")
     p.add_argument("--split", default="test", choices=("train", "test"))
@@ -69,3 +76,61 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(rows)} rows to {out}")
+
+
+def model_arg(text: str) -> tuple[str, str]:
+    """``--model NAME=RUN_DIR`` (or ``RUN_DIR`` alone, named by its folder) as ``(name, run folder)``.
+
+    Args:
+        text: the option's value.
+
+    Returns:
+        The name and the folder.
+    """
+    name, sep, path = text.partition("=")
+    if not sep:
+        path = name
+        name = os.path.basename(os.path.normpath(name))
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"--model expects NAME=RUN_DIR or RUN_DIR, got {text!r}")
+    return name, path
+
+
+def add_sweep_options(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The options shared by ``sweep`` and ``demo``: what to compute per point.
+
+    Args:
+        p: the subcommand's parser.
+        **defaults: the command's own defaults (``samples``, ``batch_size``, ``tol``, ``attack_steps`` ...), shown in
+            the help.
+    """
+    p.add_argument("--samples", type=int, default=500, help="Monte-Carlo samples per estimate (default %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.95, help="Clopper-Pearson confidence (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="points per work unit (default %(default)s)")
+    p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance of the margin (default %(default)s)")
+    p.add_argument("--max-radius", type=float, default=None, help="margin search limit (default: margin module's)")
+    p.add_argument("--attack-steps", type=int, default=None, help="max-damage attack steps (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(**defaults)
+
+
+def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared sweep options as keyword arguments of :func:`vaefast.sweep.run_sweep`.
+
+    Args:
+        args: parsed options of :func:`add_sweep_options`.
+
+    Returns:
+        ``num_samples``, ``confidence``, ``seed``, ``batch_size``, ``margin_tol``, ``margin_max_radius`` and
+        ``attack_kwargs`` (``{"steps": N}`` with ``--attack-steps``, else empty).
+    """
+    return {
+        "num_samples": args.samples,
+        "confidence": args.confidence,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "margin_tol": args.tol,
+        "margin_max_radius": args.max_radius,
+        "attack_kwargs": {} if args.attack_steps is None else {"steps": args.attack_steps},
+    }

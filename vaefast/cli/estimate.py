@@ -9,6 +9,11 @@ from vaefast.cli._common import add_model_and_points_options, load_model_and_poi
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``estimate`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser(
         "estimate", help="r-robustness probabilities, r* and margin bounds of a model", description=__doc__
     )
@@ -23,9 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Estimate (and bound), print the per-radius table, write the CSV.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast._checks import as_radii
-    from vaefast.attacks.base import max_perturbation
-    from vaefast.robustness import estimate_r_robustness, margin_bound
+    from vaefast.robustness import estimate_r_robustness
 
     as_radii("--r", args.r)
     model, x = load_model_and_points(args)
@@ -35,29 +47,42 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     rows = res.to_rows()
     if args.bound:
-        limit = max_perturbation(x, BOX)
-        by_key = {(row["point"], row["r"]): row for row in rows}
-        for r in res.radii.tolist():
-            mb = margin_bound(model, x, r, estimate=res)  # the same samples: one clean-point decision
-            for b, brow in enumerate(mb.to_rows()):
-                row = by_key[(brow["point"], r)]
-                for key in ("bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin"):
-                    row[key] = brow[key]
-                row["certified"] = brow["certified"]
-                row["box_limit"] = float(limit[b])
-                row["bound_exceeds_box"] = brow["bound"] > row["box_limit"]
+        _add_bounds(rows, model, x, res)
     print(summary_table(res, rows, bound=args.bound))
     if args.out:
         write_csv(rows, args.out)
     return 0
 
 
-BOX = (0.0, 1.0)  # every dataset vaefast loads is scaled to [0, 1]
+def _add_bounds(rows: list[dict], model, x, res) -> None:
+    """Join every radius's bounds (from the same estimate: one clean-point decision) and box limit into ``rows``."""
+    from vaefast.attacks.base import max_perturbation
+    from vaefast.robustness import margin_bound
+    from vaefast.sweep.spec import DEFAULT_BOX
+
+    limit = max_perturbation(x, DEFAULT_BOX)
+    by_key = {(row["point"], row["r"]): row for row in rows}
+    for r in res.radii.tolist():
+        for b, brow in enumerate(margin_bound(model, x, r, estimate=res).to_rows()):
+            row = by_key[(brow["point"], r)]
+            for key in ("bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "certified"):
+                row[key] = brow[key]
+            row["box_limit"] = float(limit[b])
+            row["bound_exceeds_box"] = brow["bound"] > row["box_limit"]
 
 
 def summary_table(res, rows: list[dict], bound: bool = False) -> str:
-    """Per radius: mean p_hat, fraction robust, mean CI width (and the median bound over certified points, capped to
-    the box, with the count of bounds larger than the box allows); then r* quantiles and how to choose r."""
+    """The command's printed summary.
+
+    Args:
+        res: the :class:`vaefast.robustness.RRobustnessResult`.
+        rows: its rows (with the bound columns when ``bound``).
+        bound: whether the bounds were computed.
+
+    Returns:
+        Per radius: mean p_hat, fraction robust, mean CI width (and the median bound over certified points, capped
+        to the box, with the count of bounds larger than the box allows); then r* quantiles and how to choose r.
+    """
     header = f"{'r':>8} {'mean p_hat':>10} {'robust':>7} {'CI width':>9}"
     if bound:
         header += f" {'median bound':>13} {'> box':>6}"

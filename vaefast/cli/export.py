@@ -1,20 +1,35 @@
-"""``vaefast export results.db --csv out.csv`` / ``--json out.json``: the results (or curves/units) table."""
+"""``vaefast export results.db --csv out.csv`` / ``--json out.json``: one table of a results database."""
 
 from __future__ import annotations
 
 import argparse
 
+from vaefast.sweep.schema import TABLES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser("export", help="export a results database table to CSV or JSON")
     p.add_argument("db", help="results database written by `vaefast sweep`")
     p.add_argument("--csv", default=None, help="write CSV here")
     p.add_argument("--json", default=None, help="write JSON (a list of row objects) here")
-    p.add_argument("--table", default="results", choices=["results", "curves", "units", "points", "models"])
+    p.add_argument("--table", default="results", choices=[t for t in TABLES if t != "meta"], help="(default results)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export the table and print how many rows went where.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast.store import export
 
     if not args.csv and not args.json:

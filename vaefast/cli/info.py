@@ -11,6 +11,11 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``info`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser("info", help="show a trained model's config and metrics", description=__doc__)
     p.add_argument("run", help="run folder written by 'vaefast train' (or any model.save folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object {config, metrics}")
@@ -39,6 +44,14 @@ def read_metrics(run_dir: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the run's config and metrics (plain or ``--json``).
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast.cli.train import summary
     from vaefast.models import load
 

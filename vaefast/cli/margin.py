@@ -10,6 +10,11 @@ from vaefast.cli._common import add_model_and_points_options, load_model_and_poi
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``margin`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser(
         "margin", help="numerical robustness margins (attack-based) of a model", description=__doc__
     )
@@ -30,6 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Search the margins (and bound), print the quantiles, write the CSV.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast.margin import numerical_margin
     from vaefast.robustness import estimate_r_robustness, margin_bound
 
@@ -52,8 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary_table(res, rows: list[dict], bound: bool = False) -> str:
-    """Margin quantiles, and how many points were uncertified (margin 0), bracketed, or left at the search limit;
-    with ``bound``: bound <= margin over the points where both are meaningful (certified and bracketed)."""
+    """The command's printed summary.
+
+    Args:
+        res: the :class:`vaefast.margin.NumericalMargin`.
+        rows: its rows (with ``bound`` and ``certified`` when ``bound``).
+        bound: whether the bound was computed.
+
+    Returns:
+        Margin quantiles, and how many points were uncertified (margin 0), bracketed, or left at the search limit;
+        with ``bound``: bound <= margin over the points where both are meaningful (certified and bracketed).
+    """
     m = res.margin
     q = [float(v) for v in m.quantile(m.new_tensor([0.0, 0.25, 0.5, 0.75, 1.0]))]
     n = len(res)

@@ -6,6 +6,11 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``report`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser("report", help="figures and an HTML page from a results database")
     p.add_argument("db", help="results database written by `vaefast sweep`")
     p.add_argument("--out", default="report", help="output folder (default report/)")
@@ -13,6 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the report and print the headline and the page's path.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast import report
 
     page = report.write_report(args.db, args.out)

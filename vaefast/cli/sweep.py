@@ -10,17 +10,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
 
-
-def _model_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep:
-        path = name
-        name = os.path.basename(os.path.normpath(name))
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"--model expects NAME=RUN_DIR or RUN_DIR, got {text!r}")
-    return name, path
+from vaefast.cli._common import add_sweep_options, model_arg, sweep_options
 
 
 def _radius_arg(text: str) -> float | str:
@@ -33,7 +24,14 @@ def _radius_arg(text: str) -> float | str:
 
 
 def radii_arg(values: list[float | str]) -> list[float] | str:
-    """``--radii`` as run_sweep takes it: the numbers, or ``"auto"`` alone."""
+    """``--radii`` as run_sweep takes it.
+
+    Args:
+        values: the parsed values (numbers or ``"auto"``).
+
+    Returns:
+        The numbers, or ``"auto"`` given alone.
+    """
     if "auto" in values:
         if len(values) != 1:
             raise ValueError("--radii: give numbers or 'auto' alone, not both")
@@ -41,23 +39,12 @@ def radii_arg(values: list[float | str]) -> list[float] | str:
     return [float(v) for v in values]
 
 
-def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``sweep`` and ``demo``: what to compute per point."""
-    p.add_argument("--samples", type=int, default=500, help="Monte-Carlo samples per estimate (default %(default)s)")
-    p.add_argument("--confidence", type=float, default=0.95, help="Clopper-Pearson confidence (default 0.95)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="points per work unit (default %(default)s)")
-    p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance of the numerical margin")
-    p.add_argument("--max-radius", type=float, default=None, help="margin search limit (default: margin module's)")
-    p.add_argument("--attack-steps", type=int, default=None, help="max-damage attack steps (default: attack's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``sweep`` subcommand.
 
-
-def attack_kwargs(args: argparse.Namespace) -> dict:
-    return {} if args.attack_steps is None else {"steps": args.attack_steps}
-
-
-def register(subparsers) -> None:
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser(
         "sweep",
         help="sweep models x points x radii into an SQLite results database",
@@ -67,7 +54,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model",
         dest="models",
-        type=_model_arg,
+        type=model_arg,
         action="append",
         required=True,
         help="NAME=RUN_DIR (repeat); RUN_DIR alone is named by its folder",
@@ -97,6 +84,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Sweep, then print (on rank 0) what was computed, the per (model, r) table and the headline.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast import report
     from vaefast._checks import check_positive_int
     from vaefast.sweep import PointSet, run_sweep
@@ -108,22 +103,9 @@ def run(args: argparse.Namespace) -> int:
         check_positive_int("--points", args.points)
     points = PointSet.from_dataset(args.data, args.split, args.indices or args.points, root=args.root)
     res = run_sweep(
-        dict(args.models),
-        points,
-        radii_arg(args.radii),
-        args.db,
-        attack_eps=args.eps,
-        curve_radii=args.curve_r,
-        num_samples=args.samples,
-        confidence=args.confidence,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        margin_tol=args.tol,
-        margin_max_radius=args.max_radius,
-        attack_kwargs=attack_kwargs(args),
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
+        dict(args.models), points, radii_arg(args.radii), args.db, attack_eps=args.eps, curve_radii=args.curve_r,
+        resume=args.resume, progress=not args.no_progress, **sweep_options(args),
+    )  # fmt: skip
     if res.rank == 0:
         data = report.load(args.db)
         print(

@@ -24,6 +24,11 @@ DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 2e-3, "latent": 8, "hidden": [
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     from vaefast.data import DATASETS
 
     p = subparsers.add_parser("train", help="train a VAE and write a run folder", description=__doc__)
@@ -80,7 +85,15 @@ def check_out(out: str | Path, force: bool) -> Path:
 
 
 def model_config(args: argparse.Namespace, input_shape: tuple[int, ...]) -> VAEConfig:
-    """The :class:`VAEConfig` the options describe (objective: beta_vae when ``--beta`` != 1, else elbo)."""
+    """The model configuration the options describe.
+
+    Args:
+        args: the parsed options.
+        input_shape: the dataset's input shape.
+
+    Returns:
+        The :class:`VAEConfig` (objective: beta_vae when ``--beta`` != 1, else elbo).
+    """
     from vaefast.models import VAEConfig
 
     return VAEConfig(
@@ -100,6 +113,14 @@ def model_config(args: argparse.Namespace, input_shape: tuple[int, ...]) -> VAEC
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train the model, write the run folder and its metrics, print a summary.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The exit status (0).
+    """
     from vaefast import data
     from vaefast._checks import check_device
     from vaefast.models import VAE

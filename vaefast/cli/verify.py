@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 
-from vaefast.cli.sweep import _model_arg
+from vaefast.cli._common import model_arg
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``verify`` subcommand.
+
+    Args:
+        subparsers: the ``vaefast`` parser's subcommands.
+    """
     p = subparsers.add_parser(
         "verify",
         help="replay a sweep's stored evidence with fresh random numbers",
@@ -28,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model",
         dest="models",
-        type=_model_arg,
+        type=model_arg,
         action="append",
         default=[],
         help="NAME=RUN_DIR: load model NAME from RUN_DIR instead of its stored source (repeat)",
@@ -39,6 +44,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Replay the evidence and print the confirmed fraction per (model, r, kind) and every failed claim.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        0 when every claim was confirmed, 1 otherwise.
+    """
     from vaefast._checks import check_device
     from vaefast.report import format_table
     from vaefast.verify import verify_sweep
