@@ -94,7 +94,7 @@ SWEEP_KW = {
     "num_samples": 1024,
     "batch_size": 2,
     "margin_tol": 0.02,
-    "attack_kwargs": {"steps": 25, "mode": "mean", "box": None},  # 10 steps from a random start can miss the top direction
+    "attack_kwargs": {"steps": 25, "mode": "mean", "box": None},  # 10 steps can miss the top singular direction
 }
 
 
