@@ -12,7 +12,7 @@ import torch
 from vaefast import store
 from vaefast.cli import main
 from vaefast.data import load
-from vaefast.models import VAE, VAEConfig
+from vaefast.models import VAE, VAEConfig, save
 from vaefast.sweep import run_sweep
 from vaefast.training import train
 from vaefast.verify import verify_sweep
@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "m"
     model = VAE(cfg, seed=0)
     train(model, load("digits", "train").x, epochs=3, batch_size=64, lr=3e-3, progress=False)  # r* about 0.3
-    model.save(run)
+    save(model, run)
     return run
 
 
@@ -144,7 +144,7 @@ def test_verify_refuses_other_weights(swept, tmp_path):
     cfg = VAEConfig(
         input_shape=(1, 8, 8), hidden=(32,), latent_dim=3, likelihood="gaussian", gaussian_std=0.2, beta=1.0
     )
-    VAE(cfg, seed=1).save(other)
+    save(VAE(cfg, seed=1), other)
     with pytest.raises(ValueError, match="weights differ"):
         verify_sweep(swept, models={"m": str(other)})
     with pytest.raises(ValueError, match="not in the database"):

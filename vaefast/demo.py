@@ -114,6 +114,7 @@ class DemoResult:
 
 def _train_one(name: str, recipe: dict[str, Any], run: Path, data: tuple, progress: bool, log: Log) -> None:
     """Train one demo model from its recipe into ``run`` and log any learned-nothing warning."""
+    from vaefast import models
     from vaefast.models import VAE, VAEConfig
     from vaefast.training import learned_nothing_warnings, train
 
@@ -124,7 +125,7 @@ def _train_one(name: str, recipe: dict[str, Any], run: Path, data: tuple, progre
         model, train_x, test_x, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
         seed=recipe["seed"], out=run, progress=progress,
     )  # fmt: skip
-    model.save(run)
+    models.save(model, run)
     (run / "demo_recipe.json").write_text(json.dumps(recipe, indent=1))
     log(f"[demo] trained {name} in {time.perf_counter() - t0:.1f} s -> {run}")
     for warning in learned_nothing_warnings(model, test_x, train_x):

@@ -18,7 +18,7 @@ def add_model_and_points_options(p: argparse.ArgumentParser) -> None:
     Args:
         p: the subcommand's parser.
     """
-    p.add_argument("run", help="model folder (written by 'vaefast train' or model.save)")
+    p.add_argument("run", help="model folder (written by 'vaefast train' or vaefast.models.save)")
     p.add_argument("--data", default="digits", help="dataset name for vaefast.data.load (default: digits)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--root", default=None, help="dataset folder for file-based datasets")

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers: the ``vaefast`` parser's subcommands.
     """
     p = subparsers.add_parser("info", help="show a trained model's config and metrics", description=__doc__)
-    p.add_argument("run", help="run folder written by 'vaefast train' (or any model.save folder)")
+    p.add_argument("run", help="run folder written by 'vaefast train' (or any vaefast.models.save folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object {config, metrics}")
     p.set_defaults(func=run)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -343,19 +342,6 @@ class VAE(BaseVAE):
             recognises.
         """
         return self.encoder.mean_module()
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (:func:`vaefast.models.io.save`).
-
-        Args:
-            directory: the folder (created if needed).
-
-        Returns:
-            ``directory``.
-        """
-        from vaefast.models.io import save
-
-        return save(self, directory)
 
     def extra_repr(self) -> str:
         """The architecture, likelihood, objective and latent size, for ``repr``.
