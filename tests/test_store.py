@@ -1,4 +1,4 @@
-"""The SQLite results store: schema, atomic unit commits, no duplicates, resume bookkeeping, merge, export."""
+"""The SQLite results store: schema, atomic unit commits, no duplicates, resume bookkeeping, versions, export."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def test_tables_are_derived_from_the_schema(tmp_path):
     assert (store.UNIT_COLUMNS, store.VERIFY_COLUMNS) == (schema.UNITS.names, schema.VERIFICATIONS.names)
     store.commit_unit(conn, _unit("u0"), _rows("u0", [0]))
     (row,) = store.read_table(conn, "results")
-    assert set(row) == set(schema.RESULTS.names) - schema.RESULTS.blobs == set(schema.RESULTS.names) - {
-        "delta", "recon_clean", "recon_adv"}  # fmt: skip
+    assert set(row) == set(schema.RESULTS.names) - schema.RESULTS.blobs == set(schema.RESULTS.names) - {"delta"}
+    assert not {"recon_clean", "recon_adv"} & set(schema.RESULTS.names)  # recomputed from the models, not stored
     assert set(store.read_table(conn, "results", blobs=True)[0]) == set(schema.RESULTS.names)
     conn.close()
 
@@ -100,18 +100,20 @@ def test_blob_round_trip():
     assert store.from_blob(None) is None
 
 
-def test_merge_is_idempotent(tmp_path):
-    main = store.connect(tmp_path / "main.db")
-    store.commit_unit(main, _unit("u0"), _rows("u0", [0, 1]))
-    shard = store.connect(tmp_path / "shard.db")
-    store.commit_unit(shard, _unit("u0"), _rows("u0", [0, 1]))  # already in main: skipped whole
-    store.commit_unit(shard, _unit("u1"), _rows("u1", [2, 3]))
-    shard.close()
-    assert store.merge_into(main, tmp_path / "shard.db") == 1
-    assert store.merge_into(main, tmp_path / "shard.db") == 0
-    assert [r[3] for r in store.table_rows(main, "results")] == [0, 1, 2, 3]
-    assert store.completed_units(main) == {"u0", "u1"}
-    main.close()
+def test_older_schema_is_refused_before_anything_is_written(tmp_path):
+    """A database of an older schema (2 stored the reconstructions) is refused by every open, also the one that
+    would create tables, and is left as it was."""
+    path = tmp_path / "old.db"
+    conn = store.connect(path)
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("DROP TABLE verifications")
+    conn.close()
+    for create in (True, False):
+        with pytest.raises(ValueError, match=f"results schema 2, this vaefast reads schema {store.SCHEMA_VERSION}"):
+            store.connect(path, create=create)
+    raw = sqlite3.connect(path)
+    assert "verifications" not in {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    raw.close()
 
 
 def test_connect_existing_only(tmp_path):

@@ -1,4 +1,5 @@
-"""Sweeps: enumeration, sharding, identity-derived seeds, closed-form values, kill -9 + resume, torchrun equality."""
+"""Sweeps: enumeration, sharding, identity-derived seeds, closed-form values, devices, kill -9 + resume, torchrun
+equality (several machines without a shared filesystem: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -178,6 +179,19 @@ def test_existing_db_needs_resume_and_same_spec(lg_db):
     assert res.units_computed == 0 and res.units_skipped == res.units_total == 12
 
 
+def test_an_older_schema_is_another_sweep(tmp_path):
+    """A database of an older vaefast (schema 2 stored reconstructions) is refused as a different sweep, untouched."""
+    from vaefast.sweep import SweepMismatchError
+
+    db = tmp_path / "old.db"
+    conn = store.connect(db)
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(SweepMismatchError, match="results schema 2, this vaefast reads schema"):
+        run_sweep(_lg_models(), _lg_points(), db=db, progress=False, resume=True, **SWEEP_KW)
+    assert store.get_meta(sqlite3.connect(db))["schema_version"] == "2"
+
+
 def test_compute_unit_rows_have_exactly_the_schema_columns(tmp_path):
     """The rows a unit produces, the store's tables and its column constants have the same keys: one schema."""
     model = _lg_models(order=("lg0",))["lg0"]
@@ -201,6 +215,85 @@ def test_compute_unit_rows_have_exactly_the_schema_columns(tmp_path):
     assert with_evidence and without
     assert len(store.completed_units(conn)) == 2
     conn.close()
+
+
+# --- devices -------------------------------------------------------------------------------------------------
+
+EXACT_COLUMNS = ("hits", "num_samples", "robust", "certified", "bracketed", "seed", "p_hat", "ci_low", "ci_high")
+CLOSE_COLUMNS = ("r_star", "bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin",
+                 "sigma_min", "jac_frobenius", "jac_spectral", "max_radius")  # fmt: skip
+MARGIN_COLUMNS = ("margin", "margin_lower", "adv_norm")
+
+
+def _read(db, table):
+    conn = store.connect(db, create=False)
+    try:
+        return store.read_table(conn, table)
+    finally:
+        conn.close()
+
+
+def test_sweep_on_a_device_matches_the_cpu(device, lg_db, tmp_path):
+    """``run_sweep(device=...)``: the same table as on the CPU. Monte-Carlo counts (and so p̂ and its interval) are
+    identical, the Philox draws being the same bits on every device; other floats agree to rounding; a margin
+    search may take another bisection step where rounding moves a decision, so margins agree to the tolerance.
+    The caller's models stay where they were."""
+    models = _lg_models()
+    db = tmp_path / f"{device}.db"
+    _sweep_one_thread(models, db, device=device)
+    assert all(p.device.type == "cpu" for m in models.values() for p in m.parameters())
+    if device == "cpu":  # bit-identical for the same thread count
+        assert _tables(db) == _tables(lg_db)
+        return
+    ref, got = _read(lg_db, "results"), _read(db, "results")
+    assert [r["item_id"] for r in got] == [r["item_id"] for r in ref]
+    tol = SWEEP_KW["margin_tol"]
+    for a, b in zip(ref, got, strict=True):
+        assert {c: b[c] for c in EXACT_COLUMNS} == {c: a[c] for c in EXACT_COLUMNS}, a["item_id"]
+        for c in CLOSE_COLUMNS:
+            assert b[c] == pytest.approx(a[c], rel=1e-6, abs=1e-9), (a["item_id"], c)
+        for c in MARGIN_COLUMNS:
+            assert (a[c] is None) == (b[c] is None) and (a[c] is None or abs(a[c] - b[c]) <= 2 * tol), (a["item_id"], c)
+    for a, b in zip(_read(lg_db, "curves"), _read(db, "curves"), strict=True):
+        assert a["item_id"] == b["item_id"] and b["adv_norm"] == pytest.approx(a["adv_norm"], rel=1e-4, abs=1e-6)
+        assert abs(a["p_hat"] - b["p_hat"]) <= 0.02
+
+
+def test_device_errors_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match="device must be one of"):
+        run_sweep(_lg_models(), _lg_points(), db=tmp_path / "x.db", progress=False, device="tpu", **SWEEP_KW)
+    with pytest.raises(ValueError, match="device cuda:99: (no CUDA GPU is visible|only)"):
+        run_sweep(_lg_models(), _lg_points(), db=tmp_path / "x.db", progress=False, device="cuda:99", **SWEEP_KW)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_cli_device_errors_are_one_line(tmp_path, capsys):
+    from vaefast.cli import main
+
+    db = str(tmp_path / "x.db")
+    args = ["sweep", "--model", f"m={tmp_path / 'none'}", "--radii", "0.5", "--points", "2", "--db", db]
+    assert main([*args, "--device", "cuda:99"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda:99" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rank_device_is_the_local_gpu(monkeypatch):
+    """Under torchrun a plain ``cuda`` (or ``auto`` with a GPU) is ``cuda:LOCAL_RANK``; an explicit index is kept;
+    a rank without its own GPU is a clear error (a GPU machine with 2 GPUs, simulated)."""
+    from vaefast.sweep.distributed import rank_device
+
+    chosen = [torch.device("cuda", 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1].index)
+    assert rank_device("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1) == chosen[-1]
+    assert rank_device("auto", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda"), local_rank=0, world_size=2) == torch.device("cuda", 0)
+    assert rank_device("cuda:0", local_rank=1, world_size=2) == torch.device("cuda", 0)  # asked for explicitly
+    assert rank_device("cpu", local_rank=1, world_size=2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="LOCAL_RANK 2 would use cuda:2 but only 2 CUDA device"):
+        rank_device("cuda", local_rank=2, world_size=4)
 
 
 # --- subprocesses: kill -9 + resume, torchrun ---------------------------------------------------------------

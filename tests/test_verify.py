@@ -149,3 +149,48 @@ def test_verify_refuses_other_weights(swept, tmp_path):
         verify_sweep(swept, models={"m": str(other)})
     with pytest.raises(ValueError, match="not in the database"):
         verify_sweep(swept, models={"zz": str(other)})
+
+
+# --- the report recomputes the reconstructions the database no longer stores ------------------------------------
+
+
+def _set_source(db, source):
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE models SET source = ?", (source,))
+    conn.commit()
+    conn.close()
+
+
+def test_reconstructions_are_recomputed_from_the_models(swept, run_dir, tmp_path):
+    """The results rows hold δ only; the examples figure recomputes g(μ(x)) and g(μ(x + δ)) from the stored run
+    folder (weights checked), or from ``models=`` for a model swept from memory, and says when it cannot."""
+    from vaefast import analysis, plots
+    from vaefast.models import load as load_model
+
+    data = analysis.load(swept)
+    rows = [r for r in data.results if r["delta"] is not None]
+    assert rows and "recon_clean" not in rows[0] and "recon_adv" not in rows[0]
+    recon, unavailable = plots.example_reconstructions(data, rows)
+    assert unavailable == {} and set(recon) == {r["item_id"] for r in rows}
+    model = load_model(run_dir)
+    for row in rows:
+        x = X[row["pos"]][None]
+        delta = torch.from_numpy(store.from_blob(row["delta"], X.shape[1:]).copy())[None]
+        with torch.no_grad():
+            clean, adv = (model.decode(model.encode(v)[0]).flatten().numpy() for v in (x, x + delta))
+        np.testing.assert_allclose(recon[row["item_id"]][0], clean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(recon[row["item_id"]][1], adv, rtol=1e-6, atol=1e-7)
+    assert plots.plot_examples(data, tmp_path / "ex.png") is not None
+
+    _set_source(swept, "<memory>")  # as if swept from memory: no run folder to load
+    data = analysis.load(swept)
+    recon, unavailable = plots.example_reconstructions(data, rows)
+    assert recon == {} and "swept from memory" in unavailable["m"]
+    assert plots.plot_examples(data, tmp_path / "ex2.png") is not None  # drawn, the panels say why they are empty
+    recon, unavailable = plots.example_reconstructions(data, rows, models={"m": str(run_dir)})
+    assert unavailable == {} and len(recon) == len(rows)
+    other = tmp_path / "other"
+    save(VAE(model.config, seed=1), other)
+    assert "weights differ" in plots.example_reconstructions(data, rows, models={"m": str(other)})[1]["m"]
+    with pytest.raises(ValueError, match="not in the sweep"):
+        plots.example_reconstructions(data, rows, models={"zz": str(run_dir)})

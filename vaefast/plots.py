@@ -11,6 +11,7 @@ figure saying how many.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ DPI = 120
 CAPPED_STYLE = {"marker": "H", "s": 80, "facecolors": "none", "edgecolors": "k", "linewidths": 0.9}
 CAPPED_LABEL = "black hexagon: bound(s) capped to the box"
 
-Plotter = Callable[[SweepData, Path], "Path | None"]
+Plotter = Callable[..., "Path | None"]  # draw(data, path) or, for a figure that uses models, draw(data, path, models=)
+ModelsArg = Mapping[str, Any]  # {name: nn.Module or run folder}
 
 
 @dataclass(frozen=True)
@@ -50,31 +52,35 @@ class Figure:
         title: its section title.
         caption: what it shows, for the report page.
         draw: the plotter: ``draw(data, path)`` writes the PNG and returns ``path``, or ``None`` without data.
+        uses_models: whether ``draw`` also takes ``models=`` (``{name: nn.Module or run folder}`` overriding the
+            models' stored sources).
     """
 
     file: str
     title: str
     caption: str
     draw: Plotter
+    uses_models: bool = False
 
 
 FIGURES: dict[str, Figure] = {}  # file name -> figure, in the order of the report
 
 
-def figure(file: str, title: str, caption: str) -> Callable[[Plotter], Plotter]:
+def figure(file: str, title: str, caption: str, uses_models: bool = False) -> Callable[[Plotter], Plotter]:
     """Decorator: register the plotter below as the report's figure ``file`` with its title and caption.
 
     Args:
         file: the PNG file name.
         title: the section title.
         caption: the caption.
+        uses_models: the plotter takes ``models=`` too (it recomputes something from the models).
 
     Returns:
         The decorator (the plotter itself is returned unchanged).
     """
 
     def register(draw: Plotter) -> Plotter:
-        FIGURES[file] = Figure(file, title, caption, draw)
+        FIGURES[file] = Figure(file, title, caption, draw, uses_models)
         return draw
 
     return register
@@ -402,22 +408,87 @@ def _verified_tag(data: SweepData, item_id: str) -> str:
     return "re-verified" if v[0]["confirmed"] else "RE-VERIFICATION FAILED"
 
 
-def _example_row(fig, axes, data: SweepData, row: Mapping[str, Any], x: np.ndarray, first: bool) -> None:
-    """One example: x | δ (diverging, colorbar) | x + δ | g(μ(x)) | g(μ(x + δ)), labelled with the evidence."""
-    shape = data.models[row["model"]]["input_shape"]
-    delta = store.from_blob(row["delta"])
-    imgs = [x, None, x + delta, store.from_blob(row.get("recon_clean")), store.from_blob(row.get("recon_adv"))]
+Recon = tuple[np.ndarray, np.ndarray]  # g(μ(x)), g(μ(x + δ)) of one example, flat
+
+
+def _decode_means(model: Any, x: Any) -> np.ndarray:
+    """g(μ(x)) of a batch, flat float32 rows, with the model in eval mode."""
+    import torch
+
+    from vaefast._checks import eval_mode
+    from vaefast.sweep.inputs import on_model
+
+    with torch.no_grad(), eval_mode(model):
+        y = model.decode(model.encode(on_model(model, x))[0])
+    return y.detach().cpu().float().flatten(1).numpy()
+
+
+def _model_reconstructions(data: SweepData, name: str, rows: Sequence[Mapping[str, Any]], model: Any) -> list[Recon]:
+    """g(μ(x)) and g(μ(x + δ)) of ``rows`` (one model's examples) from the stored x and δ."""
+    import torch
+
+    shape = data.models[name]["input_shape"]
+    points = {p["pos"]: p for p in data.points}
+    x = torch.stack([torch.from_numpy(store.from_blob(points[r["pos"]]["x"], shape).copy()) for r in rows])
+    delta = torch.stack([torch.from_numpy(store.from_blob(r["delta"], shape).copy()) for r in rows])
+    clean, adv = _decode_means(model, x), _decode_means(model, x + delta)
+    return list(zip(clean, adv, strict=True))
+
+
+def example_reconstructions(
+    data: SweepData, rows: Sequence[Mapping[str, Any]], models: ModelsArg | None = None
+) -> tuple[dict[str, Recon], dict[str, str]]:
+    """Recompute the reconstructions of evidence rows from the sweep's models (the database stores only x and δ).
+
+    Args:
+        data: the sweep.
+        rows: results rows with evidence (``delta`` not NULL).
+        models: ``{name: nn.Module or run folder}`` overriding the stored sources (needed for models swept from
+            memory); weights must match the stored SHA-256.
+
+    Returns:
+        ``({item_id: (g(μ(x)), g(μ(x + δ)))}, {model: why its reconstructions are unavailable})``.
+
+    Raises:
+        ValueError: ``models`` names a model the sweep does not hold.
+    """
+    from vaefast.sweep.inputs import load_stored_models
+
+    overrides = dict(models or {})
+    unknown = sorted(set(overrides) - set(data.models))
+    if unknown:
+        raise ValueError(f"models: {unknown} are not in the sweep (it has {sorted(data.models)})")
+    recon: dict[str, Recon] = {}
+    unavailable: dict[str, str] = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        try:
+            model = load_stored_models(data.models, [name], overrides)[name]
+        except (ValueError, TypeError, OSError) as exc:
+            unavailable[name] = str(exc)
+            continue
+        sub = [r for r in rows if r["model"] == name]
+        values = _model_reconstructions(data, name, sub, model)
+        recon.update({r["item_id"]: v for r, v in zip(sub, values, strict=True)})
+    return recon, unavailable
+
+
+def _unavailable(ax, why: str) -> None:
+    """Write in an empty panel why the reconstruction is not shown."""
+    lines = textwrap.wrap(why, 30)
+    text = "\n".join(["reconstruction unavailable:", *lines[:5], *(["..."] if len(lines) > 5 else [])])
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=5)
+
+
+def _example_images(ax_list, fig, shape, imgs: Sequence[np.ndarray | None], delta: np.ndarray, why: str) -> None:
+    """Draw x | δ (diverging, colorbar) | x + δ | g(μ(x)) | g(μ(x + δ)) on one shared grey scale."""
     present = [v for v in imgs if v is not None]
     lo, hi = min(float(v.min()) for v in present), max(float(v.max()) for v in present)
-    if x.min() >= 0 and x.max() <= 1:
+    if imgs[0].min() >= 0 and imgs[0].max() <= 1:
         lo, hi = min(lo, 0.0), max(hi, 1.0)
-    titles = ["x", "δ (0 = white)", "x + δ", "g(μ(x))", "g(μ(x + δ))"]
     for j, vec in enumerate(imgs):
-        ax = axes[j]
+        ax = ax_list[j]
         ax.set_xticks([])
         ax.set_yticks([])
-        if first:
-            ax.set_title(titles[j], fontsize=8)
         if j == 1:
             lim = max(float(np.abs(delta).max()), 1e-12)
             im = ax.imshow(_signed_image(delta, shape), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
@@ -425,13 +496,30 @@ def _example_row(fig, axes, data: SweepData, row: Mapping[str, Any], x: np.ndarr
         elif vec is not None:
             img, cmap = _image(vec, shape)
             ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        else:
+            _unavailable(ax, why)
+
+
+def _example_row(fig, axes, data: SweepData, row: Mapping[str, Any], x: np.ndarray, recon: Recon | None, why: str,
+                 first: bool) -> None:  # fmt: skip
+    """One example: x | δ | x + δ | g(μ(x)) | g(μ(x + δ)), labelled with the evidence.
+
+    ``recon`` holds the recomputed reconstructions, or is ``None`` (then ``why`` says why they are not shown).
+    """
+    shape = data.models[row["model"]]["input_shape"]
+    delta = store.from_blob(row["delta"])
+    clean, adv = recon if recon is not None else (None, None)
+    _example_images(axes, fig, shape, [x, None, x + delta, clean, adv], delta, why)
+    if first:
+        for ax, title in zip(axes, ["x", "δ (0 = white)", "x + δ", "g(μ(x))", "g(μ(x + δ))"], strict=True):
+            ax.set_title(title, fontsize=8)
     lower = row.get("margin_lower")
     bracket = f"; bracket ({lower:.3g}, {row['margin']:.3g}]" if lower is not None else ""
     axes[1].set_xlabel(f"‖δ‖ = margin = {row['margin']:.3g}{bracket}", fontsize=7)
-    clean = _interval(row["p_hat"], row.get("ci_low"), row.get("ci_high"), row.get("num_samples"))
-    axes[3].set_xlabel(f"at δ = 0: {clean}", fontsize=7)
-    adv = _interval(row.get("p_hat_adv"), row.get("ci_low_adv"), row.get("ci_high_adv"), row.get("num_samples_adv"))
-    axes[4].set_xlabel(f"at x + δ: {adv}\nnot r-robust ({_verified_tag(data, row['item_id'])})", fontsize=7)
+    clean_ci = _interval(row["p_hat"], row.get("ci_low"), row.get("ci_high"), row.get("num_samples"))
+    axes[3].set_xlabel(f"at δ = 0: {clean_ci}", fontsize=7)
+    adv_ci = _interval(row.get("p_hat_adv"), row.get("ci_low_adv"), row.get("ci_high_adv"), row.get("num_samples_adv"))
+    axes[4].set_xlabel(f"at x + δ: {adv_ci}\nnot r-robust ({_verified_tag(data, row['item_id'])})", fontsize=7)
 
 
 @figure(
@@ -439,15 +527,20 @@ def _example_row(fig, axes, data: SweepData, row: Mapping[str, Any], x: np.ndarr
     "Evidence: the perturbation that broke r-robustness",
     "Largest- and smallest-margin points: x, the perturbation δ found by the margin search itself at the "
     "numerical margin (‖δ‖ = margin; diverging colours centred at 0), x + δ, and the reconstructions g(μ(x)) and "
-    "g(μ(x + δ)); labelled with the p̂ (Clopper–Pearson interval, samples) the search saw at x + δ, which is ≤ "
-    "1/2: the input is not r-robust there.",
+    "g(μ(x + δ)), recomputed from the sweep's models (the database stores x and δ only; a model swept from memory "
+    "has no run folder to load, and its reconstructions are then marked unavailable unless the models are passed "
+    "in); labelled with the p̂ (Clopper–Pearson interval, samples) the search saw at x + δ, which is ≤ 1/2: the "
+    "input is not r-robust there.",
+    uses_models=True,
 )
-def plot_examples(data: SweepData, path: Path) -> Path | None:
+def plot_examples(data: SweepData, path: Path, models: ModelsArg | None = None) -> Path | None:
     """Figure 3: the evidence δ that broke r-robustness at the margin, for the largest and smallest margins.
 
     Args:
         data: the sweep.
         path: the PNG to write.
+        models: ``{name: nn.Module or run folder}`` to recompute the reconstructions with (default: the run folders
+            the database names, checked against the stored weights).
 
     Returns:
         ``path``, or ``None`` when no row carries evidence.
@@ -455,11 +548,13 @@ def plot_examples(data: SweepData, path: Path) -> Path | None:
     examples = _pick_examples(data)
     if not examples:
         return None
+    recon, unavailable = example_reconstructions(data, examples, models)
     points = {p["pos"]: p for p in data.points}
     fig, axes = plt.subplots(len(examples), 5, figsize=(11.5, 2.6 * len(examples)), squeeze=False)
     for i, row in enumerate(examples):
         point = points[row["pos"]]
-        _example_row(fig, axes[i], data, row, store.from_blob(point["x"]), i == 0)
+        why = unavailable.get(row["model"], "")
+        _example_row(fig, axes[i], data, row, store.from_blob(point["x"]), recon.get(row["item_id"]), why, i == 0)
         label = point.get("label")
         axes[i, 0].set_ylabel(
             f"{row['model']}, r = {row['r']:.3g}\n{row['_which']}: point {row['pos']}"
@@ -653,16 +748,22 @@ def plot_margin_vs_r(data: SweepData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def make_all(data: SweepData, out: str | Path) -> list[tuple[Figure, Path | None]]:
+def make_all(data: SweepData, out: str | Path, models: ModelsArg | None = None) -> list[tuple[Figure, Path | None]]:
     """Draw every figure of :data:`FIGURES` the data supports.
 
     Args:
         data: the sweep.
         out: the output folder (created).
+        models: ``{name: nn.Module or run folder}`` for the figures that recompute from the models (default: the
+            run folders the database names; models swept from memory have none).
 
     Returns:
         Per figure, in report order, the figure and its path (``None`` when it was not drawn).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return [(fig, fig.draw(data, out / fig.file)) for fig in FIGURES.values()]
+    drawn = []
+    for fig in FIGURES.values():
+        path = fig.draw(data, out / fig.file, models=models) if fig.uses_models else fig.draw(data, out / fig.file)
+        drawn.append((fig, path))
+    return drawn

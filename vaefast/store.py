@@ -5,8 +5,10 @@ one block of consecutive points) is committed in a single transaction together w
 either every row of the unit is on disk or none is, so a sweep killed at any point (even ``kill -9``)
 resumes by skipping the ids in ``units`` and recomputing only the unit that was in flight. Every table has
 a primary key on the item identity and rows are written with plain ``INSERT``, so nothing can be stored
-twice; an insert whose row has an unknown or a missing column is refused. Distributed runs write one shard
-database per rank (same schema) and rank 0 merges them.
+twice; an insert whose row has an unknown or a missing column is refused. In a distributed run only rank 0 opens
+the database: the other ranks send their units to it (:mod:`vaefast.sweep.transport`). A database of another schema
+version is refused with a message that says so (schema 3 dropped the stored reconstructions: the report recomputes
+them from the models).
 
 The tables (from :mod:`vaefast.sweep.schema`, the one definition of every column; blobs are little-endian
 float32 arrays of shape ``models.input_shape``):
@@ -38,13 +40,13 @@ __all__ = [
     "TABLES",
     "UNIT_COLUMNS",
     "VERIFY_COLUMNS",
+    "SchemaVersionError",
     "commit_unit",
     "completed_units",
     "connect",
     "export",
     "from_blob",
     "get_meta",
-    "merge_into",
     "model_info",
     "read_table",
     "set_meta",
@@ -61,6 +63,10 @@ UNIT_COLUMNS = schema.UNITS.names
 VERIFY_COLUMNS = schema.VERIFICATIONS.names
 TABLES = tuple(schema.TABLES)
 _REQUIRED = ("meta", "models", "points", "units", "results", "curves")  # verifications: created on first verify
+
+
+class SchemaVersionError(ValueError):
+    """A results database written with another schema version (e.g. by an older vaefast)."""
 
 
 def to_blob(array: Any) -> bytes:
@@ -110,13 +116,20 @@ def _check_existing(conn: sqlite3.Connection, path: Path) -> None:
     missing = set(_REQUIRED) - tables
     if missing:
         raise ValueError(f"{str(path)!r} is not a vaefast results database (missing tables {sorted(missing)})")
+    _check_version(conn, path)
+    conn.execute(schema.VERIFICATIONS.create_sql())
+
+
+def _check_version(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a database whose ``meta`` holds another schema version (a database without ``meta`` passes)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+        return
     version = get_meta(conn).get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(
+        raise SchemaVersionError(
             f"{str(path)!r} has results schema {version}, this vaefast reads schema {SCHEMA_VERSION}: "
-            "run the sweep again with this version"
+            "run the sweep again with this version (into a new file)"
         )
-    conn.execute(schema.VERIFICATIONS.create_sql())
 
 
 def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
@@ -137,6 +150,7 @@ def connect(path: str | Path, *, create: bool = True) -> sqlite3.Connection:
     conn = _open(path)
     try:
         if create:
+            _check_version(conn, path)  # an older database is refused before anything is added to it
             with transaction(conn):
                 for t in schema.TABLES.values():
                     conn.execute(t.create_sql())
@@ -255,44 +269,6 @@ def completed_units(conn: sqlite3.Connection) -> set[str]:
         The ``unit_id`` values of ``units``.
     """
     return {r[0] for r in conn.execute("SELECT unit_id FROM units")}
-
-
-def merge_into(conn: sqlite3.Connection, shard_path: str | Path) -> int:
-    """Copy every row of a shard database into ``conn`` in one transaction.
-
-    Units already present in ``conn`` are skipped whole (their rows too), so merging twice is harmless.
-
-    Args:
-        conn: the main database.
-        shard_path: a shard database with the same schema.
-
-    Returns:
-        The number of units added.
-    """
-    conn.execute("ATTACH DATABASE ? AS shard", (str(Path(shard_path)),))
-    try:
-        with transaction(conn):
-            new_units = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT unit_id FROM shard.units WHERE unit_id NOT IN (SELECT unit_id FROM main.units)"
-                )
-            ]
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS _new_units (unit_id TEXT PRIMARY KEY)")
-            conn.execute("DELETE FROM _new_units")
-            conn.executemany("INSERT INTO _new_units VALUES (?)", [(u,) for u in new_units])
-            for t in (schema.RESULTS, schema.CURVES, schema.UNITS):
-                cols = ", ".join(t.names)
-                conn.execute(
-                    f"INSERT INTO main.{t.name} ({cols}) SELECT {cols} FROM shard.{t.name} "
-                    "WHERE unit_id IN (SELECT unit_id FROM _new_units)"
-                )
-            for t in (schema.MODELS, schema.POINTS):
-                cols = ", ".join(t.names)
-                conn.execute(f"INSERT OR IGNORE INTO main.{t.name} ({cols}) SELECT {cols} FROM shard.{t.name}")
-    finally:
-        conn.execute("DETACH DATABASE shard")
-    return len(new_units)
 
 
 def table_rows(conn: sqlite3.Connection, table: str) -> list[tuple]:

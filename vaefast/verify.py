@@ -38,7 +38,7 @@ from vaefast import store
 from vaefast._checks import check_positive_int, check_probability, check_seed
 from vaefast.rng import derive_seed, id_runs
 from vaefast.robustness import estimate_r_robustness
-from vaefast.sweep.inputs import load_models, weights_digest
+from vaefast.sweep.inputs import load_stored_models
 from vaefast.sweep.spec import DEFAULT_BOX, SweepSpec, margin_box
 
 __all__ = ["VerifyReport", "verify_sweep"]
@@ -134,7 +134,7 @@ def verify_sweep(
         info = store.model_info(conn)
         points = {p["pos"]: p["x"] for p in store.read_table(conn, "points", blobs=True)}
         spec = json.loads(store.get_meta(conn).get("spec", "{}"))
-        loaded = _load_models(info, models, {r["model"] for r in rows}, device)
+        loaded = load_stored_models(info, sorted({r["model"] for r in rows}), models, device)
         checks = _replay(rows, loaded, info, points, spec, factor, confidence, seed, progress)
         store.write_verifications(conn, [{k: c[k] for k in store.VERIFY_COLUMNS} for c in checks])
     finally:
@@ -151,26 +151,6 @@ def _select(rows: list[dict[str, Any]], sample: int | None, seed: int) -> list[d
         return rows
     picked = set(random.Random(seed).sample(range(len(rows)), sample))
     return [r for i, r in enumerate(rows) if i in picked]
-
-
-def _load_models(info, overrides, names, device) -> dict[str, nn.Module]:
-    """The sweep's models from ``overrides`` or their stored run folders, checked against the stored weights."""
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - set(info)
-    if unknown:
-        raise ValueError(f"models: {sorted(unknown)} are not in the database (it has {sorted(info)})")
-    sources = {}
-    for name in sorted(names):
-        source = overrides.get(name, info[name]["source"])
-        if source == "<memory>":
-            raise ValueError(f"model {name!r} was swept from memory: pass it with models={{{name!r}: ...}} (--model)")
-        sources[name] = source
-    loaded, _ = load_models(sources)
-    for name, model in loaded.items():
-        if weights_digest(model) != info[name]["weights_sha256"]:
-            raise ValueError(f"model {name!r}: its weights differ from the ones the sweep stored (SHA-256 mismatch)")
-        loaded[name] = model.to(device)
-    return loaded
 
 
 def _replay(rows, models, info, points, spec, factor, confidence, seed, progress) -> list[dict[str, Any]]:

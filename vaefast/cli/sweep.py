@@ -3,8 +3,14 @@
 Example::
 
     vaefast sweep --model beta1=runs/beta1 --model beta4=runs/beta4 --data digits --split test --points 32 \\
-        --radii 0.5 1.0 --eps 0.25 0.5 1.0 --db results.db [--resume]     # or --radii auto
-    torchrun --nproc-per-node=2 --module vaefast sweep ... --radii 0.5 1.0   # sharded, merged into results.db
+        --radii 0.5 1.0 --eps 0.25 0.5 1.0 --db results.db [--resume] [--device cuda]   # or --radii auto
+    torchrun --nproc-per-node=8 --module vaefast sweep ... --device cuda   # one GPU per process
+    # 2 machines x 8 GPUs (the run folders and data on both; results.db is written on node 0 only):
+    torchrun --nnodes=2 --node-rank=0|1 --nproc-per-node=8 --master-addr=NODE0 --master-port=29500 \\
+        --module vaefast sweep ... --device cuda --db results.db
+
+Under torchrun only rank 0 writes ``--db``; the other processes send their units to it. A run killed at any point
+(any process) resumes with ``--resume``, with any number of processes.
 """
 
 from __future__ import annotations
@@ -79,6 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-r", type=float, nargs="*", default=None, help="radii at which to draw curves (default all)")
     p.add_argument("--db", default="results.db", help="results database (default results.db)")
     p.add_argument("--resume", action="store_true", help="continue a sweep already in --db")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda, cuda:N, or auto (cuda when a GPU is visible); under torchrun a plain cuda is each "
+        "process's GPU cuda:LOCAL_RANK",
+    )
     add_sweep_options(p)
     p.set_defaults(func=run)
 
@@ -93,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         The exit status (0).
     """
     from vaefast import report
-    from vaefast._checks import check_positive_int
+    from vaefast._checks import check_device, check_positive_int
     from vaefast.sweep import PointSet, run_sweep
 
     names = [n for n, _ in args.models]
@@ -104,12 +116,14 @@ def run(args: argparse.Namespace) -> int:
     points = PointSet.from_dataset(args.data, args.split, args.indices or args.points, root=args.root)
     res = run_sweep(
         dict(args.models), points, radii_arg(args.radii), args.db, attack_eps=args.eps, curve_radii=args.curve_r,
-        resume=args.resume, progress=not args.no_progress, **sweep_options(args),
+        resume=args.resume, progress=not args.no_progress, device=check_device("--device", args.device),
+        **sweep_options(args),
     )  # fmt: skip
     if res.rank == 0:
         data = report.load(args.db)
+        computed = res.units_computed + res.units_received
         print(
-            f"{args.db}: {res.units_computed} units computed, {res.units_skipped} already done "
+            f"{args.db}: {computed} units computed, {res.units_skipped} already done "
             f"({res.world_size} process{'es' if res.world_size > 1 else ''}, {res.seconds:.1f} s)"
         )
         print(report.format_table(report.summary_rows(data), report.SUMMARY_COLUMNS))

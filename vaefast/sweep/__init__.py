@@ -10,8 +10,10 @@ One job per module:
 - :mod:`~vaefast.sweep.rows`: the database rows of one unit (:func:`compute_unit`);
 - :mod:`~vaefast.sweep.schema`: the one definition of every table and column of a results database;
 - :mod:`~vaefast.sweep.timing`: per-stage wall-clock time;
-- :mod:`~vaefast.sweep.distributed`: ``torchrun`` ranks and the merge of shard databases;
-- :mod:`~vaefast.sweep.runner`: :func:`run_sweep` (plan, prepare the database, compute, merge).
+- :mod:`~vaefast.sweep.distributed`: ``torchrun`` ranks, each rank's device, the gloo group of the sweep's objects;
+- :mod:`~vaefast.sweep.transport`: completed units sent to rank 0, which alone writes the database (no shared
+  filesystem needed);
+- :mod:`~vaefast.sweep.runner`: :func:`run_sweep` (plan, prepare the database, compute and commit).
 
 The public names below are loaded on first access, so :mod:`vaefast.store` can read the schema without importing
 the runner (which writes through the store).
@@ -26,6 +28,7 @@ _LAZY: dict[str, str] = {
     "run_sweep": "vaefast.sweep.runner",
     "SweepResult": "vaefast.sweep.runner",
     "SweepMismatchError": "vaefast.sweep.runner",
+    "RankFailedError": "vaefast.sweep.transport",
     "SweepSpec": "vaefast.sweep.spec",
     "WorkUnit": "vaefast.sweep.spec",
     "enumerate_units": "vaefast.sweep.spec",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from vaefast import store
-from vaefast._checks import check_model, check_positive_int, model_input_shape
+from vaefast._checks import check_device, check_model, check_positive_int, model_input_shape
 from vaefast.rng import derive_seed
 
 AUTO_R_QUANTILES = (0.25, 0.5, 0.75, 0.95)
@@ -153,15 +154,52 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return dict(cfg) if isinstance(cfg, Mapping) else {}
 
 
-def _load_one(name: object, m: object) -> tuple[nn.Module, str]:
+def indexed_device(device: str | torch.device, name: str = "device") -> torch.device:
+    """A checked device with its index: ``cuda`` is the current CUDA device (``cuda:LOCAL_RANK`` once a ``torchrun``
+    rank has chosen its GPU).
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
+        name: the argument's name in error messages.
+
+    Returns:
+        The device (a missing GPU is a one-line ``ValueError`` from :func:`vaefast._checks.check_device`).
+    """
+    device = check_device(name, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _on_device(model: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``model`` is on ``device``."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(t.device == device for t in tensors)
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``: itself when it is there already, else a copy moved there (the caller's module is
+    never moved).
+
+    Args:
+        model: a module.
+        device: a resolved device (``cuda`` with its index).
+
+    Returns:
+        The module on ``device``.
+    """
+    return model if _on_device(model, device) else copy.deepcopy(model).to(device)
+
+
+def _load_one(name: object, m: object, device: torch.device) -> tuple[nn.Module, str]:
     if not isinstance(name, str) or not name or "|" in name:
         raise ValueError(f"model names must be non-empty strings without '|', got {name!r}")
     if isinstance(m, nn.Module):
-        model, source = m, "<memory>"
+        model, source = place(m, device), "<memory>"
     elif isinstance(m, (str, os.PathLike)):
         from vaefast.models import load
 
-        model, source = load(m), str(m)
+        model, source = load(m, map_location=device), str(m)
     else:
         raise TypeError(f"models[{name!r}] must be an nn.Module or a run folder, got {type(m).__name__}")
     try:
@@ -171,15 +209,18 @@ def _load_one(name: object, m: object) -> tuple[nn.Module, str]:
     return model, source
 
 
-def load_models(models: ModelsArg) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Resolve the models of a sweep to modules.
+def load_models(models: ModelsArg, device: str | torch.device = "cpu") -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Resolve the models of a sweep to modules on ``device`` (moved once, here).
 
     Args:
         models: ``{name: nn.Module or run folder}``, or run folders (named by folder).
+        device: where the models run (:func:`vaefast._checks.check_device`); an in-memory module elsewhere is
+            copied there, the caller's own module stays where it is.
 
     Returns:
         ``({name: model}, {name: source})``, the source being the run folder or ``"<memory>"``.
     """
+    device = indexed_device(device)
     if isinstance(models, (str, os.PathLike)):
         models = [models]
     if not isinstance(models, Mapping):
@@ -188,8 +229,48 @@ def load_models(models: ModelsArg) -> tuple[dict[str, nn.Module], dict[str, str]
         raise ValueError("models is empty")
     loaded, sources = {}, {}
     for name, m in models.items():
-        loaded[name], sources[name] = _load_one(name, m)
+        loaded[name], sources[name] = _load_one(name, m, device)
     return loaded, sources
+
+
+def load_stored_models(
+    info: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str],
+    overrides: Mapping[str, nn.Module | str | os.PathLike] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, nn.Module]:
+    """The models of a results database, from ``overrides`` or their stored run folders, checked against the
+    weights the sweep stored.
+
+    Args:
+        info: the database's ``models`` rows by name (:func:`vaefast.store.model_info`).
+        names: the models wanted.
+        overrides: ``{name: nn.Module or run folder}`` replacing stored sources (needed for models swept from
+            memory).
+        device: where to load them.
+
+    Returns:
+        ``{name: model}`` on ``device``.
+
+    Raises:
+        ValueError: an override names no model of the database, a model was swept from memory and has no
+            override, or its weights differ from the stored SHA-256.
+    """
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(info)
+    if unknown:
+        raise ValueError(f"models: {sorted(unknown)} are not in the database (it has {sorted(info)})")
+    sources = {}
+    for name in sorted(names):
+        source = overrides.get(name, info[name]["source"])
+        if isinstance(source, str) and source == "<memory>":
+            raise ValueError(f"model {name!r} was swept from memory: pass it with models={{{name!r}: ...}} (--model)")
+        sources[name] = source
+    loaded, _ = load_models(sources, device) if sources else ({}, {})
+    for name, model in loaded.items():
+        if weights_digest(model) != info[name]["weights_sha256"]:
+            raise ValueError(f"model {name!r}: its weights differ from the ones the sweep stored (SHA-256 mismatch)")
+    return loaded
 
 
 def check_point_shape(models: Mapping[str, nn.Module], x: torch.Tensor) -> None:

@@ -1,11 +1,13 @@
 """Rows of one work unit: the ``units``, ``results`` and ``curves`` rows assembled from the stages' results.
 
 The keys of every row are the columns of :mod:`vaefast.sweep.schema` (the store refuses any other key); the
-evidence columns of a point without evidence (margin 0 or unbracketed) are NULL.
+evidence columns of a point without evidence (margin 0 or unbracketed) are NULL. The stages run where the model
+is (CPU or a GPU); their results come to the CPU once, in :func:`compute_unit`, before the rows are read out of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -19,6 +21,28 @@ from vaefast.sweep.stages import CurvePoint, Evidence, UnitOutcome, run_stages
 Row = dict[str, Any]
 
 _BOUNDS = ("bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "sigma_min")
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it moved to the CPU (dataclasses, lists and tuples are walked).
+
+    Args:
+        value: a stage result (a dataclass of tensors), a container of them, or anything else.
+
+    Returns:
+        A copy whose tensors are detached CPU tensors; other values are returned as they are.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: to_cpu(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        items = [to_cpu(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a namedtuple or a tuple
+    return value
 
 
 def _f(t: torch.Tensor, i: int) -> float:
@@ -46,7 +70,6 @@ def _clean_columns(out: UnitOutcome, b: int) -> Row:
         "margin_lower": _f(nm.lower, b),
         "bracketed": int(bool(nm.bracketed[b])),
         "margin_evals": len(nm.evaluations[b]),
-        "recon_clean": store.to_blob(ev.recon_clean[b]),
     }
 
 
@@ -65,7 +88,6 @@ def _evidence_columns(out: UnitOutcome, ev: Evidence, b: int, j: int) -> Row:
         "ll_drop": _f(deg.drop, j),
         "rel_ll_degradation": _f(deg.relative, j),
         "delta": store.to_blob(ev.delta[j]),
-        "recon_adv": store.to_blob(ev.recon_adv[j]),
     }
 
 
@@ -147,12 +169,12 @@ def compute_unit(
 
     Args:
         model: a protocol model (eval mode is applied for the whole unit).
-        x: the unit's points ``[n_points, *input_shape]`` on the model's device.
+        x: the unit's points ``[n_points, *input_shape]`` on the model's device (CPU or GPU).
         unit: the work unit (model name, r, first point position).
         spec: the sweep specification.
 
     Returns:
         ``(units row, results rows, curves rows)`` keyed by the schema's column names.
     """
-    out = run_stages(model, x, unit, spec)
+    out = to_cpu(run_stages(model, x, unit, spec))  # one transfer per tensor, not one per value read
     return unit_row(out), result_rows(out), curve_rows(out)

@@ -1,18 +1,21 @@
-"""Running a sweep: plan it, prepare the database, compute the missing units, merge the shards.
+"""Running a sweep: plan it, prepare the database, compute the missing units (on one device per process).
 
 Every unit is committed in one transaction with its ``units`` marker, so a sweep killed at any moment (even
-``kill -9``) resumes by recomputing only the unit in flight. Under ``torchrun`` with N processes, rank k computes
-the units with index ``i ≡ k (mod N)`` into its own shard database and rank 0 merges the shards into the main
-one. Units give the same numbers in any process and order (their random numbers are keyed by identity), so
-sharded, resumed and uninterrupted runs produce identical tables, timings excepted. Bit-for-bit equality also needs
-the same number of intra-op threads (``OMP_NUM_THREADS``): CPU reductions may split by thread.
+``kill -9``) resumes by recomputing only the units not committed. Under ``torchrun`` with N processes (one or many
+machines, no shared filesystem): every rank plans the same sweep (checked by fingerprint), rank 0 alone opens the
+database, and the units not yet in it are split over the ranks (unit ``i`` of that list to rank ``i mod N``); each
+rank computes its share on its own device (``cuda:LOCAL_RANK`` for ``device="cuda"``) and sends each completed unit
+to rank 0 (:mod:`vaefast.sweep.transport`), which commits it as it arrives while computing its own share. Units give
+the same numbers in any process and order (their random numbers are keyed by identity), so distributed, resumed
+and uninterrupted runs produce identical tables, timings excepted. Bit-for-bit equality also needs the same device
+type and number of intra-op threads (``OMP_NUM_THREADS``): reductions may split by thread; on a GPU the Monte-Carlo
+draws are the same bits and the other floats agree to rounding.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ import torch
 from torch import nn
 
 from vaefast import __version__, store
-from vaefast.sweep.distributed import DistContext, dist_context, merge_shards, shard_dir, shard_path
+from vaefast.sweep.distributed import DistContext, dist_context, rank_device
 from vaefast.sweep.inputs import (
     ModelsArg,
     PointSet,
@@ -36,6 +39,7 @@ from vaefast.sweep.inputs import (
 )
 from vaefast.sweep.rows import compute_unit
 from vaefast.sweep.spec import SweepSpec, WorkUnit, enumerate_units, fingerprint, shard
+from vaefast.sweep.transport import Collector, UnitRows, release, send_done, send_unit, wait_release
 
 
 class SweepMismatchError(ValueError):
@@ -50,10 +54,11 @@ class SweepResult:
         db: the results database.
         units_total: units of the whole sweep.
         units_computed: units computed by this process in this call.
-        units_skipped: units of this process already in the database.
+        units_skipped: units already in the database when the call started (no process computed them again).
         seconds: wall-clock time of the call.
         rank: this process.
         world_size: the number of processes.
+        units_received: on rank 0, the units other processes computed and rank 0 committed in this call.
     """
 
     db: Path
@@ -63,6 +68,7 @@ class SweepResult:
     seconds: float
     rank: int = 0
     world_size: int = 1
+    units_received: int = 0
 
 
 @dataclass
@@ -93,27 +99,34 @@ def plan_sweep(
     points: PointSet | torch.Tensor,
     radii: Sequence[float] | float | str,
     db: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dist: DistContext | None = None,
     **spec_fields: Any,
 ) -> SweepPlan:
-    """Load the models, check the points, resolve the radii and build the specification and the units.
+    """Load the models onto the device, check the points, resolve the radii and build the specification and units.
 
     Args:
         models: ``{name: nn.Module or run folder}`` (or run folders).
-        points: a :class:`PointSet` or a tensor ``[P, *input_shape]``.
+        points: a :class:`PointSet` or a tensor ``[P, *input_shape]`` (kept on the CPU: each unit's points are
+            moved to the device once, when it runs).
         radii: the radii, or ``"auto"`` (:func:`vaefast.sweep.inputs.auto_radii` with the spec's
-            ``num_samples`` and ``seed``).
-        db: the results database.
+            ``num_samples`` and ``seed``; under ``torchrun`` rank 0 chooses them for every rank).
+        db: the results database (not opened here).
+        device: where the models run.
+        dist: this process's place in the run (default: alone).
         **spec_fields: the other fields of :class:`SweepSpec`.
 
     Returns:
         The plan.
     """
+    dist = dist or DistContext()
     points = as_point_set(points)
-    loaded, sources = load_models(models)
+    loaded, sources = load_models(models, device)
     check_point_shape(loaded, points.x)
     num_samples = spec_fields.get("num_samples", SweepSpec.num_samples)
     seed = spec_fields.get("seed", SweepSpec.seed)
-    resolved = resolve_radii(radii, loaded, points.x, num_samples=num_samples, seed=seed)
+    resolved = dist.on_rank0(lambda: resolve_radii(radii, loaded, points.x, num_samples=num_samples, seed=seed))
     spec = SweepSpec(radii=resolved, **spec_fields)
     rows = [model_row(n, m, sources[n]) for n, m in loaded.items()]
     digest = fingerprint(spec, points.describe(), [(r["name"], r["weights_sha256"]) for r in rows])
@@ -121,18 +134,25 @@ def plan_sweep(
     return SweepPlan(Path(db), spec, loaded, points, rows, digest, units)
 
 
-def _prepare_db(plan: SweepPlan, resume: bool) -> None:
-    """Refuse another sweep's database (or a non-empty one without ``resume``); write meta, models and points."""
+def _prepare_db(plan: SweepPlan, resume: bool) -> list[str]:
+    """Refuse another sweep's database (or a non-empty one without ``resume``); write meta, models and points.
+
+    Returns:
+        The ids of the units already committed, sorted.
+    """
     db = plan.db
-    conn = store.connect(db)
+    try:
+        conn = store.connect(db)
+    except store.SchemaVersionError as exc:  # an older vaefast's sweep: another sweep as far as resuming goes
+        raise SweepMismatchError(str(exc)) from None
     try:
         meta = store.get_meta(conn)
-        has_rows = bool(conn.execute("SELECT 1 FROM units LIMIT 1").fetchone()) or shard_dir(db).is_dir()
+        done = store.completed_units(conn)
         if "fingerprint" in meta and meta["fingerprint"] != plan.fingerprint:
             raise SweepMismatchError(
                 f"db {str(db)!r} holds a different sweep (other models/points/spec); use another file"
             )
-        if has_rows and not resume:
+        if done and not resume:
             raise ValueError(f"db {str(db)!r} already holds results: pass resume=True (--resume) or remove it")
         if "fingerprint" not in meta:
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -145,92 +165,114 @@ def _prepare_db(plan: SweepPlan, resume: bool) -> None:
         store.write_models_and_points(conn, plan.model_rows, plan.points.rows())
     finally:
         conn.close()
+    return sorted(done)
 
 
-def _prepare(plan: SweepPlan, resume: bool, dist: DistContext) -> None:
-    """Rank 0 prepares the database and merges leftover shards of a killed run; every rank sees its error."""
-    error = None
-    if dist.rank == 0:
-        try:
-            _prepare_db(plan, resume)
-            merge_shards(plan.db)
-        except ValueError as exc:
-            error = (type(exc).__name__, str(exc))
-    error = dist.broadcast(error)
-    if error is not None:
-        kind, message = error
-        raise (SweepMismatchError if kind == SweepMismatchError.__name__ else ValueError)(message)
+def _prepare(plan: SweepPlan, resume: bool, dist: DistContext) -> set[str]:
+    """Check that every rank plans the same sweep; rank 0 prepares the database and tells every rank what is done.
+
+    Returns:
+        The ids of the units already committed.
+    """
+    for rank, digest in enumerate(dist.all_gather(plan.fingerprint)):
+        if digest != plan.fingerprint:
+            raise SweepMismatchError(
+                f"rank {rank} plans a different sweep than this rank (other models, weights, points or spec): every "
+                "process must be given the same sweep"
+            )
+    return set(dist.on_rank0(lambda: _prepare_db(plan, resume)))
 
 
-def _open_output(plan: SweepPlan, dist: DistContext) -> tuple[sqlite3.Connection, set[str]]:
-    """The database this process writes (the main one, or its shard) and the units already done."""
-    main = store.connect(plan.db, create=False)
-    if store.get_meta(main).get("fingerprint") != plan.fingerprint:
-        main.close()
-        raise SweepMismatchError(f"db {str(plan.db)!r} holds a different sweep")
-    done = store.completed_units(main)
-    if dist.world_size == 1:
-        return main, done
-    main.close()
-    return store.connect(shard_path(plan.db, dist.rank)), done
+def _compute(plan: SweepPlan, unit: WorkUnit, dist: DistContext) -> UnitRows:
+    """One unit's rows: its points moved to the model's device once, its results back on the CPU in the rows."""
+    model = plan.models[unit.model]
+    x = on_model(model, plan.points.x[unit.first_pos : unit.first_pos + unit.n_points])
+    unit_row, results, curves = compute_unit(model, x, unit, plan.spec)
+    unit_row.update(rank=dist.rank, world_size=dist.world_size)
+    return unit_row, results, curves
 
 
-def _compute(plan: SweepPlan, todo: Sequence[WorkUnit], out: sqlite3.Connection, dist: DistContext, bar) -> None:
-    """Compute and commit ``todo`` one unit at a time."""
-    for unit in todo:
-        model = plan.models[unit.model]
-        x = on_model(model, plan.points.x[unit.first_pos : unit.first_pos + unit.n_points])
-        unit_row, results, curves = compute_unit(model, x, unit, plan.spec)
-        unit_row.update(rank=dist.rank, world_size=dist.world_size)
-        store.commit_unit(out, unit_row, results, curves)
-        if bar is not None:
-            bar.set_postfix_str(f"{unit.model} r={unit.r:.3g}", refresh=False)
-            bar.update(1)
+def _progress_bar(plan: SweepPlan, total: int, progress: bool):
+    """A tqdm bar over the units still to compute (``None`` without progress)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"sweep {plan.db.name}", unit="unit", dynamic_ncols=True)
 
 
-def _run_shard(plan: SweepPlan, dist: DistContext, progress: bool) -> tuple[int, int]:
-    """Compute this process's missing units; returns ``(computed, skipped)``."""
-    out, done = _open_output(plan, dist)
-    mine = shard(plan.units, dist.rank, dist.world_size)
-    todo = [u for u in mine if u.unit_id not in done]
-    bar = None
-    if progress and dist.rank == 0:
-        from tqdm.auto import tqdm
+def _run_rank0(plan: SweepPlan, dist: DistContext, todo: Sequence[WorkUnit], progress: bool) -> tuple[int, int]:
+    """Rank 0: compute and commit its share while the other ranks' units are received and committed as they arrive.
 
-        bar = tqdm(total=len(todo), desc=f"sweep {plan.db.name}", unit="unit", dynamic_ncols=True)
+    Returns:
+        ``(units computed here, units received from other ranks)``.
+    """
+    mine = shard(todo, 0, dist.world_size)
+    bar = _progress_bar(plan, len(todo), progress)
+    collector = Collector(dist, plan.db, None if bar is None else lambda _row: bar.update(1))
+    conn = store.connect(plan.db, create=False)
     try:
-        _compute(plan, todo, out, dist, bar)
+        collector.start()
+        for unit in mine:
+            store.commit_unit(conn, *_compute(plan, unit, dist))
+            if bar is not None:
+                bar.set_postfix_str(f"{unit.model} r={unit.r:.3g}", refresh=False)
+                bar.update(1)
+            collector.check()
+        collector.wait()
+        release(dist)
+    except BaseException:
+        dist.leave_open = collector.alive  # receivers still wait on the group: leave it to the process's end
+        raise
     finally:
+        conn.close()
         if bar is not None:
             bar.close()
-        out.close()
-    return len(todo), len(mine) - len(todo)
+    return len(mine), collector.received
 
 
-def execute(plan: SweepPlan, *, resume: bool = False, progress: bool = True) -> SweepResult:
+def _run_peer(plan: SweepPlan, dist: DistContext, todo: Sequence[WorkUnit]) -> int:
+    """A rank other than 0: compute its share, send each unit to rank 0, wait until the sweep is committed.
+
+    Returns:
+        The number of units computed here.
+    """
+    mine = shard(todo, dist.rank, dist.world_size)
+    for unit in mine:
+        send_unit(dist, _compute(plan, unit, dist))
+    send_done(dist)
+    wait_release(dist)
+    return len(mine)
+
+
+def execute(
+    plan: SweepPlan, dist: DistContext | None = None, *, resume: bool = False, progress: bool = True
+) -> SweepResult:
     """Run (or resume) a planned sweep in this process; under ``torchrun`` every process calls it.
+
+    The units not yet in the database are split over the ranks (unit ``i`` of that list goes to rank
+    ``i mod world_size``); rank 0 alone opens the database.
 
     Args:
         plan: the plan (:func:`plan_sweep`).
+        dist: this process's place in the run (default: alone).
         resume: skip the units already in the database (without it a non-empty database is an error).
         progress: show a progress bar on rank 0.
 
     Returns:
         What this process did.
     """
+    dist = dist or DistContext()
     t_start = time.perf_counter()
-    dist = dist_context()
-    try:
-        _prepare(plan, resume, dist)
-        computed, skipped = _run_shard(plan, dist, progress)
-        dist.barrier()
-        if dist.rank == 0 and dist.world_size > 1:
-            merge_shards(plan.db)
-        dist.barrier()
-    finally:
-        dist.close()
+    done = _prepare(plan, resume, dist)
+    todo = [u for u in plan.units if u.unit_id not in done]
+    received = 0
+    if dist.rank == 0:
+        computed, received = _run_rank0(plan, dist, todo, progress)
+    else:
+        computed = _run_peer(plan, dist, todo)
     seconds = time.perf_counter() - t_start
-    return SweepResult(plan.db, len(plan.units), computed, skipped, seconds, dist.rank, dist.world_size)
+    return SweepResult(plan.db, len(plan.units), computed, len(done), seconds, dist.rank, dist.world_size, received)
 
 
 def run_sweep(
@@ -251,11 +293,14 @@ def run_sweep(
     attack_kwargs: Mapping[str, Any] | None = None,
     resume: bool = False,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> SweepResult:
     """Run (or resume) a sweep of ``models`` × ``points`` × ``radii`` into the SQLite database ``db``.
 
-    Under ``torchrun`` every process calls this with the same arguments; units are sharded by index and merged
-    into ``db`` by rank 0.
+    Under ``torchrun`` every process calls this with the same arguments (on every machine: the models, or their run
+    folders, and the points must be there); only rank 0 opens ``db`` (a path on rank 0's machine), the others send
+    their units to it over a gloo group. A killed run (any rank, even ``kill -9``) keeps every committed unit: run
+    it again with ``resume=True`` and any number of processes.
 
     Args:
         models: ``{name: nn.Module or run folder}`` (or a list of run folders).
@@ -274,7 +319,12 @@ def run_sweep(
         margin_kwargs: further keyword arguments of ``numerical_margin``.
         attack_kwargs: keyword arguments of the curves' ``MaxDamageAttack``.
         resume: skip the units already in ``db`` (without it an existing non-empty ``db`` is an error).
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0).
+        device: where the models run: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``
+            (a CUDA request without a visible GPU is an error). Under ``torchrun`` a plain ``"cuda"`` is each rank's
+            ``cuda:LOCAL_RANK``. Models are moved there once (an in-memory module elsewhere is copied, the caller's
+            stays where it is); each unit's points once per unit; results come back to the CPU as rows. The device
+            is not part of the sweep's identity: a sweep may be resumed on another one.
 
     Returns:
         A :class:`SweepResult`.
@@ -286,6 +336,12 @@ def run_sweep(
         "attack_kwargs": dict(attack_kwargs or {}),
     }  # fmt: skip
     t_start = time.perf_counter()
-    result = execute(plan_sweep(models, points, radii, db, **spec_fields), resume=resume, progress=progress)
+    dist = dist_context()
+    try:
+        device = rank_device(device, dist.local_rank, dist.world_size)
+        plan = plan_sweep(models, points, radii, db, device=device, dist=dist, **spec_fields)
+        result = execute(plan, dist, resume=resume, progress=progress)
+    finally:
+        dist.close()
     result.seconds = time.perf_counter() - t_start  # loading the models and choosing the radii included
     return result

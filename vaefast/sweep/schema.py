@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: recon_clean / recon_adv dropped (recomputed from the models by the report)
 
 TEXT, INTEGER, REAL, BLOB = "TEXT", "INTEGER", "REAL", "BLOB"
 
@@ -184,9 +184,10 @@ _EVIDENCE_NULL = "NULL where the margin is 0 or unbracketed"
 
 RESULTS = Table(
     "results",
-    "one row per (model, point, r). Evidence columns (``adv_norm`` to ``recon_adv`` except ``recon_clean``) are "
-    "NULL where the margin is 0 (the clean point is not r-robust: δ = 0 is its own evidence) or the search did "
-    "not bracket.",
+    "one row per (model, point, r). Evidence columns (``adv_norm`` to ``delta``) are NULL where the margin is 0 "
+    "(the clean point is not r-robust: δ = 0 is its own evidence) or the search did not bracket. Only what cannot "
+    "be recomputed is stored: the reconstructions g(μ(x)) and g(μ(x + δ)) follow from the model, ``points.x`` and "
+    "``delta``.",
     _cols(
         ("item_id", TEXT, "``model|r=R|pos=P``"),
         ("unit_id", TEXT, "the unit that computed it"),
@@ -226,8 +227,6 @@ RESULTS = Table(
         ("ll_drop", REAL, "ll_clean − ll_adv in nats", EVIDENCE),
         ("rel_ll_degradation", REAL, "|ll_adv − ll_clean| / |ll_clean| (≥ 0)", EVIDENCE),
         ("delta", BLOB, "the perturbation that broke r-robustness at the margin (x + δ inside the box)", EVIDENCE),
-        ("recon_clean", BLOB, "g(μ(x)), always stored"),
-        ("recon_adv", BLOB, "g(μ(x + δ))", EVIDENCE),
     ),
 )
 

@@ -3,7 +3,8 @@
 The sweep is enumerated deterministically into **work units**: one model, one radius r and one block of
 ``batch_size`` consecutive points (positions ``first_pos .. first_pos + n_points - 1``), in the order models ×
 radii × blocks. A unit is computed as one batch and committed in one transaction, so it is the unit of resume and
-of sharding: process ``rank`` of ``world_size`` computes the units with index ``i ≡ rank (mod world_size)``.
+of distribution: of the units not yet in the database, process ``rank`` of ``world_size`` computes those with index
+``i ≡ rank (mod world_size)`` (:func:`shard`).
 """
 
 from __future__ import annotations

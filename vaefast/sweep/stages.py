@@ -6,7 +6,7 @@ estimate → bound → margin → evidence → curves, all on one block of point
 - **bound**: every bound variant and its components from that same estimate (:class:`MarginBound`);
 - **margin**: the numerical margin by batched bisection from that same clean-point decision, with its evidence —
   the δ that broke r-robustness at the margin and the p̂ the search saw there (:class:`NumericalMargin`);
-- **evidence**: what that δ does to the model — likelihood degradation and reconstructions (:class:`Evidence`);
+- **evidence**: what that δ does to the model's likelihood (:class:`Evidence`);
 - **curves**: p̂_r and the likelihood degradation under the max-damage attack with ‖δ‖ ≤ eps, every budget
   (:class:`CurvePoint`), at the spec's curve radii.
 
@@ -115,32 +115,26 @@ def margin(
 
 @dataclass
 class Evidence:
-    """What the margin's evidence does to the model, and the clean reconstructions of a unit.
+    """What the margin's evidence does to the model's likelihood, and the box limit of every point of a unit.
+
+    The reconstructions g(μ(x)) and g(μ(x + δ)) are not kept: they follow from the model, x and δ (the report
+    recomputes them).
 
     Attributes:
         index: the points of the unit with evidence (margin > 0 and bracketed), in order.
         delta: their breaking perturbations ``[len(index), *input_shape]``.
         degradation: the likelihood degradation under those δ (``None`` without evidence).
-        recon_adv: g(μ(x + δ)) of those points.
-        recon_clean: g(μ(x)) of every point of the unit.
         max_radius: per point the largest ‖δ‖₂ the data box allows (``None`` without a box).
     """
 
     index: list[int]
     delta: torch.Tensor | None
     degradation: LikelihoodDegradation | None
-    recon_adv: torch.Tensor | None
-    recon_clean: torch.Tensor
     max_radius: torch.Tensor | None
 
 
-def _reconstruct(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.decode(model.encode(x)[0])
-
-
 def evidence(model: nn.Module, x: torch.Tensor, nm: NumericalMargin, spec: SweepSpec) -> Evidence:
-    """The evidence stage: likelihood degradation and reconstruction under each breaking δ the search returned.
+    """The evidence stage: the likelihood degradation under each breaking δ the search returned.
 
     Args:
         model: a protocol model.
@@ -149,18 +143,15 @@ def evidence(model: nn.Module, x: torch.Tensor, nm: NumericalMargin, spec: Sweep
         spec: the sweep specification (its box).
 
     Returns:
-        The evidence of the points whose margin is > 0 and bracketed, and every point's clean reconstruction.
+        The evidence of the points whose margin is > 0 and bracketed.
     """
     index = [b for b, has in enumerate(((nm.margin > 0) & nm.bracketed).tolist()) if has]
-    delta = degradation = recon_adv = None
+    delta = degradation = None
     if index:
         sel = torch.tensor(index, device=x.device)
-        delta = nm.delta[sel].to(x.dtype)
+        delta = nm.delta[sel].to(device=x.device, dtype=x.dtype)
         degradation = likelihood_degradation(model, x[sel], delta)
-        recon_adv = _reconstruct(model, x[sel] + delta)
-    recon_clean = _reconstruct(model, x)
-    box_limit = max_perturbation(x, margin_box(spec))
-    return Evidence(index, delta, degradation, recon_adv, recon_clean, box_limit)
+    return Evidence(index, delta, degradation, max_perturbation(x, margin_box(spec)))
 
 
 @dataclass
