@@ -40,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--activation", default="relu", choices=ACTIVATIONS)
     p.add_argument("--likelihood", default="bernoulli", choices=LIKELIHOODS)
     p.add_argument("--gaussian-std", type=float, default=0.1, help="std of the fixed-variance Gaussian likelihood")
+    p.add_argument(
+        "--lipschitz",
+        type=float,
+        default=None,
+        help="L: every network L-Lipschitz (orthonormal layers + GroupSort; MLP, even widths) for vaefast.certify",
+    )
     p.add_argument("--objective", default=None, choices=OBJECTIVES, help="default: beta_vae if --beta != 1 else elbo")
     p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta_vae); TC weight default (beta_tcvae)")
     p.add_argument("--tc-weight", type=float, default=None, help="beta_tcvae total-correlation weight (default --beta)")
@@ -109,6 +115,7 @@ def model_config(args: argparse.Namespace, input_shape: tuple[int, ...]) -> VAEC
         tc_weight=args.beta if args.tc_weight is None else args.tc_weight,
         mi_weight=args.mi_weight,
         dimkl_weight=args.dimkl_weight,
+        lipschitz=args.lipschitz,
     )
 
 

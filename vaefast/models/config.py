@@ -53,6 +53,9 @@ class VAEConfig:
       ``recon - mi_weight * MI - tc_weight * TC - dimkl_weight * dimwise-KL``, minibatch-weighted sampling).
     - ``logvar_bound``: encoder log-variances are soft-clamped as ``b * tanh(raw / b)`` (identity near 0,
       smooth, keeps sigma in ``[exp(-b/2), exp(b/2)]`` so no NaN/overflow; ``0`` disables).
+    - ``lipschitz``: ``L > 0`` makes every network (the encoder's mean, its log-variance head, the decoder)
+      L-Lipschitz: orthonormal linear layers (:func:`vaefast.models.lipschitz.orthonormal_linear`) with GroupSort
+      activations and a final scale ``L`` (MLP only; hidden widths must be even). None: ordinary layers.
     """
 
     input_shape: tuple[int, ...] = (1, 8, 8)
@@ -71,6 +74,7 @@ class VAEConfig:
     dimkl_weight: float = 1.0
     conv_channels: tuple[int, ...] | None = None
     logvar_bound: float = 10.0
+    lipschitz: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +122,20 @@ class VAEConfig:
                 )
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
+        self._validate_lipschitz()
+
+    def _validate_lipschitz(self) -> None:
+        """``lipschitz``: None, or a finite ``L > 0`` with an MLP whose hidden widths are even (GroupSort pairs)."""
+        if self.lipschitz is None:
+            return
+        value = self.lipschitz
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"lipschitz must be None or a finite number > 0, got {value!r}")
+        self.lipschitz = float(value)
+        if self.architecture != "mlp":
+            raise ValueError("lipschitz requires architecture='mlp' (no Lipschitz-constrained convolutions yet)")
+        if any(h % 2 for h in self.hidden):
+            raise ValueError(f"lipschitz: hidden widths must be even (GroupSort pairs), got {self.hidden}")
 
     def resolved_conv_channels(self) -> tuple[int, ...]:
         """The channels of the conv stack.

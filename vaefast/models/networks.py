@@ -14,15 +14,28 @@ import torch
 from torch import nn
 
 from vaefast.models.config import VAEConfig
+from vaefast.models.lipschitz import GroupSort, Scale, orthonormal_linear
 from vaefast.reference import activation_module
 
 
 def _dense_stack(sizes: list[int], config: VAEConfig) -> list[nn.Module]:
-    """``[Linear(s0, s1), act, Linear(s1, s2), act, ...]`` (an activation after every layer)."""
+    """``[Linear(s0, s1), act, Linear(s1, s2), act, ...]`` (an activation after every layer); with
+    ``config.lipschitz`` orthonormal layers and GroupSort (each pair 1-Lipschitz)."""
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), activation_module(config.activation, config.activation_param)]
+        if config.lipschitz is not None:
+            layers += [orthonormal_linear(a, b), GroupSort(2)]
+        else:
+            layers += [nn.Linear(a, b), activation_module(config.activation, config.activation_param)]
     return layers
+
+
+def _head(fan_in: int, fan_out: int, config: VAEConfig) -> nn.Module:
+    """The last linear layer of a network: ``Linear`` or, with ``config.lipschitz = L``, ``Scale(L) o W`` with
+    ``W`` orthonormal (the whole network is then L-Lipschitz)."""
+    if config.lipschitz is None:
+        return nn.Linear(fan_in, fan_out)
+    return nn.Sequential(orthonormal_linear(fan_in, fan_out), Scale(config.lipschitz))
 
 
 class _GaussianEncoder(nn.Module):
@@ -64,8 +77,8 @@ class MLPEncoder(_GaussianEncoder):
         super().__init__()
         sizes = [config.input_size, *config.hidden]
         self.trunk = nn.Sequential(nn.Flatten(), *_dense_stack(sizes, config))
-        self.mu = nn.Linear(sizes[-1], config.latent_dim)
-        self.logvar = nn.Linear(sizes[-1], config.latent_dim)
+        self.mu = _head(sizes[-1], config.latent_dim, config)
+        self.logvar = _head(sizes[-1], config.latent_dim, config)
 
 
 class MLPDecoder(nn.Module):
@@ -78,7 +91,7 @@ class MLPDecoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         sizes = [config.latent_dim, *reversed(config.hidden)]
-        self.net = nn.Sequential(*_dense_stack(sizes, config), nn.Linear(sizes[-1], config.input_size))
+        self.net = nn.Sequential(*_dense_stack(sizes, config), _head(sizes[-1], config.input_size, config))
         self.output_shape = tuple(config.input_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

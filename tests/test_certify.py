@@ -1,0 +1,153 @@
+"""Sound certificates: closed forms of the linear-Gaussian VAE, falsification by attacks and random perturbations on
+trained models (ordinary and Lipschitz-constrained), the Lipschitz layers' constants, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from vaefast.attacks import MaxDamageAttack
+from vaefast.certify import certify, encoder_networks, lipschitz_upper_bound
+from vaefast.data import load
+from vaefast.margin import numerical_margin
+from vaefast.models import VAE, VAEConfig, as_vae
+from vaefast.robustness import estimate_r_robustness
+from vaefast.training import train
+
+torch.set_num_threads(1)
+
+
+def test_linear_gaussian_closed_form_and_local_equals_global(linear_vae):
+    """sigma constant (no scale term) and mu linear: R_cert = sigma Phi^-1(p_low) / ||A||_2 for both methods, below
+    the true margin."""
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = 1.0
+    est = estimate_r_robustness(linear_vae, x, [r], num_samples=4000, seed=1)
+    glob = certify(linear_vae, x, r, estimate=est)
+    loc = certify(linear_vae, x, r, method="local", estimate=est)
+    top = float(linear_vae.singular_values()[0])
+    expected = torch.tensor([linear_vae.sigma * stats.norm.ppf(float(p)) / top for p in est.ci_low[:, 0]])
+    torch.testing.assert_close(glob.radius, expected.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loc.radius, glob.radius, rtol=1e-9, atol=0)
+    assert bool((glob.radius < linear_vae.true_margin(r)).all())
+    assert bool((glob.lipschitz_log_sigma == 0).all())
+
+
+@pytest.fixture(scope="module", params=[None, 1.0], ids=["ordinary", "lipschitz1"])
+def trained(request):
+    cfg = VAEConfig(hidden=(64,), latent_dim=4, likelihood="gaussian", gaussian_std=0.2, lipschitz=request.param)
+    model = VAE(cfg, seed=0)
+    train(model, load("digits").x, epochs=8, batch_size=64, lr=3e-3, seed=0, progress=False)
+    x = load("digits", "test").x[:12]
+    r = 1.3 * float(estimate_r_robustness(model, x, [1.0], num_samples=400).r_star.median())
+    return model.eval(), x, r
+
+
+def test_certificates_are_never_broken(trained):
+    """Falsification: the max-damage attack (sphere at R_cert) and random directions at R_cert never give a fresh
+    estimate whose whole interval lies at or below 1/2; local certifies at least as far as global; R_cert stays
+    below the numerical margin."""
+    model, x, r = trained
+    est = estimate_r_robustness(model, x, [r], num_samples=2000, seed=3)
+    glob = certify(model, x, r, estimate=est)
+    loc = certify(model, x, r, method="local", estimate=est)
+    assert bool((loc.radius >= glob.radius * (1 - 1e-9)).all())
+    ok = loc.radius > 0
+    assert int(ok.sum()) >= 3
+    xs, radius = x[ok], loc.radius[ok]
+    attack = MaxDamageAttack(model, 1.0, constraint="sphere", steps=40, restarts=2, seed=5)
+    deltas = [attack.attack(xs, eps=radius).delta]
+    g = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        d = torch.randn(xs.shape, generator=g)
+        d = d * (radius / d.flatten(1).norm(dim=1)).view(-1, 1, 1, 1).float()
+        deltas.append(torch.clamp(xs + d, 0, 1) - xs)  # inside the box: norm <= R_cert
+    for delta in deltas:
+        fresh = estimate_r_robustness(model, xs, [r], num_samples=2000, delta=delta, seed=11)
+        assert not bool((fresh.ci_high[:, 0] <= 0.5).any()), fresh.p_hat[:, 0]
+    nm = numerical_margin(model, xs, r, num_samples=500, steps=30, progress=False, seed=3)
+    assert bool((radius <= nm.margin + 1e-9).all())
+
+
+def test_lipschitz_model_round_trip_and_cli(tmp_path, capsys):
+    from vaefast.cli import main
+    from vaefast.models import load as load_model
+    from vaefast.models import save
+
+    model = VAE(VAEConfig(hidden=(16,), latent_dim=2, likelihood="gaussian", gaussian_std=0.2, lipschitz=3.0), seed=1)
+    save(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    x = load_digits_test()[:3]
+    torch.testing.assert_close(again.encode(x)[0], model.encode(x)[0])
+    assert again.config.lipschitz == 3.0
+    argv = ["train", "--data", "digits", "--hidden", "16", "--latent", "2", "--likelihood", "gaussian",
+            "--epochs", "1", "--lipschitz", "1.5", "--iw-samples", "2", "--no-progress", "--out",
+            str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 0
+    assert load_model(tmp_path / "run").config.lipschitz == 1.5
+    assert main([*argv[:-1], str(tmp_path / "run2"), "--arch", "conv"]) == 2
+    assert "lipschitz requires architecture='mlp'" in capsys.readouterr().err
+
+
+def load_digits_test() -> torch.Tensor:
+    return load("digits", "test").x
+
+
+def test_lipschitz_layers_keep_the_constant_asked():
+    cfg = VAEConfig(hidden=(32, 32), latent_dim=4, likelihood="gaussian", gaussian_std=0.2, lipschitz=2.0)
+    model = VAE(cfg, seed=0)
+    train(model, load("digits").x[:512], epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False)
+    nets = encoder_networks(model)
+    for net in (nets.mean, nets.log_sigma, model.decoder.net):
+        assert float(lipschitz_upper_bound(net)) <= 2.0 * (1 + 1e-5)
+    for lin in [m for m in model.modules() if isinstance(m, nn.Linear)]:  # orthonormal after training
+        assert float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2)) == pytest.approx(1.0, abs=1e-5)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(64, 1, 8, 8, generator=g), torch.rand(64, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        ratio = (nets.mean(a) - nets.mean(b)).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+    assert float(ratio.max()) <= 2.0 * (1 + 1e-5)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, extra: nn.Module | None = None) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), extra or nn.Tanh())
+        self.mu = nn.Linear(16, 3)
+        self.logvar = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.mu(h), self.logvar(h)
+
+
+def _adapter(extra=None):
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Linear(3, 64), nn.Unflatten(1, (1, 8, 8)))
+    return as_vae(_Encoder(extra), dec, likelihood="gaussian", decoder_output="mean")
+
+
+def test_as_vae_models_and_bad_inputs():
+    x = load("digits", "test").x[:4]
+    model = _adapter()
+    for method in ("global", "local"):
+        cert = certify(model, x, 2.0, method=method, num_samples=200)
+        assert cert.radius.shape == (4,) and bool((cert.radius >= 0).all()) and len(cert.to_rows()) == 4
+    with pytest.raises(TypeError, match="unsupported layer BatchNorm1d"):
+        certify(_adapter(nn.BatchNorm1d(16)), x, 2.0, num_samples=50)
+    with pytest.raises(ValueError, match="method"):
+        certify(model, x, 2.0, method="exact", num_samples=50)
+    conv = VAE(VAEConfig(input_shape=(1, 8, 8), architecture="conv", hidden=(16,), latent_dim=2), seed=0)
+    assert math.isfinite(float(certify(conv, x, 2.0, num_samples=50).radius.max()))
+    with pytest.raises(TypeError, match="MLP encoders"):
+        certify(conv, x, 2.0, method="local", num_samples=50)
+    with pytest.raises(ValueError, match="lipschitz requires architecture='mlp'"):
+        VAEConfig(input_shape=(1, 8, 8), architecture="conv", lipschitz=1.0)
+    with pytest.raises(ValueError, match="even"):
+        VAEConfig(hidden=(15,), lipschitz=1.0)
+    with pytest.raises(ValueError, match="lipschitz must be"):
+        VAEConfig(lipschitz=0.0)
