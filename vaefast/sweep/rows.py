@@ -65,12 +65,19 @@ def _clean_columns(out: UnitOutcome, b: int) -> Row:
         **{name: _f(getattr(mb, name), b) for name in _BOUNDS},
         "jac_frobenius": _f(mb.jac_frobenius, b),
         "jac_spectral": _f(mb.jac_spectral, b),
+        "cert_global": _radius(out.certificates.global_, b),
+        "cert_local": _radius(out.certificates.local, b),
         "max_radius": None if ev.max_radius is None else float(ev.max_radius[b]),
         "margin": _f(nm.margin, b),
         "margin_lower": _f(nm.lower, b),
         "bracketed": int(bool(nm.bracketed[b])),
         "margin_evals": len(nm.evaluations[b]),
     }
+
+
+def _radius(cert: Any, b: int) -> float | None:
+    """Point ``b``'s certified radius, or None where the certificate's method was unsupported."""
+    return None if cert is None else _f(cert.radius, b)
 
 
 def _evidence_columns(out: UnitOutcome, ev: Evidence, b: int, j: int) -> Row:

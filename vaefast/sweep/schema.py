@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = "3"  # 3: recon_clean / recon_adv dropped (recomputed from the models by the report)
+SCHEMA_VERSION = "4"  # 3: recon_clean / recon_adv dropped (recomputed by the report); 4: cert_global, cert_local
 
 TEXT, INTEGER, REAL, BLOB = "TEXT", "INTEGER", "REAL", "BLOB"
 
@@ -173,7 +173,10 @@ UNITS = Table(
         ("n_points", INTEGER, "points in the block"),
         ("rank", INTEGER, "the process that computed it"),
         ("world_size", INTEGER, "the number of processes of that run"),
-        *((f"seconds_{s}", REAL, _SECONDS.format(s)) for s in ("estimate", "bound", "margin", "evidence", "curve")),
+        *(
+            (f"seconds_{s}", REAL, _SECONDS.format(s))
+            for s in ("estimate", "bound", "margin", "evidence", "certify", "curve")
+        ),
         ("seconds_total", REAL, "wall-clock seconds of the whole unit"),
         ("finished_at", TEXT, "UTC time of the commit"),
     ),
@@ -211,6 +214,12 @@ RESULTS = Table(
         ("jac_frobenius", REAL, "‖J_μ(x)‖_F"),
         ("jac_spectral", REAL, "‖J_μ(x)‖₂"),
         ("certified", INTEGER, "p̂ > 1/2: the one clean-point decision of the bound and the margin search"),
+        (
+            "cert_global",
+            REAL,
+            "sound certified radius from global Lipschitz constants (vaefast.certify; NULL: unsupported)",
+        ),
+        ("cert_local", REAL, "sound certified radius from Lipschitz constants over the ball (NULL: unsupported)"),
         ("max_radius", REAL, "the largest ‖δ‖₂ the data box allows at the point (NULL without a box)"),
         ("margin", REAL, "the numerical margin: upper end of the bisection bracket, where r-robustness broke"),
         ("margin_lower", REAL, "the largest radius where it did not break"),

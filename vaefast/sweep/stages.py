@@ -7,6 +7,8 @@ estimate → bound → margin → evidence → curves, all on one block of point
 - **margin**: the numerical margin by batched bisection from that same clean-point decision, with its evidence —
   the δ that broke r-robustness at the margin and the p̂ the search saw there (:class:`NumericalMargin`);
 - **evidence**: what that δ does to the model's likelihood (:class:`Evidence`);
+- **certify**: sound certified radii from that same estimate, with global and (MLP encoders) local Lipschitz
+  constants (:class:`~vaefast.certify.Certificate`; None where the encoder cannot be read as supported layers);
 - **curves**: p̂_r and the likelihood degradation under the max-damage attack with ‖δ‖ ≤ eps, every budget
   (:class:`CurvePoint`), at the spec's curve radii.
 
@@ -26,6 +28,7 @@ from vaefast._checks import analysis
 from vaefast.attacks.base import max_perturbation
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
+from vaefast.certify import Certificate, certify
 from vaefast.margin import NumericalMargin, numerical_margin
 from vaefast.rng import derive_seed
 from vaefast.robustness import MarginBound, RRobustnessResult, estimate_r_robustness, margin_bound
@@ -155,6 +158,39 @@ def evidence(model: nn.Module, x: torch.Tensor, nm: NumericalMargin, spec: Sweep
 
 
 @dataclass
+class Certificates:
+    """The sound certificates of a unit's points: ``global_`` and ``local`` (each None where unsupported)."""
+
+    global_: Certificate | None
+    local: Certificate | None
+
+
+CERTIFY_ITERATIONS = 25  # bisection halvings of the certified radius (relative precision ~3e-8 of the bracket)
+
+
+def certificates(model: nn.Module, x: torch.Tensor, unit: WorkUnit, est: RRobustnessResult) -> Certificates:
+    """The certify stage: :func:`vaefast.certify.certify` from the estimate ``est`` (its Clopper–Pearson lower limit),
+    globally and locally; a method the encoder does not support gives None.
+
+    Args:
+        model: a protocol model.
+        x: the unit's points.
+        unit: the work unit.
+        est: the estimate stage's result.
+
+    Returns:
+        The certificates.
+    """
+    found = []
+    for method in ("global", "local"):
+        try:
+            found.append(certify(model, x, unit.r, method=method, estimate=est, iterations=CERTIFY_ITERATIONS))
+        except TypeError:  # the encoder is not made of supported layers (or not an MLP, for "local")
+            found.append(None)
+    return Certificates(*found)
+
+
+@dataclass
 class CurvePoint:
     """One attack budget of a unit's p̂-vs-attack-norm curve.
 
@@ -205,7 +241,7 @@ class UnitOutcome:
     Attributes:
         unit: the work unit.
         seed: its Monte-Carlo stream (:func:`mc_seed`).
-        estimate, bound, margin, evidence, curves: the stages' results.
+        estimate, bound, margin, evidence, certificates, curves: the stages' results.
         seconds: wall-clock seconds per stage, ``{"seconds_<stage>": s}`` including ``seconds_total``.
     """
 
@@ -215,6 +251,7 @@ class UnitOutcome:
     bound: MarginBound
     margin: NumericalMargin
     evidence: Evidence
+    certificates: Certificates
     curves: list[CurvePoint] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -245,6 +282,8 @@ def run_stages(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpe
             nm = margin(model, x, unit, spec, est)
         with timer("evidence"):
             ev = evidence(model, x, nm, spec)
+        with timer("certify"):
+            cert = certificates(model, x, unit, est)
         with timer("curve"):
             cps = curves(model, x, unit, spec)
-    return UnitOutcome(unit, mc_seed(spec, unit), est, mb, nm, ev, cps, timer.seconds)
+    return UnitOutcome(unit, mc_seed(spec, unit), est, mb, nm, ev, cert, cps, timer.seconds)
