@@ -151,3 +151,23 @@ def test_as_vae_models_and_bad_inputs():
         VAEConfig(hidden=(15,), lipschitz=1.0)
     with pytest.raises(ValueError, match="lipschitz must be"):
         VAEConfig(lipschitz=0.0)
+
+
+def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_path):
+    from vaefast import analysis, plots, store
+    from vaefast.sweep import run_sweep
+
+    x = torch.rand(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
+    db = tmp_path / "r.db"
+    run_sweep({"lg": linear_vae}, x, [1.2], db, num_samples=512, batch_size=4, progress=False,
+              attack_kwargs={"steps": 25, "mode": "mean", "box": None})  # fmt: skip
+    conn = store.connect(db, create=False)
+    rows = store.read_table(conn, "results")
+    conn.close()
+    for row in rows:
+        if row["certified"]:
+            assert row["cert_global"] == pytest.approx(row["cert_local"], rel=1e-6)
+            assert 0 < row["cert_global"] <= row["margin"] and row["cert_global"] < linear_vae.true_margin(1.2)
+    items = plots.tightness_items(analysis.load(db))
+    assert len(items) == sum(r["certified"] for r in rows) > 0
+    assert plots.plot_tightness(analysis.load(db), tmp_path / "t.png").exists()

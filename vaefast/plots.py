@@ -748,6 +748,67 @@ def plot_margin_vs_r(data: SweepData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def tightness_items(data: SweepData) -> list[dict[str, Any]]:
+    """Comparable items (certified, bracketed) with a sound certificate: per item the certified radius (the local
+    one where it exists, else the global one), the first-order bound and the numerical margin.
+
+    Args:
+        data: the sweep.
+
+    Returns:
+        Dicts with ``model``, ``cert``, ``bound``, ``margin`` (numbers) for every such item.
+    """
+    out = []
+    for row in data.results:
+        cert = row.get("cert_local") if row.get("cert_local") is not None else row.get("cert_global")
+        if cert is None or not row["certified"] or not row["bracketed"] or not row["margin"]:
+            continue
+        out.append({"model": row["model"], "cert": float(cert), "bound": float(row["bound"]), "margin": row["margin"]})
+    return out
+
+
+def _tightness_panel(ax, items, colors, key: str, other: str) -> None:
+    """Scatter ``key`` against ``other`` per model on log axes, with y = x."""
+    values = np.array([[i[other], i[key]] for i in items], float)
+    positive = values[(values > 0).all(1)]
+    for name in dict.fromkeys(i["model"] for i in items):
+        sub = np.array([[i[other], i[key]] for i in items if i["model"] == name and i[other] > 0 and i[key] > 0])
+        if sub.size:
+            ax.scatter(sub[:, 0], sub[:, 1], s=12, alpha=0.7, color=colors[name], edgecolors="none", label=name)
+    if positive.size:
+        lo, hi = positive.min() * 0.8, positive.max() * 1.25
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    below = int(sum(i[key] <= i[other] * (1 + 1e-9) for i in items))
+    ratio = np.median([i[key] / i[other] for i in items if i[other] > 0]) if items else math.nan
+    ax.set_title(f"{key} ≤ {other} on {below} of {len(items)}; median {key}/{other} = {ratio:.3g}", fontsize=9)
+    ax.set_xlabel(other)
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+
+
+@figure(
+    "tightness.png",
+    "Tightness: sound certificate ≤ first-order bound ≤ numerical margin",
+    "Per comparable item with a certificate: the sound certified radius (vaefast.certify, local Lipschitz constants "
+    "where the encoder is an MLP, else global), the first-order bound and the numerical margin, against each "
+    "other; the certificate holds for every δ in the ball with the sweep's confidence, the bound only to first order.",
+)
+def plot_tightness(data: SweepData, path: Path) -> Path | None:
+    """Certified radius vs bound and vs margin, and bound vs margin, per model (log axes)."""
+    items = tightness_items(data)
+    if not items:
+        return None
+    colors = _colors(data.model_names)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (key, other) in zip(axes, (("cert", "bound"), ("cert", "margin"), ("bound", "margin")), strict=True):
+        _tightness_panel(ax, items, colors, key, other)
+    fig.suptitle("Sound certificate ≤ first-order bound ≤ numerical margin?", fontsize=11)
+    return _save(fig, path)
+
+
 def make_all(data: SweepData, out: str | Path, models: ModelsArg | None = None) -> list[tuple[Figure, Path | None]]:
     """Draw every figure of :data:`FIGURES` the data supports.
 
