@@ -2,7 +2,8 @@
 
 The synthetic sweep has 4 models (three Bernoulli β-VAEs and a Gaussian β-TCVAE) × 6 points × 2 radii; at every
 (model, r) point 0 is uncertified, point 1 unbracketed, point 2 has a bound larger than the box, points 2-5 are
-comparable and carry evidence (the δ that broke r-robustness, p̂ ≤ 1/2 there).
+comparable and carry evidence (the δ that broke r-robustness, p̂ ≤ 1/2 there); certified items carry a global sound
+certificate (and a local one for every other model).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _result(name: str, mi: int, r: float, point: dict, rng) -> dict:
         "spectral_bound": 1.1 * bound, "whitened_bound": 1.5 * bound, "latent_margin": 0.3,
         "sigma_min": 0.1 * (mi + 1), "jac_frobenius": 3.0 / (mi + 1), "jac_spectral": 1.0, "certified": int(certified),
         "max_radius": box, "margin": margin, "margin_lower": max(margin - 0.01, 0.0), "bracketed": int(pos != 1),
-        "margin_evals": 12,
+        "margin_evals": 12, "cert_global": 0.3 * bound if certified else None,
+        "cert_local": 0.6 * bound if certified and mi % 2 == 0 else None,
     }  # fmt: skip
     evidence = _evidence(rng, x, margin, MODELS[name][2] == "gaussian", pos)
     # like the store: the evidence columns are NULL unless margin > 0 and bracketed
@@ -361,3 +363,50 @@ def test_cli_report(db, tmp_path, capsys):
     assert main(["report", str(db), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "bound validity" in out and "bound exceeds box" in out and str(tmp_path / "rep" / "index.html") in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the published correlations beside the measured one
+
+
+@pytest.mark.parametrize(("dataset", "published"), [("mnist", 0.840), ("fashion-mnist", 0.831), ("cifar10", 0.879)])
+def test_published_correlation_beside_the_measured(dataset, published, db, tmp_path):
+    data = sweep_data()
+    for p in data.points:
+        p["dataset"] = dataset
+    h = analysis.headline(data)
+    assert h["dataset"] == dataset and h["published_pearson"] == published
+    line = report.format_published(h)
+    assert line == (
+        f"bound vs numerical margin on {dataset}: measured Pearson r = {h['pearson']:.3f} (pooled over "
+        f"{4 * N_GROUPS} comparable items); published Pearson r = {published:.3f} (Camuto et al., AISTATS 2021)"
+    )
+    assert line in report.format_headline(h).splitlines()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE points SET dataset = ?", (dataset,))
+    conn.commit()
+    conn.close()
+    htm = report.write_report(db, tmp_path / "rep").read_text()
+    assert "Against the paper" in htm and f"published Pearson r = {published:.3f}" in htm
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["headline"]["published_pearson"] == published
+
+
+def test_no_published_correlation_for_other_datasets(db, tmp_path):
+    h = analysis.headline(sweep_data())
+    assert h["dataset"] == "synthetic" and h["published_pearson"] is None
+    assert report.format_published(h) == "" and "published" not in report.format_headline(h)
+    assert "Against the paper" not in report.write_report(db, tmp_path / "rep").read_text()
+    data = sweep_data()
+    data.points[0]["dataset"] = "mnist"  # a mix of datasets has no single published value
+    assert analysis.headline(data)["dataset"] is None and analysis.headline(data)["published_pearson"] is None
+    assert "measured Pearson r = n/a (fewer than 3 comparable items, or constant)" in report.format_published(
+        {**h, "dataset": "mnist", "published_pearson": 0.84, "pearson": float("nan")}
+    )
+
+
+def test_published_pearson_names():
+    assert analysis.published_pearson("MNIST") == 0.840
+    assert analysis.published_pearson("fashion_mnist") == analysis.published_pearson("FashionMNIST") == 0.831
+    assert analysis.published_pearson("CIFAR-10") == 0.879
+    assert analysis.published_pearson("digits") is None and analysis.published_pearson(None) is None

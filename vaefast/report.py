@@ -1,6 +1,8 @@
 """The text and HTML faces of a sweep: tables, the headline, and the report page (figures from :mod:`vaefast.plots`).
 
-The numbers come from :mod:`vaefast.analysis`; :func:`load`, :func:`headline`, :func:`summary_rows` and
+On MNIST, Fashion-MNIST and CIFAR-10 the headline text, the page and ``vaefast demo`` set the measured pooled
+bound-vs-margin Pearson r beside the published one (:func:`format_published`). The numbers come from
+:mod:`vaefast.analysis`; :func:`load`, :func:`headline`, :func:`summary_rows` and
 :data:`SUMMARY_COLUMNS` are re-exported here, the names the report is read through.
 """
 
@@ -27,6 +29,7 @@ from vaefast.analysis import (
 __all__ = [
     "SUMMARY_COLUMNS",
     "format_headline",
+    "format_published",
     "format_table",
     "format_verification",
     "headline",
@@ -89,6 +92,32 @@ def format_verification(v: Mapping[str, Any]) -> str:
     return f"evidence re-verified: {v['confirmed']} of {v['checked']} confirmed ({'; '.join(parts)}){failed}"
 
 
+def format_published(h: Mapping[str, Any]) -> str:
+    """The measured pooled bound-vs-margin Pearson r beside the published one, for a dataset that has one.
+
+    Args:
+        h: :func:`vaefast.analysis.headline`'s dict (``dataset``, ``published_pearson``, ``published_source``,
+            ``pearson``, ``n_comparable``).
+
+    Returns:
+        One line, or ``""`` when the swept dataset has no published value.
+    """
+    published = h.get("published_pearson")
+    if published is None:
+        return ""
+    measured = h.get("pearson")
+    shown = (
+        "n/a (fewer than 3 comparable items, or constant)"
+        if measured is None or math.isnan(measured)
+        else f"{measured:.3f}"
+    )
+    return (
+        f"bound vs numerical margin on {h['dataset']}: measured Pearson r = {shown} (pooled over "
+        f"{h['n_comparable']} comparable items); published Pearson r = {published:.3f} "
+        f"({h.get('published_source') or 'published'})"
+    )
+
+
 def format_headline(h: Mapping[str, Any]) -> str:
     """The headline as a few lines of text (counts in words, validity over comparable items only).
 
@@ -112,6 +141,7 @@ def format_headline(h: Mapping[str, Any]) -> str:
         f"{box['whitened_bound']})",
         f"bound vs numerical margin: Pearson r = {h['pearson']:.3f}, Spearman rho = {h['spearman']:.3f}, "
         f"median bound/margin = {h['median_bound_over_margin']:.3f}",
+        *([format_published(h)] if format_published(h) else []),
         f"evidence (the delta that broke r-robustness at the margin): {h['n_evidence']} items; with p_hat at "
         f"x + delta above 1/2: {h['n_evidence_not_breaking']}",
         format_verification(h["verification"]),
@@ -151,6 +181,12 @@ def _verification_html(v: Mapping[str, Any]) -> list[str]:
         parts.append(f"<p class='fail'>{len(v['failed'])} stored claims were NOT confirmed on replay:</p>")
         parts.append(_html_table(v["failed"], VERIFY_FAILED_COLUMNS))
     return parts
+
+
+def _published_html(h: Mapping[str, Any]) -> list[str]:
+    """A paragraph setting the measured correlation beside the published one (nothing without a published value)."""
+    line = format_published(h)
+    return [f"<p class='published'><strong>Against the paper:</strong> {html.escape(line)}.</p>"] if line else []
 
 
 def _bound_tables_html(data: SweepData, summary: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -199,6 +235,7 @@ def _page(db: str | os.PathLike, data: SweepData, summary: Sequence[Mapping[str,
         f"{len(h['radii'])} radii; {spec.get('num_samples', '?')} Monte-Carlo samples per estimate, confidence "
         f"{spec.get('confidence', '?')}, seed {spec.get('seed', '?')}.</p>",
         "<h2>Headline</h2>",
+        *_published_html(h),
         f"<pre>{html.escape(format_headline(h))}</pre>",
         *_verification_html(h["verification"]),
         "<h2>Models</h2>",
