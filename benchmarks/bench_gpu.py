@@ -8,7 +8,8 @@
   products, the dense first-layer Gram product); target: within 1.3x.
 - ``estimator``: the share of ``estimate_r_robustness``'s time spent in the decoder forward on the same latents;
   target >= 85%. With ``autocast`` (bf16 / TF32 decoder, distances in float32): speed and the fraction of
-  (point, radius) hit counts equal to float32's and the largest p_hat difference.
+  (point, radius) hit counts equal to float32's, within 1% of the samples of them, the fraction of equal robustness
+  decisions and the largest p_hat difference.
 - ``margin``: ``numerical_margin`` seconds per point on ``--margin-points`` MNIST-sized points (784-512-512-10 MLP
   VAE and its mirror, quickly trained on digits upsampled to 28x28 and tiled with small shifts).
 
@@ -184,6 +185,8 @@ def bench_estimator(device: torch.device, n: Sizes, model, x: torch.Tensor) -> d
         out[f"{mode}_s"] = t
         out[f"{mode}_speedup"] = t_est / t
         out[f"{mode}_hits_equal"] = float((low.hits == exact.hits).double().mean())
+        out[f"{mode}_hits_within_1pct"] = float(((low.hits - exact.hits).abs() <= 0.01 * n.samples).double().mean())
+        out[f"{mode}_robust_agree"] = float((low.robust == exact.robust).double().mean())
         out[f"{mode}_max_p_hat_diff"] = float((low.p_hat - exact.p_hat).abs().max())
     return out
 

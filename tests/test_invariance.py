@@ -159,3 +159,27 @@ def test_hutchinson_jacobian(model: VAE, x: torch.Tensor, probe: str) -> None:
     chunked = jacobian_frobenius(enc, x, method="hutchinson", num_probes=16, seed=1, probe=probe, chunk_size=4,
                                  point_offset=int(IDS[0]))  # fmt: skip
     torch.testing.assert_close(chunked, whole[:, 0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["secant", "halving"])
+def test_numerical_margin(model: VAE, x: torch.Tensor, strategy: str) -> None:
+    """The margin search is per point (its radii, attacks and decisions keyed by the global point id): a batch and its
+    halves give every point the same margin, bracket, evidence counts and evaluations (a fixed ``max_radius``, so
+    that every split has the same search limits and hence the same Bonferroni divisor)."""
+    from vaefast.margin import numerical_margin
+    from vaefast.robustness import estimate_r_robustness
+
+    r = float(estimate_r_robustness(model, x, 1.0, num_samples=200).r_star.median())
+
+    def search(sl: slice):
+        return numerical_margin(model, x[sl], r, strategy=strategy, max_radius=1.0, num_samples=400, steps=10,
+                                tol=0.02, seed=4, point_offset=int(IDS[sl][0]), progress=False)  # fmt: skip
+
+    whole, first, second = search(slice(0, B)), search(slice(0, HALF)), search(slice(HALF, B))
+    for name in ("margin", "lower", "upper", "p_hat_delta", "delta"):
+        joined = torch.cat([getattr(first, name), getattr(second, name)])
+        torch.testing.assert_close(joined, getattr(whole, name), **TOL, equal_nan=True, msg=name)
+    assert torch.equal(torch.cat([first.hits_delta, second.hits_delta]), whole.hits_delta)
+    flat = [v for ev in whole.evaluations for pair in ev for v in pair]
+    assert [v for ev in first.evaluations + second.evaluations for pair in ev for v in pair] == pytest.approx(flat)
+    assert bool((whole.margin > 0).any())

@@ -65,6 +65,66 @@ def test_bisection_matches_true_margin(linear_vae, lin_margins):
     assert all(len(e) >= 3 for e in bis.evaluations)
 
 
+def test_halving_strategy_matches_true_margin(linear_vae, lin_margins):
+    """The previous search (doubling, then halving: ``strategy="halving"``) is still there and still right; the
+    default secant search reaches the same band with fewer decisions per point."""
+    x, secant, _ = lin_margins
+    halving = numerical_margin(
+        linear_vae, x, R, strategy="halving", tol=0.005, box=None, num_samples=N, mode="mean", progress=False
+    )
+    lo, hi = _mc_band(linear_vae, R, N)
+    assert bool((halving.margin >= lo).all() and (halving.margin <= hi + 0.005).all()), (halving.margin, lo, hi)
+    assert bool(((halving.margin - halving.lower) <= 0.005 + 1e-12).all())
+    n_secant = sum(len(e) for e in secant.evaluations)
+    n_halving = sum(len(e) for e in halving.evaluations)
+    assert n_secant < n_halving, (n_secant, n_halving)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(tol=0.005),  # the default search
+        dict(tol=0.005, strategy="halving"),
+        dict(tol=0.05, max_radius=0.3, start_radius=0.001),  # tiny start: growth must speed up to meet its budget
+        dict(tol=1e-4, max_radius=0.24, start_radius=0.2),  # margin near the cap, narrow tolerance
+        dict(tol=0.02, decision="fixed", num_samples=2000),
+    ],
+)
+def test_every_search_stays_within_its_bonferroni_budget(linear_vae, kwargs):
+    """A point's search makes at most D = max_decisions(...) decisions (the clean point included), the divisor of
+    its per-decision level, whatever the radii it chooses; the brackets close at tol."""
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    kw = dict(box=None, num_samples=4000, mode="mean", steps=20, progress=False) | kwargs
+    res = numerical_margin(linear_vae, x, R, **kw)
+    start = kw.get("start_radius", max(2 * kw["tol"], 0.25))
+    budget = max_decisions("bisection", res.max_radius, start, kw["tol"], 0.01)
+    assert max(len(e) for e in res.evaluations) <= budget, (res.evaluations, budget)
+    ok = res.bracketed & (res.margin > 0)
+    assert bool(ok.any())
+    assert bool((res.margin[ok] - res.lower[ok] <= kw["tol"] + 1e-12).all())
+    assert bool((res.p_hat_delta[ok] <= 0.5).all())
+
+
+def test_secant_margin_of_a_point_is_the_same_alone_and_in_a_batch(linear_vae, digits_setup):
+    """The search is per point (radii, attacks and decisions keyed by the global point id), so a point gets the same
+    margin, evidence and evaluations alone (``point_offset`` = its id) as in a batch, given the same search limits."""
+    xl = torch.randn(5, 12, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    model, xd, _ = digits_setup
+    cases = [
+        (linear_vae, xl, R, dict(box=None, num_samples=2000, mode="mean", steps=15, tol=0.01)),
+        (model, xd[:6], 1.5, dict(max_radius=2.0, num_samples=500, steps=15, tol=0.02)),
+    ]
+    for m, x, r, kw in cases:
+        whole = numerical_margin(m, x, r, seed=3, point_offset=20, progress=False, **kw)
+        for i in range(x.shape[0]):
+            alone = numerical_margin(m, x[i : i + 1], r, seed=3, point_offset=20 + i, progress=False, **kw)
+            flat = [v for pair in whole.evaluations[i] for v in pair]
+            assert [v for pair in alone.evaluations[0] for v in pair] == pytest.approx(flat, rel=1e-9, abs=1e-12)
+            assert float(alone.margin[0]) == pytest.approx(float(whole.margin[i]), rel=1e-9, abs=1e-12)
+            assert int(alone.hits_delta[0]) == int(whole.hits_delta[i])
+            torch.testing.assert_close(alone.delta[0], whole.delta[i], rtol=1e-5, atol=1e-6)
+
+
 def test_grid_agrees_with_bisection_and_truth(linear_vae, lin_margins):
     _, bis, grid = lin_margins
     lo, hi = _mc_band(linear_vae, R, N)
@@ -280,5 +340,7 @@ def test_bad_inputs(linear_vae, digits_setup):
         numerical_margin(model, x[:2], 1.5, max_radius=100.0)
     with pytest.raises(ValueError, match="decision"):
         numerical_margin(linear_vae, xl, R, box=None, decision="bayes")
+    with pytest.raises(ValueError, match="strategy"):
+        numerical_margin(linear_vae, xl, R, box=None, strategy="newton")
     with pytest.raises(TypeError, match="num_samples"):
         numerical_margin(linear_vae, xl, R, box=None, num_samples=1.5)

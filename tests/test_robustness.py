@@ -12,7 +12,7 @@ from scipy import stats
 from torch import nn
 
 from vaefast.models import save as save_model
-from vaefast.robustness import estimate_r_robustness, margin_bound
+from vaefast.robustness import estimate_r_robustness, is_r_robust, margin_bound
 from vaefast.testing import LinearGaussianVAE
 
 D, d = 12, 3
@@ -406,3 +406,36 @@ def test_margin_bound_needs_a_mean_encoder(linear_vae: LinearGaussianVAE) -> Non
 
     with pytest.raises(TypeError, match=r"missing mean_encoder\(\)"):
         margin_bound(NoMeanEncoder(), _x(2), 1.0, num_samples=10)
+
+
+def test_bf16_autocast_agrees_with_float32_on_most_pairs(digits_vae: nn.Module, digits) -> None:
+    """The opt-in reduced-precision decoder (``autocast="bf16"``, here on the CPU): the same samples, decoded in
+    bfloat16, give the float32 hit counts on most (point, radius) pairs (a sample within rounding of a radius may
+    flip, so not all), nearly the same p_hat everywhere, and the same robustness decision on most pairs; the
+    distances stay float32."""
+    x = digits[1].x[:48]
+    radii = torch.quantile(estimate_r_robustness(digits_vae, x, 1.0, num_samples=200).r_star.double(), 0.5)
+    radii = [0.8 * float(radii), float(radii), 1.2 * float(radii)]
+    full = estimate_r_robustness(digits_vae, x, radii, num_samples=400, seed=2)
+    low = estimate_r_robustness(digits_vae, x, radii, num_samples=400, seed=2, autocast="bf16")
+    assert low.r_star.dtype == full.r_star.dtype
+    agree = (low.hits - full.hits).abs() <= 2  # within 2 of 400 samples
+    assert agree.double().mean().item() >= 0.9, (low.hits - full.hits).abs().max()
+    assert (low.p_hat - full.p_hat).abs().max().item() <= 0.05
+    assert (low.robust == full.robust).double().mean().item() >= 0.9
+    dec = is_r_robust(digits_vae, x[:8], radii[1], max_samples=256, autocast="bf16")
+    assert dec.samples_used.shape == (8,)
+    est = estimate_r_robustness(digits_vae, x[:8], radii[1], num_samples=100, seed=2, autocast="bf16")
+    mb = margin_bound(digits_vae, x[:8], radii[1], num_samples=100, seed=2, autocast="bf16")
+    assert torch.equal(mb.hits, est.hits[:, 0])
+
+
+def test_tf32_autocast_needs_cuda(linear_vae: LinearGaussianVAE) -> None:
+    with pytest.raises(ValueError, match="autocast='tf32' needs a CUDA device"):
+        estimate_r_robustness(linear_vae, _x(2), 1.0, num_samples=10, autocast="tf32")
+    with pytest.raises(ValueError, match="autocast must be None or one of"):
+        estimate_r_robustness(linear_vae, _x(2), 1.0, num_samples=10, autocast="half")
+    # float64 models are untouched by bf16 autocast (autocast casts float32 only)
+    a = estimate_r_robustness(linear_vae, _x(4), 1.0, num_samples=200, seed=1)
+    b = estimate_r_robustness(linear_vae, _x(4), 1.0, num_samples=200, seed=1, autocast="bf16")
+    assert torch.equal(a.hits, b.hits)

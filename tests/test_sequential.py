@@ -10,7 +10,14 @@ import torch
 from scipy import stats
 
 from vaefast.robustness import estimate_r_robustness, is_r_robust
-from vaefast.stats import clopper_pearson, clopper_pearson_one_sided, sequential_decision, sequential_schedule
+from vaefast.stats import (
+    clopper_pearson,
+    clopper_pearson_one_sided,
+    futile,
+    largest_decidable_not_robust,
+    sequential_decision,
+    sequential_schedule,
+)
 from vaefast.testing import LinearGaussianVAE
 
 D, d = 8, 2
@@ -69,6 +76,36 @@ def test_sequential_decision_rule() -> None:
     yes, no = sequential_decision(torch.tensor([32, 0, 16, 25]), 32, 0.005)
     assert yes.tolist() == [True, False, False, True]
     assert no.tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize(("n", "alpha"), [(32, 0.005), (100, 0.02), (1000, 0.05 / 22 / 6), (4096, 1e-4)])
+def test_cached_critical_counts_are_the_clopper_pearson_rule(n: int, alpha: float) -> None:
+    """The decisions come from two cached critical counts; for every count they equal the limits' comparison."""
+    k = torch.arange(n + 1)
+    low, high = clopper_pearson_one_sided(k, n, alpha)
+    yes, no = sequential_decision(k, n, alpha)
+    assert torch.equal(yes, low > 0.5) and torch.equal(no, high <= 0.5)
+    p_star = largest_decidable_not_robust(n, alpha)
+    assert p_star == (float(k[high <= 0.5].max()) / n if bool((high <= 0.5).any()) else -1.0)
+    stop = futile(k, n, 0.01, p_star)
+    assert torch.equal(stop, clopper_pearson_one_sided(k, n, 0.01)[0] > p_star)
+
+
+def test_futility_never_changes_a_not_robust_decision(lg: LinearGaussianVAE) -> None:
+    """With futility a point may stop early, undecided, but every point decided not robust is decided so without
+    futility too, after the same samples (so the margin search's evidence replays with the plain test)."""
+    x = _x(300)
+    for p in (0.42, 0.47, 0.52):
+        r = _radius_for(lg, p)
+        plain = is_r_robust(lg, x, r, max_samples=1000, seed=5, confidence=0.99)
+        fut = is_r_robust(lg, x, r, max_samples=1000, seed=5, confidence=0.99, futility=0.01)
+        broken = fut.decided & ~fut.robust
+        assert bool((plain.decided & ~plain.robust)[broken].all())
+        assert torch.equal(plain.samples_used[broken], fut.samples_used[broken])
+        assert torch.equal(plain.hits[broken], fut.hits[broken])
+        assert bool((fut.samples_used <= plain.samples_used).all())
+        if p == 0.52:  # above the boundary: futility stops most points before the last round
+            assert fut.samples_used.double().mean() < plain.samples_used.double().mean()
 
 
 # --- is_r_robust --------------------------------------------------------------------------------------------------
@@ -140,6 +177,8 @@ def test_is_r_robust_with_delta_and_chunking(lg: LinearGaussianVAE) -> None:
         ({"confidence": 1.0}, ValueError, "confidence"),
         ({"max_samples": 0}, ValueError, "max_samples"),
         ({"seed": 1.5}, TypeError, "seed"),
+        ({"futility": 0.0}, ValueError, "futility"),
+        ({"autocast": "fp8"}, ValueError, "autocast"),
         ({"x": torch.zeros(0, D, dtype=torch.float64)}, ValueError, "x"),
         ({"delta": torch.zeros(1, D + 1, dtype=torch.float64)}, ValueError, "delta"),
     ],

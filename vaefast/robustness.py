@@ -18,8 +18,10 @@ a model that does not know its input shape yet (an ``as_vae`` adapter built with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,7 +41,13 @@ from vaefast._checks import (
 from vaefast._chunks import chunk_sizes, spans
 from vaefast._results import ResultMixin
 from vaefast.rng import id_runs
-from vaefast.stats import clopper_pearson, sequential_decision, sequential_schedule
+from vaefast.stats import (
+    clopper_pearson,
+    futile,
+    largest_decidable_not_robust,
+    sequential_decision,
+    sequential_schedule,
+)
 
 __all__ = [
     "RRobustnessResult",
@@ -220,12 +228,49 @@ def _check_max_batch_elements(value: int | None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Draw:
-    """Samples ``start .. start + count - 1`` of every point on the stream ``seed``, ``chunk`` samples per decode."""
+    """Samples ``start .. start + count - 1`` of every point on the stream ``seed``, ``chunk`` samples per decode,
+    decoded at ``precision`` (None, "bf16" or "tf32": :func:`_decoder_precision`)."""
 
     seed: int
     start: int
     count: int
     chunk: int
+    precision: str | None = None
+
+
+AUTOCAST_MODES = ("bf16", "tf32")
+
+
+def _check_autocast(autocast: object, device: torch.device) -> str | None:
+    """``autocast`` checked: None, "bf16" (any device) or "tf32" (CUDA only)."""
+    if autocast is None:
+        return None
+    if autocast not in AUTOCAST_MODES:
+        raise ValueError(f"autocast must be None or one of {AUTOCAST_MODES}, got {autocast!r}")
+    if autocast == "tf32" and device.type != "cuda":
+        raise ValueError(
+            f"autocast='tf32' needs a CUDA device (TF32 is a tensor-core matmul mode), the model is on {device}; "
+            "use autocast='bf16' on the CPU"
+        )
+    return autocast
+
+
+@contextlib.contextmanager
+def _decoder_precision(precision: str | None, device: torch.device) -> Iterator[None]:
+    """The decoder's reduced precision: "bf16" runs it under ``torch.autocast(device, torch.bfloat16)``, "tf32"
+    lets float32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32`` and cuDNN's, restored afterwards)."""
+    if precision is None:
+        yield
+    elif precision == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _encode(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +325,9 @@ def _count_hits(
     dist = torch.empty(b, draw.count, dtype=dist_dtype, device=mu.device) if keep_distances else None
     for s0, s1 in spans(draw.count, draw.chunk):
         z = _sample(mu, logvar, ids, s1 - s0, draw.seed, draw.start + s0)
-        y = model.decode(z.reshape(b * (s1 - s0), d)).reshape(b, s1 - s0, -1)
+        with _decoder_precision(draw.precision, z.device):
+            y = model.decode(z.reshape(b * (s1 - s0), d)).reshape(b, s1 - s0, -1)
+        y = y.to(center.dtype)  # distances accumulate in the model's own precision (float32 under bf16 autocast)
         if keep_distances:
             h, dist[:, s0:s1] = ops.sphere_hits(y, center, radii, return_distances=True)  # type: ignore[index]
         else:
@@ -300,11 +347,12 @@ def _estimate(
     seed: int,
     max_elements: int,
     progress: bool,
+    precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hits ``[B, K]`` and ``r* [B]`` (CPU) of all points, point chunk by point chunk."""
     num_points = x.shape[0]
     point_chunk, sample_chunk = chunk_sizes(num_points, num_samples, x[0].numel(), max_elements)
-    draw = _Draw(seed, 0, num_samples, sample_chunk)
+    draw = _Draw(seed, 0, num_samples, sample_chunk, precision)
     radii_dev = radii.to(x.device)  # compared in float64 with the distances (float32 for float32 decoders)
     hits = torch.empty(num_points, radii.shape[0], dtype=torch.int64)
     r_star = torch.empty(num_points, dtype=torch.float64)
@@ -334,6 +382,7 @@ def estimate_r_robustness(
     max_batch_elements: int | None = None,
     point_offset: int = 0,
     progress: bool = False,
+    autocast: str | None = None,
 ) -> RRobustnessResult:
     """Monte-Carlo r-robustness of ``model`` at ``x`` (optionally perturbed by ``delta``) for every radius.
 
@@ -353,6 +402,12 @@ def estimate_r_robustness(
         point_offset: point ``b`` uses the RNG key ``point_offset + b`` (the global index when a data set is split
             across calls).
         progress: a tqdm bar over point chunks.
+        autocast: None (full precision), "bf16" (the decoder forward of the samples under
+            ``torch.autocast(..., torch.bfloat16)``, on the CPU or CUDA) or "tf32" (float32 matmuls of the decoder in
+            TF32; CUDA only, a ``ValueError`` elsewhere). The reference ``g(mu(x))`` stays in full precision and the
+            reconstructions are cast back to the model's dtype before the distances, which accumulate in float32
+            (float64 models are not affected by autocast). An opt-in speed trade: hits can differ from full
+            precision for samples within rounding of a radius.
 
     Returns:
         An :class:`RRobustnessResult`; distances are float32 (float64 for float64 models).
@@ -364,8 +419,9 @@ def estimate_r_robustness(
     point_offset = check_seed("point_offset", point_offset)
     max_elements = _check_max_batch_elements(max_batch_elements)
     x, delta, _ = check_analysis_inputs(model, x, delta)
+    precision = _check_autocast(autocast, x.device)
     ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
-    hits, r_star = _estimate(model, x, delta, radii_t, ids, num_samples, seed, max_elements, progress)
+    hits, r_star = _estimate(model, x, delta, radii_t, ids, num_samples, seed, max_elements, progress, precision)
     low, high = clopper_pearson(hits, num_samples, confidence)
     return RRobustnessResult(
         p_hat=hits.to(torch.float64) / num_samples,
@@ -410,24 +466,30 @@ def _round_hits(
 
 def _sequential(
     model: Any, x: torch.Tensor, delta: torch.Tensor | None, r: float, ids: torch.Tensor, schedule: list[int],
-    round_alpha: float, seed: int, max_elements: int,
+    round_alpha: float, seed: int, max_elements: int, futility: float | None = None, precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(hits, used, decided, robust)`` per point (CPU) after the rounds of ``schedule`` (cumulative sizes)."""
+    """``(hits, used, decided, robust)`` per point (CPU) after the rounds of ``schedule`` (cumulative sizes); with
+    ``futility`` a point also stops, undecided, once :func:`vaefast.stats.futile` says the last round could not
+    plausibly decide it not robust."""
     n = x.shape[0]
     hits, used = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
     decided, robust = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     active, done = torch.arange(n), 0
+    threshold = None if futility is None else largest_decidable_not_robust(schedule[-1], round_alpha)
     with torch.no_grad():
         mu, logvar, center = _posterior_and_center(model, x, delta)
         radius = torch.tensor([r], dtype=torch.float64, device=center.device)
         for total in schedule:
-            draw = _Draw(seed, start=done, count=total - done, chunk=total - done)
+            draw = _Draw(seed, start=done, count=total - done, chunk=total - done, precision=precision)
             hits[active] += _round_hits(model, (mu, logvar), center, radius, ids, active, draw, max_elements)
             used[active] = total
             yes, no = sequential_decision(hits[active], total, round_alpha)
             decided[active] = yes | no
             robust[active[yes]] = True
-            active, done = active[~(yes | no)], total
+            stop = yes | no
+            if threshold is not None:
+                stop = stop | futile(hits[active], total, futility, threshold)
+            active, done = active[~stop], total
             if active.numel() == 0:
                 break
     return hits, used, decided, robust
@@ -444,6 +506,8 @@ def is_r_robust(
     seed: int = 0,
     point_offset: int = 0,
     max_batch_elements: int | None = None,
+    futility: float | None = None,
+    autocast: str | None = None,
 ) -> RobustnessDecision:
     """Decide ``p_r(x, delta) > 1/2`` per point with a group-sequential Clopper–Pearson test (:mod:`vaefast.stats`).
 
@@ -462,10 +526,15 @@ def is_r_robust(
         seed, point_offset: sample s of point b is the same draw as in :func:`estimate_r_robustness` with the same
             seed and point_offset, so ``p_hat`` equals the fixed-S estimate with ``S = samples_used``.
         max_batch_elements: decoder outputs per decoder call (default 2**24).
+        futility: None, or a level ``beta`` in (0, 1): a point also stops, undecided, once its one-sided CP lower
+            limit at ``beta`` exceeds the largest ``p_hat`` the last round could decide not robust
+            (:func:`vaefast.stats.futile`). For callers that only need evidence of non-robustness (the margin
+            search): every not-robust decision is still one the test without futility makes, on the same samples.
+        autocast: None, "bf16" or "tf32": the samples' decoder precision (see :func:`estimate_r_robustness`).
 
     Returns:
-        A :class:`RobustnessDecision`; points still undecided at ``max_samples`` get ``decided = False`` and
-        ``robust = p_hat > 1/2``.
+        A :class:`RobustnessDecision`; points still undecided at ``max_samples`` (or stopped for futility) get
+        ``decided = False`` and ``robust = p_hat > 1/2``.
     """
     r = check_positive_float("r", r)
     confidence = check_probability("confidence", confidence)
@@ -477,7 +546,12 @@ def is_r_robust(
     schedule = sequential_schedule(max_samples)
     ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
     round_alpha = (1.0 - confidence) / len(schedule)
-    hits, used, decided, robust = _sequential(model, x, delta, r, ids, schedule, round_alpha, seed, max_elements)
+    if futility is not None:
+        futility = check_probability("futility", futility)
+    precision = _check_autocast(autocast, x.device)
+    hits, used, decided, robust = _sequential(
+        model, x, delta, r, ids, schedule, round_alpha, seed, max_elements, futility, precision
+    )
     undecided = ~decided
     robust[undecided] = 2 * hits[undecided] > used[undecided]
     return RobustnessDecision(
@@ -586,6 +660,7 @@ def margin_bound(
     point_offset: int = 0,
     max_batch_elements: int | None = None,
     estimate: RRobustnessResult | None = None,
+    autocast: str | None = None,
 ) -> MarginBound:
     """First-order lower bounds on the input-space margin ``R^r_X(x)`` from ``p_hat = p_hat_r(x, 0)``.
 
@@ -608,6 +683,8 @@ def margin_bound(
             (:func:`estimate_r_robustness`).
         estimate: an :class:`RRobustnessResult` already computed for these points at radius ``r`` (e.g. by a
             sweep), reused instead of sampling again; ``num_samples``, ``seed`` and ``confidence`` are then its own.
+        autocast: the decoder precision of the clean estimate when it is computed here (see
+            :func:`estimate_r_robustness`); the encoder geometry is always in full precision.
 
     Returns:
         A :class:`MarginBound`.
@@ -616,7 +693,7 @@ def margin_bound(
     if estimate is None:
         est = estimate_r_robustness(
             model, x, r, num_samples=num_samples, seed=seed, confidence=confidence,
-            max_batch_elements=max_batch_elements, point_offset=point_offset,
+            max_batch_elements=max_batch_elements, point_offset=point_offset, autocast=autocast,
         )  # fmt: skip
     else:
         est = _column_for(estimate, r, x)

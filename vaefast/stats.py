@@ -8,9 +8,16 @@
   at level ``alpha_j`` is ``<= 1/2``. With the Bonferroni split ``alpha_j = alpha / J`` over the ``J`` rounds of the
   schedule, the probability of ever deciding wrongly is ``<= alpha`` for every true p: for ``p > 1/2`` a wrong decision
   needs some upper limit below p (probability ``<= alpha_j`` in round ``j``), for ``p <= 1/2`` some lower limit above p.
+- Futility stopping (optional, for searches that only need evidence of *non*-robustness): a point stops drawing,
+  undecided, once its one-sided CP lower limit at a level ``beta`` exceeds :func:`largest_decidable_not_robust`, the
+  largest ``p_hat`` the last round could still decide not robust. The not-robust rule itself is unchanged, so every
+  not-robust decision is one the test without futility makes too (same samples, same round) and the guarantee above
+  holds; futility only turns some would-be decisions into "undecided".
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -23,6 +30,8 @@ __all__ = [
     "clopper_pearson_one_sided",
     "sequential_schedule",
     "sequential_decision",
+    "largest_decidable_not_robust",
+    "futile",
     "FIRST_ROUND",
 ]
 
@@ -112,9 +121,28 @@ def sequential_schedule(max_samples: int, first: int = FIRST_ROUND) -> list[int]
         n = min(2 * n, max_samples)
 
 
+@functools.lru_cache(maxsize=512)
+def _critical_counts(n: int, round_alpha: float) -> tuple[int, int]:
+    """``(k_robust, k_not_robust)``: the smallest count whose one-sided CP lower limit at ``round_alpha`` exceeds 1/2
+    (``n + 1`` if none) and the largest whose upper limit is ``<= 1/2`` (-1 if none). Both limits increase with the
+    count, so comparing counts with these is the same rule as comparing the limits with 1/2."""
+    low, high = clopper_pearson_one_sided(np.arange(n + 1), n, round_alpha)
+    robust, broken = np.nonzero(low.numpy() > 0.5)[0], np.nonzero(high.numpy() <= 0.5)[0]
+    return (int(robust[0]) if robust.size else n + 1), (int(broken[-1]) if broken.size else -1)
+
+
+@functools.lru_cache(maxsize=512)
+def _futility_count(n: int, level: float, threshold: float) -> int:
+    """The smallest count whose one-sided CP lower limit at ``level`` exceeds ``threshold`` (``n + 1`` if none)."""
+    low, _ = clopper_pearson_one_sided(np.arange(n + 1), n, level)
+    above = np.nonzero(low.numpy() > threshold)[0]
+    return int(above[0]) if above.size else n + 1
+
+
 def sequential_decision(hits: torch.Tensor, n: int, round_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The decisions after a round: robust when the one-sided CP lower limit at ``round_alpha`` is ``> 1/2``, not
-    robust when the one-sided upper limit is ``<= 1/2`` (both cannot hold: low <= high).
+    robust when the one-sided upper limit is ``<= 1/2`` (both cannot hold: low <= high). The limits increase with
+    the count, so the rule is two critical counts per ``(n, round_alpha)``, computed once and cached.
 
     Args:
         hits: ``[B]`` successes so far.
@@ -124,5 +152,42 @@ def sequential_decision(hits: torch.Tensor, n: int, round_alpha: float) -> tuple
     Returns:
         ``(decided_robust, decided_not_robust)``, bool tensors on ``hits``' device.
     """
-    low, high = clopper_pearson_one_sided(hits, n, round_alpha)
-    return (low > 0.5).to(hits.device), (high <= 0.5).to(hits.device)
+    n = check_positive_int("n", n)
+    if not 0 < round_alpha < 1:
+        raise ValueError(f"round_alpha must be in (0, 1), got {round_alpha}")
+    k_robust, k_broken = _critical_counts(n, float(round_alpha))
+    return hits >= k_robust, hits <= k_broken
+
+
+def largest_decidable_not_robust(n: int, round_alpha: float) -> float:
+    """The largest ``p_hat = k / n`` that :func:`sequential_decision` decides not robust after ``n`` samples.
+
+    Args:
+        n: the samples (the last round's size).
+        round_alpha: the round's level.
+
+    Returns:
+        ``max{k / n : Beta.ppf(1 - round_alpha; k + 1, n - k) <= 1/2}`` (the one-sided CP upper limit is increasing
+        in k), or -1 when no count qualifies (``n`` too small for the level).
+    """
+    n = check_positive_int("n", n)
+    k = _critical_counts(n, float(round_alpha))[1]
+    return k / n if k >= 0 else -1.0
+
+
+def futile(hits: torch.Tensor, n: int, level: float, threshold: float) -> torch.Tensor:
+    """Futility: the one-sided CP lower limit of ``hits / n`` at ``level`` exceeds ``threshold`` (with
+    ``threshold = largest_decidable_not_robust(N, alpha_j)``: the point is at least ``1 - level`` sure to have
+    ``p`` above what the last round could decide not robust). A critical count per ``(n, level, threshold)``,
+    cached.
+
+    Args:
+        hits: ``[B]`` successes so far.
+        n: the samples so far.
+        level: ``beta`` in (0, 1).
+        threshold: the p the limit must exceed.
+
+    Returns:
+        ``[B]`` bool on ``hits``' device.
+    """
+    return hits >= _futility_count(check_positive_int("n", n), float(level), float(threshold))
