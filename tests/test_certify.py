@@ -166,7 +166,7 @@ def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_
     conn.close()
     for row in rows:
         if row["certified"]:
-            assert row["cert_global"] == pytest.approx(row["cert_local"], rel=1e-6)
+            assert row["cert_global"] == pytest.approx(row["cert_local"], rel=1e-3)  # 12 bisection halvings
             assert 0 < row["cert_global"] <= row["margin"] and row["cert_global"] < linear_vae.true_margin(1.2)
     items = plots.tightness_items(analysis.load(db))
     assert len(items) == sum(r["certified"] for r in rows) > 0
