@@ -15,6 +15,7 @@ Markers (registered in pyproject.toml): ``gpu`` (needs CUDA), ``slow`` (training
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,15 @@ def digits_vae_run(digits_vae: torch.nn.Module, tmp_path_factory: pytest.TempPat
     run = tmp_path_factory.mktemp("digits_vae")
     save_model(digits_vae, run)
     return run
+
+
+def count_units(db: Path) -> int:
+    """Committed work units in a results database (0 while it does not exist or is locked)."""
+    try:
+        conn = sqlite3.connect(db, timeout=1)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0

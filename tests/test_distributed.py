@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import count_units
 
 from vaefast import store
 from vaefast.sweep import SweepMismatchError, run_sweep
@@ -155,22 +155,11 @@ def _units(db: Path) -> dict[str, tuple]:
         conn.close()
 
 
-def _count_units(db: Path) -> int:
-    try:
-        conn = sqlite3.connect(db, timeout=1)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-
-
 def _kill_mid_run(script: Path, a: Path, b: Path, victim: int) -> dict[str, tuple]:
     """Start two ranks, kill -9 rank ``victim`` once some units are committed; returns the units committed."""
     procs = _launch(script, [a, b], resume=False)
     deadline = time.time() + 90
-    while _count_units(a / DB) < 3 and all(p.poll() is None for p in procs) and time.time() < deadline:
+    while count_units(a / DB) < 3 and all(p.poll() is None for p in procs) and time.time() < deadline:
         time.sleep(0.02)
     os.kill(procs[victim].pid, signal.SIGKILL)
     results = _finish(procs, timeout=60)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import count_units
 from scipy import stats
 
 from vaefast import store
@@ -337,27 +338,16 @@ def _tables(db):
         conn.close()
 
 
-def _count_units(db) -> int:
-    try:
-        conn = sqlite3.connect(db, timeout=1)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM units").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-
-
 def test_kill9_then_resume_equals_uninterrupted(script, lg_db, tmp_path):
     db = tmp_path / "killed.db"
     total = 2 * 2 * 3
     proc = subprocess.Popen([sys.executable, str(script), str(db), "0", "6"], env=_env())
     deadline = time.time() + 90
-    while _count_units(db) < 3 and proc.poll() is None and time.time() < deadline:
+    while count_units(db) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = _count_units(db)
+    done_at_kill = count_units(db)
     assert 3 <= done_at_kill < total, f"kill came too late/early: {done_at_kill} of {total} units"
     conn = store.connect(db, create=False)
     before = {r[0]: r for r in store.table_rows(conn, "units")}
