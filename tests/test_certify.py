@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 
@@ -171,3 +173,34 @@ def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_
     items = plots.tightness_items(analysis.load(db))
     assert len(items) == sum(r["certified"] for r in rows) > 0
     assert plots.plot_tightness(analysis.load(db), tmp_path / "t.png").exists()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 10_000),
+    width=st.sampled_from([8, 16, 32]),
+    activation=st.sampled_from(["relu", "tanh", "softplus", "elu"]),
+    lipschitz=st.sampled_from([None, 2.0]),
+    method=st.sampled_from(["global", "local"]),
+)
+def test_certificates_hold_on_random_models(seed, width, activation, lipschitz, method):
+    """Property: on random small VAEs (ordinary or Lipschitz-constrained, several activations), neither the
+    max-damage attack nor random directions at R_cert give a fresh estimate whose interval lies at or below 1/2."""
+    cfg = VAEConfig(hidden=(width,), latent_dim=3, activation=activation, likelihood="gaussian", gaussian_std=0.2,
+                    lipschitz=lipschitz)  # fmt: skip
+    model = VAE(cfg, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(6, 1, 8, 8, generator=g) * 0.6 + 0.2
+    r = 1.1 * float(estimate_r_robustness(model, x, [1.0], num_samples=300, seed=seed).r_star.median())
+    est = estimate_r_robustness(model, x, [r], num_samples=1000, seed=seed + 1)
+    cert = certify(model, x, r, method=method, estimate=est)
+    ok = cert.radius > 0
+    if not bool(ok.any()):
+        return
+    xs, radius = x[ok], cert.radius[ok]
+    deltas = [MaxDamageAttack(model, 1.0, constraint="sphere", steps=20, seed=seed).attack(xs, eps=radius).delta]
+    d = torch.randn(xs.shape, generator=g)
+    deltas.append(torch.clamp(xs + d * (radius / d.flatten(1).norm(dim=1)).view(-1, 1, 1, 1).float(), 0, 1) - xs)
+    for delta in deltas:
+        fresh = estimate_r_robustness(model, xs, [r], num_samples=1000, delta=delta, seed=seed + 2)
+        assert not bool((fresh.ci_high[:, 0] <= 0.5).any()), (fresh.p_hat[:, 0], radius)
