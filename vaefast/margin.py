@@ -65,9 +65,8 @@ from vaefast._checks import (
     check_seed,
 )
 from vaefast._results import ResultMixin
-from vaefast.attacks.base import box_offsets
+from vaefast.attacks.base import max_perturbation
 from vaefast.attacks.max_damage import MODES, MaxDamageAttack
-from vaefast.attacks.projections import max_l2_norm
 from vaefast.rng import id_runs
 from vaefast.robustness import RRobustnessResult
 from vaefast.stats import clopper_pearson, largest_decidable_not_robust, sequential_schedule
@@ -516,9 +515,8 @@ def _limits(x, box, max_radius, start_radius, tol) -> tuple[torch.Tensor, float]
     caps = _check_max_radius(max_radius, x.shape[0], x.device)
     if start_radius is not None:
         start_radius = check_positive_float("start_radius", start_radius)
-    lo_box, hi_box = box_offsets(x, box)
-    if lo_box is not None:
-        feasible = max_l2_norm(lo_box, hi_box).cpu()
+    feasible = max_perturbation(x, box)
+    if feasible is not None:
         if caps is None:
             caps = feasible
         elif bool((caps > feasible * (1 + 1e-9)).any()):
