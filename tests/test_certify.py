@@ -1,9 +1,11 @@
 """Sound certificates: closed forms of the linear-Gaussian VAE, falsification by attacks and random perturbations on
-trained models (ordinary and Lipschitz-constrained), the Lipschitz layers' constants, bad inputs."""
+trained models (ordinary, Lipschitz-constrained, encoder-only Lipschitz), the Lipschitz layers' constants (one per
+network), bad inputs."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
+from torch.nn.utils import parametrize
 
 from vaefast.attacks import MaxDamageAttack
 from vaefast.certify import certify, encoder_networks, lipschitz_upper_bound
@@ -39,7 +42,10 @@ def test_linear_gaussian_closed_form_and_local_equals_global(linear_vae):
     assert bool((glob.lipschitz_log_sigma == 0).all())
 
 
-@pytest.fixture(scope="module", params=[None, 1.0], ids=["ordinary", "lipschitz1"])
+ENCODER_ONLY = {"mu": 1.0, "logvar": 1.0}  # an ordinary decoder
+
+
+@pytest.fixture(scope="module", params=[None, 1.0, ENCODER_ONLY], ids=["ordinary", "lipschitz1", "encoder1"])
 def trained(request):
     cfg = VAEConfig(hidden=(64,), latent_dim=4, likelihood="gaussian", gaussian_std=0.2, lipschitz=request.param)
     model = VAE(cfg, seed=0)
@@ -86,6 +92,12 @@ def test_lipschitz_model_round_trip_and_cli(tmp_path, capsys):
     x = load_digits_test()[:3]
     torch.testing.assert_close(again.encode(x)[0], model.encode(x)[0])
     assert again.config.lipschitz == 3.0
+    per_network = {"mu": 3.0, "logvar": 0.5, "decoder": None}
+    model = VAE(VAEConfig(hidden=(16,), latent_dim=2, likelihood="gaussian", lipschitz=per_network), seed=1)
+    save(model, tmp_path / "m2")
+    again = load_model(tmp_path / "m2")
+    assert again.config == model.config and again.config.lipschitz == per_network
+    torch.testing.assert_close(again.decode(again.encode(x)[0]), model.decode(model.encode(x)[0]))
     argv = ["train", "--data", "digits", "--hidden", "16", "--latent", "2", "--likelihood", "gaussian",
             "--epochs", "1", "--lipschitz", "1.5", "--iw-samples", "2", "--no-progress", "--out",
             str(tmp_path / "run")]  # fmt: skip
@@ -99,14 +111,27 @@ def load_digits_test() -> torch.Tensor:
     return load("digits", "test").x
 
 
-def test_lipschitz_layers_keep_the_constant_asked():
-    cfg = VAEConfig(hidden=(32, 32), latent_dim=4, likelihood="gaussian", gaussian_std=0.2, lipschitz=2.0)
+@pytest.mark.parametrize(
+    "lipschitz", [2.0, {"mu": 2.0, "logvar": 0.5}, {"mu": 2.0, "decoder": 3.0}], ids=["all", "encoder", "mu+decoder"]
+)
+def test_lipschitz_layers_keep_the_constant_asked(lipschitz):
+    """Each constrained network keeps its own constant after training (certified bound and measured ratios); an
+    unconstrained network is made of ordinary layers (an unconstrained head on the shared trunk: a plain Linear)."""
+    cfg = VAEConfig(hidden=(32, 32), latent_dim=4, likelihood="gaussian", gaussian_std=0.2, lipschitz=lipschitz)
     model = VAE(cfg, seed=0)
     train(model, load("digits").x[:512], epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False)
     nets = encoder_networks(model)
-    for net in (nets.mean, nets.log_sigma, model.decoder.net):
-        assert float(lipschitz_upper_bound(net)) <= 2.0 * (1 + 1e-5)
-    for lin in [m for m in model.modules() if isinstance(m, nn.Linear)]:  # orthonormal after training
+    for key, net in (("mu", nets.mean), ("logvar", nets.log_sigma), ("decoder", model.decoder.net)):
+        asked = cfg.lipschitz_of(key)
+        constrained = [m for m in net.modules() if isinstance(m, nn.Linear) and parametrize.is_parametrized(m)]
+        if asked is not None:
+            assert float(lipschitz_upper_bound(net)) <= asked * (1 + 1e-5)
+        if key == "decoder":
+            assert len(constrained) == (0 if asked is None else 3)
+            assert any(isinstance(m, nn.ReLU) for m in net) == (asked is None)
+        else:  # the trunk is constrained (two layers); the head when asked
+            assert len(constrained) == 2 + (asked is not None)
+    for lin in [m for m in model.modules() if parametrize.is_parametrized(m)]:  # orthonormal after training
         assert float(torch.linalg.matrix_norm(lin.weight.detach().double(), ord=2)) == pytest.approx(1.0, abs=1e-5)
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(64, 1, 8, 8, generator=g), torch.rand(64, 1, 8, 8, generator=g)
@@ -155,6 +180,34 @@ def test_as_vae_models_and_bad_inputs():
         VAEConfig(lipschitz=0.0)
 
 
+def test_per_network_lipschitz_config():
+    """``lipschitz`` as a number (every network), a dict (one constant per network, missing = ordinary) or None;
+    one-line errors naming the field or the key."""
+    every, per_network = VAEConfig(lipschitz=2), VAEConfig(lipschitz={"mu": 3, "decoder": None})
+    assert every.lipschitz == 2.0 and [every.lipschitz_of(k) for k in ("mu", "logvar", "decoder")] == [2.0] * 3
+    assert per_network.lipschitz == {"mu": 3.0, "decoder": None}
+    assert [per_network.lipschitz_of(k) for k in ("mu", "logvar", "decoder")] == [3.0, None, None]
+    assert VAEConfig.from_json(per_network.to_json()) == per_network
+    assert VAEConfig().lipschitz_of("decoder") is None
+    assert VAEConfig(hidden=(15,), lipschitz={"decoder": None}).lipschitz_of("mu") is None  # nothing constrained
+    conv = {"input_shape": (1, 8, 8), "architecture": "conv"}
+    bad = [
+        ({"lipschitz": {"mu": 1.0, "encoder": 2.0}}, "lipschitz: unknown network(s) ['encoder']"),
+        ({"lipschitz": {"logvar": 0}}, "lipschitz['logvar'] must be None or a finite number > 0, got 0"),
+        ({"lipschitz": {"decoder": math.inf}}, "lipschitz['decoder'] must be"),
+        ({"lipschitz": {"mu": True}}, "lipschitz['mu'] must be"),
+        ({"lipschitz": "4"}, "lipschitz must be None, a finite number > 0 or a dict"),
+        ({"lipschitz": {"decoder": 1.0}, **conv}, "lipschitz requires architecture='mlp'"),
+        ({"lipschitz": {"logvar": 1.0}, "hidden": (16, 15)}, "hidden widths must be even"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            VAEConfig(**kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="network must be one of"):
+        every.lipschitz_of("trunk")
+
+
 def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_path):
     from vaefast import analysis, plots, store
     from vaefast.sweep import run_sweep
@@ -180,11 +233,12 @@ def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_
     seed=st.integers(0, 10_000),
     width=st.sampled_from([8, 16, 32]),
     activation=st.sampled_from(["relu", "tanh", "softplus", "elu"]),
-    lipschitz=st.sampled_from([None, 2.0]),
+    lipschitz=st.sampled_from([None, 2.0, {"mu": 2.0, "logvar": 2.0}, {"mu": 1.0}]),
     method=st.sampled_from(["global", "local"]),
 )
 def test_certificates_hold_on_random_models(seed, width, activation, lipschitz, method):
-    """Property: on random small VAEs (ordinary or Lipschitz-constrained, several activations), neither the
+    """Property: on random small VAEs (ordinary, Lipschitz-constrained, encoder-only or mean-only Lipschitz with an
+    ordinary decoder; several activations), neither the
     max-damage attack nor random directions at R_cert give a fresh estimate whose interval lies at or below 1/2."""
     cfg = VAEConfig(hidden=(width,), latent_dim=3, activation=activation, likelihood="gaussian", gaussian_std=0.2,
                     lipschitz=lipschitz)  # fmt: skip

@@ -14,6 +14,7 @@ ACTIVATIONS = tuple(MLP_ACTIVATIONS)  # the activations of csrc/common/activatio
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned", "continuous_bernoulli")
 OBJECTIVES = ("elbo", "beta_vae", "beta_tcvae")
 LEARNED_VARIANCE = ("pixel", "scalar")
+LIPSCHITZ_NETWORKS = ("mu", "logvar", "decoder")  # the keys of a per-network ``lipschitz`` dict
 
 
 def default_conv_channels(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -53,9 +54,15 @@ class VAEConfig:
       ``recon - mi_weight * MI - tc_weight * TC - dimkl_weight * dimwise-KL``, minibatch-weighted sampling).
     - ``logvar_bound``: encoder log-variances are soft-clamped as ``b * tanh(raw / b)`` (identity near 0,
       smooth, keeps sigma in ``[exp(-b/2), exp(b/2)]`` so no NaN/overflow; ``0`` disables).
-    - ``lipschitz``: ``L > 0`` makes every network (the encoder's mean, its log-variance head, the decoder)
-      L-Lipschitz: orthonormal linear layers (:func:`vaefast.models.lipschitz.orthonormal_linear`) with GroupSort
-      activations and a final scale ``L`` (MLP only; hidden widths must be even). None: ordinary layers.
+    - ``lipschitz``: Lipschitz-constrained networks (MLP only; hidden widths must be even) for
+      :func:`vaefast.certify`. A number ``L > 0`` makes every network (the encoder's mean, its log-variance head,
+      the decoder) L-Lipschitz: orthonormal linear layers (:func:`vaefast.models.lipschitz.orthonormal_linear`)
+      with GroupSort activations and a final scale ``L``. A dict with keys among ``"mu"``, ``"logvar"``,
+      ``"decoder"`` chooses a constant per network (a missing key or None: an ordinary network), e.g.
+      ``{"mu": 4, "logvar": 4}`` constrains the encoder only (all ``certify`` needs) and keeps an ordinary decoder.
+      The encoder trunk (shared by mu and logvar) is orthonormal + GroupSort when either head is constrained; an
+      unconstrained head on it is an ordinary ``Linear``. None: ordinary layers everywhere. Read it through
+      :meth:`lipschitz_of`.
     """
 
     input_shape: tuple[int, ...] = (1, 8, 8)
@@ -74,7 +81,7 @@ class VAEConfig:
     dimkl_weight: float = 1.0
     conv_channels: tuple[int, ...] | None = None
     logvar_bound: float = 10.0
-    lipschitz: float | None = None
+    lipschitz: float | dict[str, float | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,17 +132,42 @@ class VAEConfig:
         self._validate_lipschitz()
 
     def _validate_lipschitz(self) -> None:
-        """``lipschitz``: None, or a finite ``L > 0`` with an MLP whose hidden widths are even (GroupSort pairs)."""
-        if self.lipschitz is None:
-            return
+        """``lipschitz``: None, a finite ``L > 0``, or a dict ``{network: L or None}`` over
+        :data:`LIPSCHITZ_NETWORKS`; any constrained network needs an MLP whose hidden widths are even (GroupSort
+        pairs)."""
         value = self.lipschitz
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"lipschitz must be None or a finite number > 0, got {value!r}")
-        self.lipschitz = float(value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(LIPSCHITZ_NETWORKS), key=str)
+            if unknown:
+                raise ValueError(f"lipschitz: unknown network(s) {unknown}; known: {list(LIPSCHITZ_NETWORKS)}")
+            self.lipschitz = {
+                key: None if value[key] is None else _positive(f"lipschitz[{key!r}]", value[key])
+                for key in LIPSCHITZ_NETWORKS
+                if key in value
+            }
+        elif value is not None:
+            self.lipschitz = _positive("lipschitz", value, "None, a finite number > 0 or a dict {network: L}")
+        if all(self.lipschitz_of(key) is None for key in LIPSCHITZ_NETWORKS):
+            return
         if self.architecture != "mlp":
             raise ValueError("lipschitz requires architecture='mlp' (no Lipschitz-constrained convolutions yet)")
         if any(h % 2 for h in self.hidden):
             raise ValueError(f"lipschitz: hidden widths must be even (GroupSort pairs), got {self.hidden}")
+
+    def lipschitz_of(self, network: str) -> float | None:
+        """The Lipschitz constant asked for one network.
+
+        Args:
+            network: ``"mu"`` (the encoder's mean), ``"logvar"`` (its log-variance head) or ``"decoder"``.
+
+        Returns:
+            ``L`` (the network is built L-Lipschitz), or None (an ordinary network).
+        """
+        if network not in LIPSCHITZ_NETWORKS:
+            raise ValueError(f"network must be one of {list(LIPSCHITZ_NETWORKS)}, got {network!r}")
+        if isinstance(self.lipschitz, dict):
+            return self.lipschitz.get(network)
+        return self.lipschitz
 
     def resolved_conv_channels(self) -> tuple[int, ...]:
         """The channels of the conv stack.
@@ -211,6 +243,14 @@ class VAEConfig:
         except json.JSONDecodeError as exc:
             raise ValueError(f"config is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+def _positive(name: str, value: object, expected: str = "None or a finite number > 0") -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``name`` (and what it ``expected``) unless it is a finite
+    number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
 
 
 def _choice(name: str, value: object, options: tuple[str, ...]) -> None:

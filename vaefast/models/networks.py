@@ -18,24 +18,46 @@ from vaefast.models.lipschitz import GroupSort, Scale, orthonormal_linear
 from vaefast.reference import activation_module
 
 
-def _dense_stack(sizes: list[int], config: VAEConfig) -> list[nn.Module]:
-    """``[Linear(s0, s1), act, Linear(s1, s2), act, ...]`` (an activation after every layer); with
-    ``config.lipschitz`` orthonormal layers and GroupSort (each pair 1-Lipschitz)."""
+def _dense_stack(sizes: list[int], config: VAEConfig, constrained: bool) -> list[nn.Module]:
+    """The hidden layers of a network: an activation after every linear layer.
+
+    Args:
+        sizes: ``[s0, s1, ...]``, the widths from input to the last hidden layer.
+        config: ``activation`` (and its parameter) of ordinary layers.
+        constrained: orthonormal layers and GroupSort (each pair 1-Lipschitz) instead of ``Linear`` and ``act``.
+
+    Returns:
+        ``[Linear(s0, s1), act, Linear(s1, s2), act, ...]``.
+    """
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        if config.lipschitz is not None:
+        if constrained:
             layers += [orthonormal_linear(a, b), GroupSort(2)]
         else:
             layers += [nn.Linear(a, b), activation_module(config.activation, config.activation_param)]
     return layers
 
 
-def _head(fan_in: int, fan_out: int, config: VAEConfig) -> nn.Module:
-    """The last linear layer of a network: ``Linear`` or, with ``config.lipschitz = L``, ``Scale(L) o W`` with
-    ``W`` orthonormal (the whole network is then L-Lipschitz)."""
-    if config.lipschitz is None:
+def _head(fan_in: int, fan_out: int, lipschitz: float | None) -> nn.Module:
+    """The last linear layer of a network.
+
+    Args:
+        fan_in, fan_out: the sizes.
+        lipschitz: the network's constant :meth:`VAEConfig.lipschitz_of`, or None.
+
+    Returns:
+        ``Linear``, or with ``lipschitz = L`` ``Scale(L) o W`` with ``W`` orthonormal (after a constrained stack the
+        whole network is then L-Lipschitz).
+    """
+    if lipschitz is None:
         return nn.Linear(fan_in, fan_out)
-    return nn.Sequential(orthonormal_linear(fan_in, fan_out), Scale(config.lipschitz))
+    return nn.Sequential(orthonormal_linear(fan_in, fan_out), Scale(lipschitz))
+
+
+def _encoder_constrained(config: VAEConfig) -> bool:
+    """Whether the encoder trunk (shared by the two heads) is orthonormal + GroupSort: when either head has a
+    Lipschitz constant."""
+    return config.lipschitz_of("mu") is not None or config.lipschitz_of("logvar") is not None
 
 
 class _GaussianEncoder(nn.Module):
@@ -76,9 +98,9 @@ class MLPEncoder(_GaussianEncoder):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         sizes = [config.input_size, *config.hidden]
-        self.trunk = nn.Sequential(nn.Flatten(), *_dense_stack(sizes, config))
-        self.mu = _head(sizes[-1], config.latent_dim, config)
-        self.logvar = _head(sizes[-1], config.latent_dim, config)
+        self.trunk = nn.Sequential(nn.Flatten(), *_dense_stack(sizes, config, _encoder_constrained(config)))
+        self.mu = _head(sizes[-1], config.latent_dim, config.lipschitz_of("mu"))
+        self.logvar = _head(sizes[-1], config.latent_dim, config.lipschitz_of("logvar"))
 
 
 class MLPDecoder(nn.Module):
@@ -91,7 +113,10 @@ class MLPDecoder(nn.Module):
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         sizes = [config.latent_dim, *reversed(config.hidden)]
-        self.net = nn.Sequential(*_dense_stack(sizes, config), _head(sizes[-1], config.input_size, config))
+        lipschitz = config.lipschitz_of("decoder")
+        self.net = nn.Sequential(
+            *_dense_stack(sizes, config, lipschitz is not None), _head(sizes[-1], config.input_size, lipschitz)
+        )
         self.output_shape = tuple(config.input_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -126,7 +151,7 @@ class ConvEncoder(_GaussianEncoder):
         factor = 2 ** len(channels)
         flat = channels[-1] * (h // factor) * (w // factor)
         sizes = [flat, *config.hidden]
-        self.trunk = nn.Sequential(*layers, nn.Flatten(), *_dense_stack(sizes, config))
+        self.trunk = nn.Sequential(*layers, nn.Flatten(), *_dense_stack(sizes, config, constrained=False))
         self.mu = nn.Linear(sizes[-1], config.latent_dim)
         self.logvar = nn.Linear(sizes[-1], config.latent_dim)
 
@@ -145,7 +170,7 @@ class ConvDecoder(nn.Module):
         factor = 2 ** len(channels)
         self.base_shape = (channels[-1], h // factor, w // factor)
         sizes = [config.latent_dim, *reversed(config.hidden), math.prod(self.base_shape)]
-        self.dense = nn.Sequential(*_dense_stack(sizes, config))
+        self.dense = nn.Sequential(*_dense_stack(sizes, config, constrained=False))
         layers: list[nn.Module] = []
         rev = list(reversed(channels))
         for i, (cin, cout) in enumerate(zip(rev, [*rev[1:], c], strict=True)):
