@@ -103,6 +103,18 @@ def test_lipschitz_model_round_trip_and_cli(tmp_path, capsys):
             str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 0
     assert load_model(tmp_path / "run").config.lipschitz == 1.5
+    assert main([*argv[:-1], str(tmp_path / "enc"), "--lipschitz-decoder", "none"]) == 0
+    encoder_only = load_model(tmp_path / "enc")
+    assert encoder_only.config.lipschitz == {"mu": 1.5, "logvar": 1.5, "decoder": None}
+    assert not any(parametrize.is_parametrized(m) for m in encoder_only.decoder.modules())
+    assert all(parametrize.is_parametrized(m) for m in encoder_only.encoder.modules() if isinstance(m, nn.Linear))
+    assert main([*argv[:-1], str(tmp_path / "dec"), "--lipschitz-decoder", "6"]) == 0
+    assert load_model(tmp_path / "dec").config.lipschitz_of("decoder") == 6.0
+    capsys.readouterr()
+    for bad in ("abc", "0", "-1", "inf"):
+        assert main([*argv[:-1], str(tmp_path / "bad"), "--lipschitz-decoder", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--lipschitz-decoder must be a number > 0 or 'none'" in err, err
     assert main([*argv[:-1], str(tmp_path / "run2"), "--arch", "conv"]) == 2
     assert "lipschitz requires architecture='mlp'" in capsys.readouterr().err
 

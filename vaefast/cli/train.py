@@ -9,6 +9,7 @@ and ``warnings``: e.g. posterior collapse, printed as ``warning: ...``). An exis
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="L: every network L-Lipschitz (orthonormal layers + GroupSort; MLP, even widths) for vaefast.certify",
+    )
+    p.add_argument(
+        "--lipschitz-decoder",
+        default=None,
+        metavar="{L,none}",
+        help="the decoder's constant instead of --lipschitz's; 'none': an ordinary decoder (certify needs none)",
     )
     p.add_argument("--objective", default=None, choices=OBJECTIVES, help="default: beta_vae if --beta != 1 else elbo")
     p.add_argument("--beta", type=float, default=1.0, help="KL weight (beta_vae); TC weight default (beta_tcvae)")
@@ -115,8 +122,35 @@ def model_config(args: argparse.Namespace, input_shape: tuple[int, ...]) -> VAEC
         tc_weight=args.beta if args.tc_weight is None else args.tc_weight,
         mi_weight=args.mi_weight,
         dimkl_weight=args.dimkl_weight,
-        lipschitz=args.lipschitz,
+        lipschitz=lipschitz_setting(args.lipschitz, args.lipschitz_decoder),
     )
+
+
+def lipschitz_setting(every: float | None, decoder: str | None) -> float | dict[str, float | None] | None:
+    """``VAEConfig.lipschitz`` from ``--lipschitz`` and ``--lipschitz-decoder``.
+
+    Args:
+        every: ``--lipschitz L`` (every network), or None.
+        decoder: ``--lipschitz-decoder``: a number, ``"none"`` (an ordinary decoder), or None (not given).
+
+    Returns:
+        ``every`` when ``--lipschitz-decoder`` is not given, else ``{"mu": every, "logvar": every, "decoder": D}``.
+
+    Raises:
+        ValueError: ``--lipschitz-decoder`` is neither a finite number > 0 nor ``none``.
+    """
+    if decoder is None:
+        return every
+    if decoder.strip().lower() == "none":
+        constant = None
+    else:
+        try:
+            constant = float(decoder)
+        except ValueError:
+            constant = math.nan
+        if not math.isfinite(constant) or constant <= 0:
+            raise ValueError(f"--lipschitz-decoder must be a number > 0 or 'none', got {decoder!r}")
+    return {"mu": every, "logvar": every, "decoder": constant}
 
 
 def run(args: argparse.Namespace) -> int:
