@@ -36,8 +36,8 @@ def _mc_band(model, r, n) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def lin_margins(linear_vae):
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    bis = numerical_margin(  # the secant search (opt-in); halving, the default, is checked against it below
-        linear_vae, x, R, strategy="secant", tol=0.005, box=None, num_samples=N, mode="mean", progress=False
+    bis = numerical_margin(  # the default (secant) search; halving is checked against it below
+        linear_vae, x, R, tol=0.005, box=None, num_samples=N, mode="mean", progress=False
     )
     true = linear_vae.true_margin(R)
     grid = numerical_margin(
@@ -66,7 +66,7 @@ def test_bisection_matches_true_margin(linear_vae, lin_margins):
 
 
 def test_halving_strategy_matches_true_margin(linear_vae, lin_margins):
-    """The default search (doubling, then halving: ``strategy="halving"``) is right; the opt-in secant search
+    """The previous search (doubling, then halving: ``strategy="halving"``) is right too; the default secant search
     reaches the same band with fewer decisions per point."""
     x, secant, _ = lin_margins
     halving = numerical_margin(
@@ -83,8 +83,8 @@ def test_halving_strategy_matches_true_margin(linear_vae, lin_margins):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(tol=0.005, strategy="secant"),
-        dict(tol=0.005),  # the default search (halving)
+        dict(tol=0.005),  # the default search (secant)
+        dict(tol=0.005, strategy="halving"),
         dict(tol=0.05, max_radius=0.3, start_radius=0.001),  # tiny start: growth must speed up to meet its budget
         dict(tol=1e-4, max_radius=0.24, start_radius=0.2),  # margin near the cap, narrow tolerance
         dict(tol=0.02, decision="fixed", num_samples=2000),

@@ -20,19 +20,19 @@ positive margin.
   margin is ``upper``; a point still robust at ``max_radius`` gets ``margin = max_radius``, ``bracketed=False``
   and no evidence. Two strategies choose the radii:
 
-  - ``strategy="secant"`` (opt-in): the probit ``z = Phi^-1(p_hat)`` of each point's decisions is close to linear
-    in the radius (exactly so for the worst-case decoder of the first-order bound) and, as every decision of a point
-    uses the same Monte-Carlo samples, a smooth curve; the next radius is where the secant through the last two
+  - ``strategy="secant"`` (default): the probit ``z = Phi^-1(p_hat)`` of each point's decisions is close to
+    linear in the radius (exactly so for the worst-case decoder of the first-order bound) and, as every decision of a
+    point uses the same Monte-Carlo samples, a smooth curve; the next radius is where the secant through the last two
     evaluations (regula falsi on the bracket ends, Illinois-scaled, when it is ill-conditioned) reaches ``z*``, the
     probit at which the decision flips (half a count above the largest ``p_hat`` the test can call broken).
-    Growth overshoots that root (at most doubling, so warm starts stay near their radius); refinement tests at least
-    ``tol`` inside the bracket, closes a bracket ``<= 2 tol`` wide in one round, and halves once the rounds left
-    demand it. Warm starts rescaled by at most ``NEAR_RATIO`` whose chain of warm starts has had the cold attack's
-    ``steps`` run a few steps only; tests that cannot be decided broken stop early (futility, ``FUTILITY``). Fewer
-    decisions and attack steps per point than halving (measured: benchmarks/README.md); not the default because on
-    the linear-Gaussian closed form one point of the sweep test ended at 0.52 where halving gives 0.42 (true 0.33):
-    its shortened warm-started attacks can miss the worst direction.
-  - ``strategy="halving"`` (default): doubling from ``start_radius``, then halving.
+    The first round is the cold attack (``steps`` steps from random starts, as in halving: a chain of short warm
+    starts from a short first attack can stay in a poor direction); growth overshoots the secant root (at most
+    doubling, so warm starts stay near their radius); refinement tests at least ``tol`` inside the bracket, closes a
+    bracket ``<= 2 tol`` wide in one round, and halves once the rounds left demand it. Warm starts rescaled by at most
+    ``NEAR_RATIO`` whose chain of warm starts has had the cold attack's ``steps`` run a few steps only; tests that
+    cannot be decided broken stop early (futility, ``FUTILITY``). Fewer decisions and attack steps per point than
+    halving at the same attack strength (measured: benchmarks/README.md, numerical margin).
+  - ``strategy="halving"``: doubling from ``start_radius``, then halving (the search before issue 12).
 
   Both stay within the same budget of ``D = max_decisions(...)`` decisions per point, the Bonferroni divisor.
 - ``method="grid"`` (the original protocol): radii ``max_radius, max_radius - granularity, ...`` from large to
@@ -336,7 +336,7 @@ def numerical_margin(
     point_offset: int = 0,
     estimate: RRobustnessResult | None = None,
     progress: bool = True,
-    strategy: str = "halving",
+    strategy: str = "secant",
 ) -> NumericalMargin:
     """Numerical margin ``R_num(x) = min{R : p_hat_r(x, delta*_R) <= 1/2}`` of every point, with its evidence.
 
@@ -351,7 +351,8 @@ def numerical_margin(
         granularity: the grid step.
         num_samples: the sequential test's ``max_samples`` (or the fixed sample count).
         restarts, steps, num_noise_samples, mode, optimizer: the sphere attack (:class:`MaxDamageAttack`); ``steps``
-            is the cold attack's (halving's first round, every grid radius, secant rounds without warm starts).
+            is the cold attack's (the first round of either strategy, every grid radius, every round without warm
+            starts).
         box: the data range ``(low, high)`` or None.
         decision: how r-robustness of an attacked input is decided: ``"sequential"``
             (:func:`~vaefast.robustness.is_r_robust`: a radius breaks r-robustness only when the test decides
@@ -366,17 +367,17 @@ def numerical_margin(
         one_at_a_time: run the points one by one (the original protocol's execution).
         warm_start, warm_steps: bisection rounds after the first start from the point's previous (or breaking)
             perturbation rescaled to the new radius, with ``warm_steps`` steps (default ``max(5, steps // 3)``). The
-            secant strategy's first round runs ``warm_steps`` steps from random starts; later rounds run
-            ``warm_steps``, ``GROW_FRACTION`` of it (growth) or, once a warm start's chain has had ``steps`` steps and
-            it is rescaled by at most ``NEAR_RATIO``, ``NEAR_FRACTION`` of it.
+            secant strategy's later rounds run ``warm_steps``, ``GROW_FRACTION`` of it (growth) or, once a warm
+            start's chain has had ``steps`` steps and it is rescaled by at most ``NEAR_RATIO``, ``NEAR_FRACTION`` of
+            it.
         seed, point_offset: Monte-Carlo and attack random numbers are keyed by ``(seed, point_offset + b)``.
         estimate: an :class:`~vaefast.robustness.RRobustnessResult` of these points at radius ``r`` (e.g. the one
             :func:`~vaefast.robustness.margin_bound` used): the clean point is then decided by it
             (``robust = p_hat > 1/2``), so the margin search and the bound decide the clean point identically.
             Without it the search decides the clean point with its own test (``decision``).
         progress: show a progress bar.
-        strategy: how ``"bisection"`` chooses its radii: ``"halving"`` (default: doubling, then halving) or
-            ``"secant"`` (opt-in; module docstring).
+        strategy: how ``"bisection"`` chooses its radii: ``"secant"`` (default; module docstring) or
+            ``"halving"`` (doubling, then halving).
 
     Returns:
         A :class:`NumericalMargin`: per point the margin, the bracket, and the perturbation that broke
@@ -420,10 +421,9 @@ class _Attacks:
     """The search's sphere attacks (``||delta|| = R``), one object per step count.
 
     Attributes:
-        cold: ``steps`` steps from random starts (the halving strategy's first round; every grid radius).
-        warm: ``warm_steps`` steps (the halving strategy's warm starts; the secant strategy's first round, at the
-            small start radius where the objective is nearly linear, and its warm starts scaled down by more than
-            ``NEAR_RATIO``).
+        cold: ``steps`` steps from random starts (the first round of either strategy; every grid radius).
+        warm: ``warm_steps`` steps (the halving strategy's warm starts; the secant strategy's warm starts scaled down
+            by more than ``NEAR_RATIO``).
         grow: ``GROW_FRACTION * warm_steps`` steps (secant growth rounds: warm starts scaled up by more than
             ``NEAR_RATIO``).
         near: ``NEAR_FRACTION * warm_steps`` steps (secant rounds whose warm start comes from a radius within a
@@ -831,8 +831,8 @@ def _secant(decider: _Decider, clean: _Outcome, caps, search, state: _Search, z_
             init_radii = torch.where(refining, state.upper[idx], sec.last[idx])
             chain = torch.where(refining, chain_upper[idx], chain_last[idx])
             out, delta, chain = decider.at_tiers(idx, radii, init, init_radii, chain)
-        else:  # random starts: the first round at the small start radius (warm_steps), or cold without warm starts
-            attack = decider.attacks.warm if search.warm_start else decider.attacks.cold
+        else:  # the first round (or every round without warm starts): the cold attack from random starts
+            attack = decider.attacks.cold
             out, delta = decider.at(idx, radii, attack=attack)
             chain = torch.full_like(idx, attack.cfg.steps)
         last[dev], chain_last[idx] = delta, chain

@@ -19,7 +19,7 @@ from typing import Any
 from vaefast._checks import as_radii, check_positive_float, check_positive_int, check_probability, check_seed
 
 DEFAULT_BOX = (0.0, 1.0)  # every dataset vaefast loads is scaled to [0, 1]
-SWEEP_FORMAT = "4"  # bump when the per-unit computation changes: resuming across versions is then refused
+SWEEP_FORMAT = "5"  # bump when the per-unit computation changes: resuming across versions is then refused
 
 
 def rkey(value: float) -> str:
