@@ -80,6 +80,23 @@ def test_halving_strategy_matches_true_margin(linear_vae, lin_margins):
     assert n_secant < n_halving, (n_secant, n_halving)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_secant_attacks_find_the_worst_direction(seed):
+    """Attack strength of the default search where random starts converge slowly: a linear-Gaussian VAE whose top
+    two singular values are close (1.71, 1.35), 25 attack steps. Along the worst direction the test's threshold
+    (p_hat <= 0.446 at this level) is reached at 0.389 (true margin 0.334); 4 Monte-Carlo standard deviations
+    further and one tol give 0.47. A secant search whose first round ran short warm-start attacks ended at 0.50 on
+    point 1: its chain of short attacks stayed near the second singular direction (gain 1.36 instead of 1.71)."""
+    model = LinearGaussianVAE(seed=1, input_dim=12, latent_dim=3, sigma=0.5, decoder_scale=1.5)
+    x = torch.rand(6, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
+    res = numerical_margin(model, x, 1.4, tol=0.02, num_samples=1024, steps=25, mode="mean", box=None, seed=seed,
+                           progress=False)  # fmt: skip
+    limit = _radius_at(model, 1.4, 0.446 - 4 * 0.5 / math.sqrt(1024)) + 0.02
+    assert bool(res.bracketed.all())
+    assert bool((res.margin >= model.true_margin(1.4)).all())
+    assert bool((res.margin <= limit).all()), (res.margin, limit)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
