@@ -22,7 +22,7 @@ import torch
 from vaefast import has_compiled_ops
 from vaefast._chunks import chunk_sizes
 from vaefast.models import VAE, VAEConfig
-from vaefast.robustness import DEFAULT_MAX_BATCH_ELEMENTS, estimate_r_robustness, is_r_robust
+from vaefast.robustness import default_max_batch_elements, estimate_r_robustness, is_r_robust
 
 
 def _best_interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -68,7 +68,7 @@ def bench_estimator(args: argparse.Namespace) -> dict:
     b, s = args.points, args.samples
     x = torch.rand(b, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     out_dim = 784
-    max_elems = args.max_batch_elements or DEFAULT_MAX_BATCH_ELEMENTS
+    max_elems = args.max_batch_elements or default_max_batch_elements(x.device)
     point_chunk, sample_chunk = chunk_sizes(b, s, out_dim, max_elems)
     # the latent batches the estimator decodes: point_chunk x sample_chunk (last ones smaller)
     gen = torch.Generator().manual_seed(1)
