@@ -77,6 +77,18 @@ def test_bad_inputs():
         SweepSpec(radii=[1.0], num_samples=1.5)
 
 
+def test_weights_digest_covers_scalar_buffers():
+    """A Lipschitz-constrained model holds 0-dim buffers (its ``Scale`` factors): they are hashed like any tensor."""
+    from vaefast.models import VAE, VAEConfig
+    from vaefast.sweep.inputs import weights_digest
+
+    cfg = VAEConfig(hidden=(16,), latent_dim=2, lipschitz={"mu": 2.0, "logvar": 2.0})
+    a, b = VAE(cfg, seed=0), VAE(cfg, seed=0)
+    assert weights_digest(a) == weights_digest(b)
+    b.encoder.mu[1].factor.fill_(3.0)
+    assert weights_digest(a) != weights_digest(b)
+
+
 def test_seeds_depend_on_identity_only():
     s = derive_seed(0, "mc", "a", repr(0.5))
     assert s == derive_seed(0, "mc", "a", repr(0.5))
