@@ -23,7 +23,7 @@ import torch
 
 from vaefast import analysis, report
 from vaefast.cli import main
-from vaefast.demo import DATASETS, MODELS, RECIPES, DemoConfig, resolve_points, run_demo, train_models
+from vaefast.demo import DATASETS, MODELS, RECIPES, DemoConfig, demo_models, resolve_points, run_demo, train_models
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 TINY = {
@@ -111,7 +111,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _check_run(res, data: str, points: int) -> None:
+def _check_run(res, data: str, points: int, models: int) -> None:
     """The database and report exist, the sweep covers every model and point, the paper's value is set beside."""
     assert res.db.exists() and res.page.exists() and res.dataset == data
     conn = sqlite3.connect(res.db)
@@ -122,7 +122,7 @@ def _check_run(res, data: str, points: int) -> None:
     finally:
         conn.close()
     assert datasets == {data} and n_points == points
-    assert n_results == len(MODELS) * points * len(res.radii)
+    assert n_results == models * points * len(res.radii)
     h = res.headline
     published = analysis.PUBLISHED_PEARSON[data]
     assert h["dataset"] == data and h["published_pearson"] == published
@@ -137,8 +137,14 @@ def test_mnist_demo_from_idx_files(roots: dict[str, Path], tmp_path: Path) -> No
     lines: list[str] = []
     config = DemoConfig(data="mnist", root=roots["mnist"], points=3, arch=SMALL_MLP, **TINY)
     res = run_demo(tmp_path / "out", config, progress=False, log=lines.append)
-    _check_run(res, "mnist", 3)
-    cfg = analysis.load(res.db).models["beta1"]["config"]
+    _check_run(res, "mnist", 3, len(MODELS))  # an MLP with even widths: every model, the Lipschitz one included
+    data = analysis.load(res.db)
+    assert analysis.model_kind(data.models["lipschitz2"]) == "lipschitz"  # not a beta-VAE of beta 1 in the trends
+    assert [n for n, i in data.models.items() if analysis.model_kind(i) == "beta-vae"] == ["beta1", "beta2", "beta4",
+                                                                                             "beta8"]  # fmt: skip
+    assert list(data.models)[-1] == "lipschitz2"  # listed after the beta family
+    assert data.models["lipschitz2"]["config"]["lipschitz"] == {"mu": 2.0, "logvar": 2.0}
+    cfg = data.models["beta1"]["config"]
     assert cfg["architecture"] == "mlp" and cfg["hidden"] == [32] and cfg["latent_dim"] == 4
     assert cfg["likelihood"] == "bernoulli" and cfg["input_shape"] == [1, 28, 28]  # the recipe's, under the override
     assert any(line.startswith("[demo] mnist: 64 training points, 3 of 16 test points") for line in lines)
@@ -149,7 +155,7 @@ def test_mnist_demo_from_idx_files(roots: dict[str, Path], tmp_path: Path) -> No
 def test_cifar10_demo_from_python_batches(roots: dict[str, Path], tmp_path: Path) -> None:
     config = DemoConfig(data="cifar10", root=roots["cifar10"], points="all", arch=SMALL_CONV, **TINY)
     res = run_demo(tmp_path / "out", config, progress=False)
-    _check_run(res, "cifar10", 4)  # 'all' = the whole test batch
+    _check_run(res, "cifar10", 4, len(MODELS) - 1)  # 'all' = the whole test batch; no Lipschitz convolutions
     cfg = analysis.load(res.db).models["tcvae4"]["config"]
     assert cfg["architecture"] == "conv" and cfg["input_shape"] == [3, 32, 32] and cfg["likelihood"] == "gaussian"
 
@@ -180,6 +186,22 @@ def test_models_are_reused_only_for_the_same_data(roots: dict[str, Path], tmp_pa
     reused = {k: sum(line.startswith("[demo] reusing") for line in v) for k, v in logs.items()}
     assert trained == {"0:mnist": len(MODELS), "1:mnist": 0, "2:fashion-mnist": len(MODELS)}
     assert reused == {"0:mnist": 0, "1:mnist": len(MODELS), "2:fashion-mnist": 0}
+
+
+def test_demo_models_keep_the_lipschitz_model_where_the_architecture_allows_it() -> None:
+    """MLPs with even widths get the encoder-Lipschitz model; convolutions and odd widths (GroupSort pairs) do not."""
+    from vaefast.models import VAEConfig
+
+    for arch, expected in (
+        (RECIPES["digits"].arch, set(MODELS)),
+        (RECIPES["mnist"].arch, set(MODELS)),
+        (RECIPES["cifar10"].arch, set(MODELS) - {"lipschitz2"}),
+        ({**RECIPES["digits"].arch, "hidden": (15,)}, set(MODELS) - {"lipschitz2"}),
+    ):
+        models = demo_models(arch)
+        assert set(models) == expected
+        for obj in models.values():
+            VAEConfig.from_dict({**arch, **obj})  # every model the demo keeps can be built
 
 
 # --- the recipes ------------------------------------------------------------------------------------------------------

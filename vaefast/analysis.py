@@ -113,9 +113,9 @@ def load(db: str | os.PathLike | sqlite3.Connection) -> SweepData:
 
 
 def _model_sort_key(info: Mapping[str, Any]) -> tuple:
-    tc = "tc" in str(info.get("objective") or "").lower()
+    rank = {"beta-vae": 0, "other": 0, "beta-tcvae": 1, "lipschitz": 2}[model_kind(info)]
     beta = info.get("beta")
-    return (tc, beta if beta is not None else math.inf, info["name"])
+    return (rank, beta if beta is not None else math.inf, info["name"])
 
 
 def model_kind(info: Mapping[str, Any]) -> str:
@@ -125,8 +125,12 @@ def model_kind(info: Mapping[str, Any]) -> str:
         info: a ``models`` row.
 
     Returns:
+        ``"lipschitz"`` (any network Lipschitz-constrained, ``VAEConfig.lipschitz``: not part of the β trends),
         ``"beta-tcvae"``, ``"beta-vae"`` or ``"other"``.
     """
+    config = info.get("config")
+    if isinstance(config, Mapping) and config.get("lipschitz"):
+        return "lipschitz"
     obj = str(info.get("objective") or "").lower()
     if "tc" in obj:
         return "beta-tcvae"
