@@ -221,7 +221,7 @@ def test_per_network_lipschitz_config():
 
 
 def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_path):
-    from vaefast import analysis, plots, store
+    from vaefast import analysis, plots, report, store
     from vaefast.sweep import run_sweep
 
     x = torch.rand(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
@@ -235,8 +235,14 @@ def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_
         if row["certified"]:
             assert row["cert_global"] == pytest.approx(row["cert_local"], rel=1e-3)  # 12 bisection halvings
             assert 0 < row["cert_global"] <= row["margin"] and row["cert_global"] < linear_vae.true_margin(1.2)
-    items = plots.tightness_items(analysis.load(db))
+    items = analysis.tightness_items(analysis.load(db))
     assert len(items) == sum(r["certified"] for r in rows) > 0
+    summary = analysis.tightness_summary(analysis.load(db))
+    assert set(summary) == {"ordinary"} and summary["ordinary"]["n"] == len(items)
+    assert summary["ordinary"]["cert_le_margin"] == len(items) and 0 < summary["ordinary"]["cert_over_margin"] < 1
+    line = report.format_tightness(summary)[0]
+    assert line.startswith(f"sound certificate (ordinary models, {len(items)} items): <= margin on {len(items)}")
+    assert line in report.format_headline(analysis.headline(analysis.load(db)))
     assert plots.plot_tightness(analysis.load(db), tmp_path / "t.png").exists()
 
 

@@ -451,6 +451,54 @@ def evidence_summary(data: SweepData) -> dict[str, int]:
     return {"n_evidence": len(ev), "n_evidence_not_breaking": len(bad)}
 
 
+def tightness_items(data: SweepData) -> list[dict[str, Any]]:
+    """Comparable items (certified, bracketed) with a sound certificate: per item the certified radius (the local
+    one where it exists, else the global one), the first-order bound and the numerical margin.
+
+    Args:
+        data: the sweep.
+
+    Returns:
+        Dicts with ``model``, ``cert``, ``bound``, ``margin`` (numbers) for every such item.
+    """
+    out = []
+    for row in data.results:
+        cert = row.get("cert_local") if row.get("cert_local") is not None else row.get("cert_global")
+        if cert is None or not row["certified"] or not row["bracketed"] or not row["margin"]:
+            continue
+        out.append({"model": row["model"], "cert": float(cert), "bound": float(row["bound"]), "margin": row["margin"]})
+    return out
+
+
+def tightness_summary(data: SweepData) -> dict[str, dict[str, float]]:
+    """How the sound certificate compares with the first-order bound and the numerical margin, per kind of model.
+
+    Args:
+        data: the sweep.
+
+    Returns:
+        ``{"ordinary" | "lipschitz": {...}}`` (kinds with items only; :func:`model_kind` ``"lipschitz"`` or not) with
+        ``n`` (items of :func:`tightness_items`), ``cert_le_margin`` and ``cert_le_bound`` (counts: the certificate is
+        sound, so the first is every item unless the attack beat a wrong certificate; the bound is only first order)
+        and the medians ``cert``, ``cert_over_bound``, ``cert_over_margin``.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in tightness_items(data):
+        kind = "lipschitz" if model_kind(data.models[item["model"]]) == "lipschitz" else "ordinary"
+        groups.setdefault(kind, []).append(item)
+    out = {}
+    for kind, items in groups.items():
+        out[kind] = {
+            "n": len(items),
+            "cert_le_margin": sum(i["cert"] <= i["margin"] for i in items),
+            "cert_le_bound": sum(i["cert"] <= i["bound"] for i in items),
+            "cert": float(np.median([i["cert"] for i in items])),
+            "cert_over_bound": float(np.median([i["cert"] / i["bound"] for i in items if i["bound"] > 0])),
+            "cert_over_margin": float(np.median([i["cert"] / i["margin"] for i in items])),
+        }
+    return out
+
+
 def headline(data: SweepData) -> dict[str, Any]:
     """The numbers a reader wants first.
 
@@ -461,7 +509,8 @@ def headline(data: SweepData) -> dict[str, Any]:
         The swept dataset (``dataset``: :func:`sweep_dataset`) with its ``published_pearson`` (None when there is
         none) and ``published_source``, sizes, the item counts (:func:`item_counts`), validity over comparable
         items for every bound variant, Pearson/Spearman, the β trend, bound-exceeds-box counts per variant,
-        clean-point decision disagreements, evidence and re-verification counts, and the sweep's total time.
+        clean-point decision disagreements, evidence and re-verification counts, the sound certificates against
+        bound and margin (:func:`tightness_summary`), and the sweep's total time.
     """
     pooled = bound_stats(data.results)
     res = data.results
@@ -488,6 +537,7 @@ def headline(data: SweepData) -> dict[str, Any]:
         "clean_point_disagreements": pooled["n_disagreements"],
         **evidence_summary(data),
         "verification": verification_summary(data),
+        "tightness": tightness_summary(data),
         "sweep_seconds": float(sum(u["seconds_total"] or 0.0 for u in data.units)),
     }
 

@@ -33,6 +33,7 @@ from vaefast.analysis import (  # noqa: E402
     exceeds_box,
     is_gaussian,
     model_kind,
+    tightness_items,
 )
 
 DPI = 120
@@ -746,25 +747,6 @@ def plot_margin_vs_r(data: SweepData, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
-
-
-def tightness_items(data: SweepData) -> list[dict[str, Any]]:
-    """Comparable items (certified, bracketed) with a sound certificate: per item the certified radius (the local
-    one where it exists, else the global one), the first-order bound and the numerical margin.
-
-    Args:
-        data: the sweep.
-
-    Returns:
-        Dicts with ``model``, ``cert``, ``bound``, ``margin`` (numbers) for every such item.
-    """
-    out = []
-    for row in data.results:
-        cert = row.get("cert_local") if row.get("cert_local") is not None else row.get("cert_global")
-        if cert is None or not row["certified"] or not row["bracketed"] or not row["margin"]:
-            continue
-        out.append({"model": row["model"], "cert": float(cert), "bound": float(row["bound"]), "margin": row["margin"]})
-    return out
 
 
 def _tightness_panel(ax, items, colors, key: str, other: str) -> None:

@@ -118,6 +118,23 @@ def format_published(h: Mapping[str, Any]) -> str:
     )
 
 
+def format_tightness(t: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """One line per kind of model: sound certificate against the first-order bound and the numerical margin.
+
+    Args:
+        t: :func:`vaefast.analysis.tightness_summary`'s dict.
+
+    Returns:
+        The lines (none without certificates).
+    """
+    return [
+        f"sound certificate ({kind} models, {s['n']} items): <= margin on {s['cert_le_margin']}, <= first-order bound "
+        f"on {s['cert_le_bound']}; median certificate {s['cert']:.3g}, certificate/bound {s['cert_over_bound']:.3f}, "
+        f"certificate/margin {s['cert_over_margin']:.3f}"
+        for kind, s in t.items()
+    ]
+
+
 def format_headline(h: Mapping[str, Any]) -> str:
     """The headline as a few lines of text (counts in words, validity over comparable items only).
 
@@ -145,6 +162,7 @@ def format_headline(h: Mapping[str, Any]) -> str:
         f"evidence (the delta that broke r-robustness at the margin): {h['n_evidence']} items; with p_hat at "
         f"x + delta above 1/2: {h['n_evidence_not_breaking']}",
         format_verification(h["verification"]),
+        *format_tightness(h.get("tightness", {})),
     ]
     for r, t in h["beta_trend"].items():
         lines.append(
