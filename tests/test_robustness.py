@@ -439,3 +439,20 @@ def test_tf32_autocast_needs_cuda(linear_vae: LinearGaussianVAE) -> None:
     a = estimate_r_robustness(linear_vae, _x(4), 1.0, num_samples=200, seed=1)
     b = estimate_r_robustness(linear_vae, _x(4), 1.0, num_samples=200, seed=1, autocast="bf16")
     assert torch.equal(a.hits, b.hits)
+
+
+def test_a_reused_estimate_must_describe_the_same_model_points_and_delta(linear_vae: LinearGaussianVAE) -> None:
+    """An estimate records what it estimated; margin_bound and numerical_margin refuse one made for other inputs."""
+    from vaefast.margin import numerical_margin
+
+    x = torch.full((4, 12), 0.5, dtype=torch.float64)
+    est = estimate_r_robustness(linear_vae, x, [1.0], num_samples=64, seed=0)
+    margin_bound(linear_vae, x, 1.0, estimate=est)  # the same inputs: accepted
+    other = LinearGaussianVAE(seed=1)
+    moved = x + 0.01
+    shifted = estimate_r_robustness(linear_vae, x, [1.0], num_samples=64, seed=0, delta=torch.full_like(x, 0.01))
+    for model, points, estimate in ((other, x, est), (linear_vae, moved, est), (linear_vae, x, shifted)):
+        with pytest.raises(ValueError, match="estimate was computed for another model"):
+            margin_bound(model, points, 1.0, estimate=estimate)
+    with pytest.raises(ValueError, match="estimate was computed for another model"):
+        numerical_margin(other, x, 1.0, estimate=est, steps=2, progress=False)

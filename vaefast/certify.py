@@ -355,7 +355,7 @@ def certify(
     Returns:
         A :class:`Certificate`.
     """
-    from vaefast.robustness import _column_for, estimate_r_robustness
+    from vaefast.robustness import column_for, estimate_r_robustness
 
     x, _, _ = check_analysis_inputs(model, x)
     method = check_choice("method", method, METHODS)
@@ -365,7 +365,7 @@ def certify(
         estimate = estimate_r_robustness(
             model, x, [r], num_samples=num_samples, seed=seed, confidence=confidence, point_offset=point_offset
         )
-    est = _column_for(estimate, r, x)
+    est = column_for(estimate, r, x, model=model)
     nets = encoder_networks(model)
     with torch.no_grad():
         _, logvar = model.encode(x)

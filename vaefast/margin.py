@@ -387,7 +387,7 @@ def numerical_margin(
     r = check_positive_float("r", r)
     tol = check_positive_float("tol", tol)
     box = check_box(box)
-    clean = None if estimate is None else _clean_outcome(estimate, r, x)
+    clean = None if estimate is None else _clean_outcome(estimate, r, x, model)
     caps, start_radius = _limits(x, box, max_radius, start_radius, tol)
     attacks = _sphere_attacks(
         model, box=box, mode=mode, restarts=restarts, num_noise_samples=num_noise_samples, optimizer=optimizer,
@@ -494,11 +494,11 @@ class _SearchSettings:
     seed: int
 
 
-def _clean_outcome(estimate: object, r: float, x: torch.Tensor) -> _Outcome:
+def _clean_outcome(estimate: object, r: float, x: torch.Tensor, model: Any) -> _Outcome:
     """The clean-point decision of an estimate at radius ``r``: ``robust = p_hat > 1/2`` from its hits."""
-    from vaefast.robustness import _column_for
+    from vaefast.robustness import column_for
 
-    col = _column_for(estimate, r, x)
+    col = column_for(estimate, r, x, model=model)
     hits = col.hits[:, 0].cpu()
     samples = torch.full_like(hits, col.num_samples)
     return _Outcome(2 * hits > samples, hits, samples)

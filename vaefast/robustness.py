@@ -82,6 +82,8 @@ class RRobustnessResult(ResultMixin):
         radii: ``[K]`` float64, in the order asked.
         confidence: the interval's confidence.
         point_index: ``[B]`` the global point ids keying the random numbers.
+        source: what it estimated: :func:`estimate_source` of the model, the points and the perturbation (a reused
+            estimate is checked against it by :func:`column_for`); None for results built by hand.
     """
 
     p_hat: torch.Tensor
@@ -94,6 +96,7 @@ class RRobustnessResult(ResultMixin):
     radii: torch.Tensor
     confidence: float
     point_index: torch.Tensor
+    source: str | None = None
 
     def to_rows(self) -> list[dict[str, Any]]:
         """Plain-Python rows.
@@ -444,6 +447,7 @@ def estimate_r_robustness(
     hits, r_star = _estimate(model, x, delta, radii_t, ids, num_samples, seed, max_elements, progress, precision)
     low, high = clopper_pearson(hits, num_samples, confidence)
     return RRobustnessResult(
+        source=estimate_source(model, x, delta),
         p_hat=hits.to(torch.float64) / num_samples,
         ci_low=low,
         ci_high=high,
@@ -592,19 +596,42 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(num == 0, torch.zeros_like(num), num / den)
 
 
-def _column_for(estimate: object, r: float, x: object) -> RRobustnessResult:
-    """The single-radius view of ``estimate`` at radius ``r``, checked against ``x``'s batch size.
+def estimate_source(model: Any, x: torch.Tensor, delta: torch.Tensor | None = None) -> str:
+    """The identity of an estimate's inputs: a digest of the model's weights, the points and the perturbation
+    (:mod:`vaefast._digest`).
+
+    Args:
+        model: the model.
+        x: the (validated) points.
+        delta: the (validated) perturbation, or None for the clean points.
+
+    Returns:
+        ``"<model digest>:<points and delta digest>"``.
+    """
+    from vaefast._digest import model_digest, tensor_digest
+
+    return f"{model_digest(model)}:{tensor_digest([x, delta])}"
+
+
+def column_for(
+    estimate: object, r: float, x: object, *, model: Any = None, delta: torch.Tensor | None = None
+) -> RRobustnessResult:
+    """The single-radius view of a reused ``estimate`` at radius ``r``, checked against what it must describe.
 
     Args:
         estimate: an :class:`RRobustnessResult` with a column for ``r``.
         r: the radius.
-        x: the points it must cover (only their number is checked).
+        x: the (validated) points it must cover.
+        model: the model it must have estimated; with it (and an estimate that records its ``source``) the model,
+            the points and ``delta`` are checked against the estimate's digest.
+        delta: the (validated) perturbation it must have been computed at (None: the clean points).
 
     Returns:
         ``estimate`` restricted to radius ``r`` (``K = 1``).
 
     Raises:
-        TypeError / ValueError: naming ``estimate``.
+        TypeError / ValueError: naming ``estimate`` (another type, no column for ``r``, another number of points, or
+        computed for another model, other points or another perturbation).
     """
     if not isinstance(estimate, RRobustnessResult):
         raise TypeError(f"estimate must be an RRobustnessResult, got {type(estimate).__name__}")
@@ -613,6 +640,12 @@ def _column_for(estimate: object, r: float, x: object) -> RRobustnessResult:
         raise ValueError(f"estimate has no column for r={r} (radii {estimate.radii.tolist()})")
     if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] != len(estimate):
         raise ValueError(f"estimate covers {len(estimate)} points but x has {x.shape[0]}")
+    if model is not None and estimate.source is not None and isinstance(x, torch.Tensor):
+        if estimate_source(model, x, delta) != estimate.source:
+            raise ValueError(
+                "estimate was computed for another model, other points or another delta than the ones given "
+                "(its digest differs): pass the estimate of exactly these inputs, or none"
+            )
     k = slice(int(match[0]), int(match[0]) + 1)
     return dataclasses.replace(
         estimate,
@@ -710,14 +743,14 @@ def margin_bound(
         A :class:`MarginBound`.
     """
     r = check_positive_float("r", r)
+    x, _, _ = check_analysis_inputs(model, x, requires=("mean_encoder",))
     if estimate is None:
         est = estimate_r_robustness(
             model, x, r, num_samples=num_samples, seed=seed, confidence=confidence,
             max_batch_elements=max_batch_elements, point_offset=point_offset, autocast=autocast,
         )  # fmt: skip
     else:
-        est = _column_for(estimate, r, x)
-    x, _, _ = check_analysis_inputs(model, x, requires=("mean_encoder",))
+        est = column_for(estimate, r, x, model=model)
     return MarginBound(
         **_bounds(est, _encoder_geometry(model, x)),
         r=r,
