@@ -26,8 +26,11 @@ bool compiled_with_cuda() {
 
 TORCH_LIBRARY(vaefast, m) {
   // z[b, s, :] = mu[b] + exp(logvar[b] / 2) * eps[b, s, :], eps from Philox4x32-10 keyed by
-  // (seed; offset + b, sample_offset + s, latent index) with a shared Box-Muller transform.
-  m.def("reparam_sample(Tensor mu, Tensor logvar, int num_samples, int seed, int offset, int sample_offset) -> Tensor");
+  // (seed; offset + id(b), sample_offset + s, latent index) with a shared Box-Muller transform; id(b) = point_ids[b]
+  // (int64 [B] on mu's device) when given, else b.
+  m.def(
+      "reparam_sample(Tensor mu, Tensor logvar, int num_samples, int seed, int offset, int sample_offset, "
+      "Tensor? point_ids=None) -> Tensor");
   // hits[b, k] = #{s : ||y[b, s] - center[b]||_2 <= radii[k]}; distances[b, s] when asked (else empty).
   m.def("sphere_hits(Tensor y, Tensor center, Tensor radii, bool return_distances) -> (Tensor, Tensor)");
   // ||d mu / d x||_F per point for mu = W_L phi(... phi(W_1 x + b_1) ...) + b_L; `first_gram` = W_1 W_1^T.

@@ -101,6 +101,41 @@ def test_split_invariance_points_and_samples(dtype, device):
     assert not torch.equal(full, other_seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_point_ids_key_each_row_by_its_id(dtype, device):
+    """Rows keyed by arbitrary ids (any order, repeats, past 2^32) draw the numbers of those ids: the op equals the
+    reference and the same rows drawn one by one with ``offset = id``."""
+    mu, logvar = _inputs(6, 7, dtype, 9, device)
+    ids = torch.tensor([3, 2**33 + 1, 3, 0, 17, 2], device=device)
+    z = ops.reparam_sample(mu, logvar, 13, seed=11, offset=5, sample_offset=2, point_ids=ids)
+    z_ref = reference.reparam_sample(mu.cpu(), logvar.cpu(), 13, 11, 5, 2, ids.cpu())
+    assert torch.equal(_bits(z.cpu()), _bits(z_ref))
+    one_by_one = torch.cat(
+        [ops.reparam_sample(mu[i : i + 1], logvar[i : i + 1], 13, seed=11, offset=5 + int(ids[i]), sample_offset=2)
+         for i in range(6)]
+    )  # fmt: skip
+    assert torch.equal(_bits(z), _bits(one_by_one))
+    zeros = torch.zeros(6, 7, dtype=dtype, device=device)
+    eps = ops.reparam_sample(zeros, zeros, 13, seed=11, offset=5, point_ids=ids)
+    assert torch.equal(eps[0], eps[2]) and not torch.equal(eps[0], eps[3])  # a repeated id repeats its numbers
+    default = ops.reparam_sample(mu, logvar, 13, seed=11, offset=5, point_ids=torch.arange(6))
+    assert torch.equal(default, ops.reparam_sample(mu, logvar, 13, seed=11, offset=5))
+
+
+@pytest.mark.parametrize(
+    ("ids", "exc", "match"),
+    [
+        (torch.tensor([0.0, 1.0]), TypeError, "point_ids"),
+        (torch.tensor([0, 1, 2]), ValueError, "point_ids"),
+        (torch.tensor([0, -1]), ValueError, "point_ids"),
+        ([0, 1], TypeError, "point_ids"),
+    ],
+)
+def test_bad_point_ids(ids, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.reparam_sample(torch.zeros(2, 3), torch.zeros(2, 3), 4, point_ids=ids)
+
+
 def test_reference_path_split_invariance():
     mu, logvar = _inputs(6, 5, torch.float32, 3)
     full = reference.reparam_sample(mu, logvar, 9, 1, 0, 0)
@@ -143,6 +178,8 @@ def test_gradcheck_float64(device):
     logvar.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda m, v: ops.reparam_sample(m, v, 4, seed=9, offset=2), (mu, logvar))
     assert torch.autograd.gradcheck(lambda m, v: reference.reparam_sample(m, v, 4, 9, 2, 0), (mu, logvar))
+    ids = torch.tensor([7, 0, 7], device=device)
+    assert torch.autograd.gradcheck(lambda m, v: ops.reparam_sample(m, v, 4, seed=9, point_ids=ids), (mu, logvar))
 
 
 def test_gradient_formula(device):
@@ -164,6 +201,8 @@ def test_opcheck(device):
     mu.requires_grad_(True)
     logvar.requires_grad_(True)
     torch.library.opcheck(torch.ops.vaefast.reparam_sample.default, (mu, logvar, 5, 1, 0, 0))
+    ids = torch.tensor([4, 4, 1], device=device)
+    torch.library.opcheck(torch.ops.vaefast.reparam_sample.default, (mu, logvar, 5, 1, 2, 0, ids))
     # float32 without grad: schema and fake kernel only (the full check above covers autograd and AOT)
     args32 = (mu.detach().float(), logvar.detach().float(), 2, 3, 7, 1)
     torch.library.opcheck(

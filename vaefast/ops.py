@@ -30,22 +30,25 @@ def reparam_sample(
     seed: int = 0,
     offset: int = 0,
     sample_offset: int = 0,
+    point_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched reparameterised samples ``z[b, s, :] = mu[b] + exp(logvar[b] / 2) * eps[b, s, :]``.
 
-    ``eps[b, s, j] ~ N(0, 1)`` comes from Philox4x32-10 keyed by ``(seed; offset + b, sample_offset + s, j)``
-    with a Box-Muller transform built from IEEE arithmetic only, so results are bit-identical across CPU,
-    CUDA, the pure-PyTorch reference and any chunking of points (``offset``) or samples (``sample_offset``).
-    eps is float32; ``mu + sigma * eps`` is computed in float32 (float64 for float64 inputs) and stored in the
-    input dtype. Differentiable in ``mu`` and ``logvar``.
+    ``eps[b, s, j] ~ N(0, 1)`` comes from Philox4x32-10 keyed by ``(seed; offset + id(b), sample_offset + s, j)``
+    (``id(b) = point_ids[b]``, default ``b``) with a Box-Muller transform built from IEEE arithmetic only, so results
+    are bit-identical across CPU, CUDA, the pure-PyTorch reference and any chunking, ordering or repetition of points
+    (``offset``, ``point_ids``) or samples (``sample_offset``). eps is float32; ``mu + sigma * eps`` is computed in
+    float32 (float64 for float64 inputs) and stored in the input dtype. Differentiable in ``mu`` and ``logvar``.
 
     Args:
         mu: ``[B, d]`` finite floating tensor.
         logvar: ``[B, d]``, the dtype and device of ``mu``.
         num_samples: ``S >= 1``.
         seed: the Philox key, in ``[0, 2**63)``.
-        offset: the global index of point 0 (``offset + B < 2**63``).
+        offset: added to every point id (``offset + id < 2**63``).
         sample_offset: the index of sample 0 (``sample_offset + S <= 2**32``).
+        point_ids: ``[B]`` integer ids ``>= 0`` of the rows (any order, repeats allowed), on any device; None for
+            ``0 .. B - 1``.
 
     Returns:
         ``z`` ``[B, S, d]`` in ``mu``'s dtype.
@@ -63,11 +66,48 @@ def reparam_sample(
     sample_offset = check_positive_int("sample_offset", sample_offset, minimum=0)
     if sample_offset + num_samples > _MAX_SAMPLE_INDEX:
         raise ValueError(f"sample_offset + num_samples must be <= 2**32, got {sample_offset + num_samples}")
-    if offset + mu.shape[0] > 2**63 - 1:
-        raise ValueError(f"offset + batch size must be < 2**63, got offset={offset}")
+    largest = mu.shape[0] - 1
+    if point_ids is not None:
+        point_ids = _check_point_ids(point_ids, mu.shape[0])
+        largest = int(point_ids.max()) if point_ids.numel() else 0
+        point_ids = point_ids.to(mu.device)
+    if offset + largest > 2**63 - 1:
+        raise ValueError(f"offset + point id must be < 2**63, got offset={offset}")
+    return reparam_sample_unchecked(mu, logvar, num_samples, seed, offset, sample_offset, point_ids)
+
+
+def reparam_sample_unchecked(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    num_samples: int,
+    seed: int,
+    offset: int = 0,
+    sample_offset: int = 0,
+    point_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`reparam_sample` on arguments the caller has validated (the internal core's path: no checks, no host
+    synchronisation); ``point_ids`` int64 on ``mu``'s device.
+
+    Returns:
+        ``z`` ``[B, S, d]``.
+    """
     if _use_compiled(mu.device):
-        return torch.ops.vaefast.reparam_sample(mu, logvar, num_samples, seed, offset, sample_offset)
-    return reference.reparam_sample(mu, logvar, num_samples, seed, offset, sample_offset)
+        return torch.ops.vaefast.reparam_sample(mu, logvar, num_samples, seed, offset, sample_offset, point_ids)
+    return reference.reparam_sample(mu, logvar, num_samples, seed, offset, sample_offset, point_ids)
+
+
+def _check_point_ids(point_ids: object, batch: int) -> torch.Tensor:
+    """Point ids of a batch: an integer tensor ``[batch]`` of values ``>= 0``, as int64 (on the CPU for the check)."""
+    if not isinstance(point_ids, torch.Tensor):
+        raise TypeError(f"point_ids must be a torch.Tensor, got {type(point_ids).__name__}")
+    if point_ids.is_floating_point() or point_ids.is_complex() or point_ids.dtype == torch.bool:
+        raise TypeError(f"point_ids must be an integer tensor, got {point_ids.dtype}")
+    if point_ids.shape != (batch,):
+        raise ValueError(f"point_ids must have shape [{batch}], got {tuple(point_ids.shape)}")
+    ids = point_ids.to(torch.int64)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("point_ids must be >= 0")
+    return ids
 
 
 def _reparam_setup_context(ctx, inputs, output) -> None:
@@ -77,13 +117,13 @@ def _reparam_setup_context(ctx, inputs, output) -> None:
 def _reparam_backward(ctx, grad: torch.Tensor):
     mu, z = ctx.saved_tensors
     dmu, dlogvar = reference.reparam_backward(grad, mu, z)
-    return dmu, dlogvar, None, None, None, None
+    return dmu, dlogvar, None, None, None, None, None
 
 
 if _extension.has_compiled_ops():
 
     @torch.library.register_fake("vaefast::reparam_sample")
-    def _reparam_sample_fake(mu, logvar, num_samples, seed, offset, sample_offset):
+    def _reparam_sample_fake(mu, logvar, num_samples, seed, offset, sample_offset, point_ids=None):
         torch._check(logvar.shape == mu.shape)
         return mu.new_empty((mu.shape[0], num_samples, mu.shape[1]))
 

@@ -143,24 +143,32 @@ def _box_muller(xu: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def reparam_eps(
-    num_points: int, num_samples: int, latent_dim: int, seed: int = 0, offset: int = 0, sample_offset: int = 0
+    num_points: int,
+    num_samples: int,
+    latent_dim: int,
+    seed: int = 0,
+    offset: int = 0,
+    sample_offset: int = 0,
+    point_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """eps[b, s, j] ~ N(0, 1) float32, keyed by (seed; offset + b, sample_offset + s, j) as in the kernels.
+    """eps[b, s, j] ~ N(0, 1) float32, keyed by (seed; offset + id(b), sample_offset + s, j) as in the kernels.
 
-    Philox counter (j // 4, sample_offset + s, lo32(offset + b), hi32(offset + b)), key (lo32(seed),
+    Philox counter (j // 4, sample_offset + s, lo32(p), hi32(p)) with ``p = offset + id(b)``, key (lo32(seed),
     hi32(seed)); its words (x0, x1) -> eps[4q], eps[4q+1] and (x2, x3) -> eps[4q+2], eps[4q+3] by Box-Muller.
 
     Args:
         num_points, num_samples, latent_dim: ``B``, ``S``, ``d``.
         seed: the key.
-        offset: the global index of point 0.
+        offset: added to every point id.
         sample_offset: the index of sample 0.
+        point_ids: ``id(b)``, int64 ``[B]`` (default ``b``).
 
     Returns:
         ``eps`` ``[B, S, d]`` float32 on CPU.
     """
     q = (latent_dim + 3) // 4
-    point = (offset + torch.arange(num_points, dtype=torch.int64)).view(-1, 1, 1)
+    ids = torch.arange(num_points, dtype=torch.int64) if point_ids is None else point_ids.to(torch.int64).cpu()
+    point = (offset + ids).view(-1, 1, 1)
     sample = (sample_offset + torch.arange(num_samples, dtype=torch.int64)).view(1, -1, 1)
     block = torch.arange(q, dtype=torch.int64).view(1, 1, -1)
     shape = (num_points, num_samples, q)
@@ -220,10 +228,16 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _reparam_forward(
-    mu: torch.Tensor, logvar: torch.Tensor, num_samples: int, seed: int, offset: int, sample_offset: int
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    num_samples: int,
+    seed: int,
+    offset: int,
+    sample_offset: int,
+    point_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     acc = _acc_dtype(mu.dtype)
-    eps = reparam_eps(mu.shape[0], num_samples, mu.shape[1], seed, offset, sample_offset).to(mu.device)
+    eps = reparam_eps(mu.shape[0], num_samples, mu.shape[1], seed, offset, sample_offset, point_ids).to(mu.device)
     sigma = exp_det(logvar.to(acc) * 0.5)
     z = mu.to(acc).unsqueeze(1) + sigma.unsqueeze(1) * eps.to(acc)
     return z.to(mu.dtype)
@@ -233,15 +247,15 @@ class _ReparamSample(torch.autograd.Function):
     """Autograd of z = mu + sigma eps: dmu = sum_s g, dlogvar = 1/2 sum_s g (z - mu) (= 1/2 sigma eps g)."""
 
     @staticmethod
-    def forward(ctx, mu, logvar, num_samples, seed, offset, sample_offset):  # noqa: D102
-        z = _reparam_forward(mu, logvar, num_samples, seed, offset, sample_offset)
+    def forward(ctx, mu, logvar, num_samples, seed, offset, sample_offset, point_ids=None):  # noqa: D102
+        z = _reparam_forward(mu, logvar, num_samples, seed, offset, sample_offset, point_ids)
         ctx.save_for_backward(mu, z)
         return z
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         mu, z = ctx.saved_tensors
-        return reparam_backward(grad, mu, z) + (None, None, None, None)
+        return reparam_backward(grad, mu, z) + (None, None, None, None, None)
 
 
 def reparam_backward(grad: torch.Tensor, mu: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +273,13 @@ def reparam_backward(grad: torch.Tensor, mu: torch.Tensor, z: torch.Tensor) -> t
 
 
 def reparam_sample(
-    mu: torch.Tensor, logvar: torch.Tensor, num_samples: int, seed: int = 0, offset: int = 0, sample_offset: int = 0
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    num_samples: int,
+    seed: int = 0,
+    offset: int = 0,
+    sample_offset: int = 0,
+    point_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``z[b, s, :] = mu[b] + exp(logvar[b] / 2) * eps[b, s, :]``, bit for bit as ``torch.ops.vaefast.reparam_sample``.
 
@@ -269,12 +289,12 @@ def reparam_sample(
     Args:
         mu, logvar: ``[B, d]``.
         num_samples: ``S``.
-        seed, offset, sample_offset: as in :func:`reparam_eps`.
+        seed, offset, sample_offset, point_ids: as in :func:`reparam_eps`.
 
     Returns:
         ``z`` ``[B, S, d]`` in ``mu``'s dtype.
     """
-    return _ReparamSample.apply(mu, logvar, num_samples, seed, offset, sample_offset)
+    return _ReparamSample.apply(mu, logvar, num_samples, seed, offset, sample_offset, point_ids)
 
 
 # --- sphere_hits -----------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def normals(
     (the ``reparam_sample`` op with ``mu = 0``, ``logvar = 0``): float32 numbers, cast to ``dtype``.
 
     Args:
-        point_ids: ``[B]`` non-negative global point ids (any order; consecutive runs share one call).
+        point_ids: ``[B]`` non-negative global point ids (any order, repeats allowed; one call of the op).
         num: samples per point.
         dim: coordinates per sample.
         seed: the base seed.
@@ -102,15 +102,12 @@ def normals(
     num = check_positive_int("num", num)
     dim = check_positive_int("dim", dim)
     key = derive_seed(seed, "stream", stream)
-    ids = torch.as_tensor(point_ids, dtype=torch.int64).reshape(-1).cpu()
-    if ids.numel() and int(ids.min()) < 0:
-        raise ValueError("point_ids must be >= 0")
-    out = torch.empty(ids.shape[0], num, dim, dtype=dtype, device=device)
-    for pos, length, first in id_runs(ids):
-        zeros = torch.zeros(length, dim, dtype=torch.float32, device=device)
-        eps = ops.reparam_sample(zeros, zeros, num, seed=key, offset=first, sample_offset=sample_offset)
-        out[pos : pos + length] = eps.to(dtype)
-    return out
+    ids = torch.as_tensor(point_ids, dtype=torch.int64).reshape(-1)
+    if ids.numel() == 0:
+        return torch.empty(0, num, dim, dtype=dtype, device=device)
+    zeros = torch.zeros(ids.shape[0], dim, dtype=torch.float32, device=device)
+    eps = ops.reparam_sample(zeros, zeros, num, seed=key, sample_offset=sample_offset, point_ids=ids)
+    return eps.to(dtype)
 
 
 def generator(seed: int, *parts: object, device: torch.device | str = "cpu") -> torch.Generator:

@@ -40,7 +40,6 @@ from vaefast._checks import (
 )
 from vaefast._chunks import chunk_sizes, spans
 from vaefast._results import ResultMixin
-from vaefast.rng import id_runs
 from vaefast.stats import (
     clopper_pearson,
     futile,
@@ -318,12 +317,7 @@ def _posterior_and_center(
 
 def _sample(mu: torch.Tensor, logvar: torch.Tensor, ids: torch.Tensor, num: int, seed: int, start: int) -> torch.Tensor:
     """``z[b, s] = mu[b] + sigma[b] * eps(seed, ids[b], start + s)`` for arbitrary global ids ``[B, num, d]``."""
-    mu, logvar = mu.contiguous(), logvar.contiguous()  # e.g. halves of one Linear's output
-    parts = [
-        ops.reparam_sample(mu[p : p + n], logvar[p : p + n], num, seed=seed, offset=first, sample_offset=start)
-        for p, n, first in id_runs(ids)
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return ops.reparam_sample(mu, logvar, num, seed=seed, sample_offset=start, point_ids=ids)
 
 
 def _count_hits(

@@ -32,5 +32,15 @@ inline void check_args(const at::Tensor& mu, const at::Tensor& logvar, int64_t n
   TORCH_CHECK((mu.size(1) + 3) / 4 <= (int64_t(1) << 32), "reparam_sample: latent dimension too large");
 }
 
+// point_ids: int64 [B] on mu's device (the values are checked on the Python side, vaefast/ops.py).
+inline void check_ids(const at::Tensor& mu, const c10::optional<at::Tensor>& point_ids) {
+  if (!point_ids.has_value()) return;
+  const at::Tensor& ids = *point_ids;
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == mu.size(0), "reparam_sample: point_ids must be [B], got ",
+              ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "reparam_sample: point_ids must be int64");
+  TORCH_CHECK(ids.device() == mu.device(), "reparam_sample: point_ids device != mu device");
+}
+
 }  // namespace reparam
 }  // namespace vaefast

@@ -129,7 +129,7 @@ void eps_chunk(uint64_t seed, uint64_t point, uint32_t sample0, int64_t n, uint3
 
 template <typename scalar_t>
 void reparam_cpu_impl(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor& z, int64_t S, uint64_t seed,
-                      uint64_t offset, uint64_t sample_offset) {
+                      uint64_t offset, uint64_t sample_offset, const int64_t* ids) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = mu.size(0), d = mu.size(1);
   const int64_t Q = (d + 3) / 4;
@@ -144,7 +144,7 @@ void reparam_cpu_impl(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor
       const int64_t b = t / chunks;
       const int64_t s0 = (t % chunks) * kChunk;
       const int64_t n = std::min<int64_t>(kChunk, S - s0);
-      const uint64_t point = offset + static_cast<uint64_t>(b);
+      const uint64_t point = offset + static_cast<uint64_t>(ids ? ids[b] : b);
       for (int64_t q = 0; q < Q; ++q) {
         const int64_t j0 = 4 * q;
         const int64_t nj = std::min<int64_t>(4, d - j0);
@@ -166,14 +166,17 @@ void reparam_cpu_impl(const at::Tensor& mu, const at::Tensor& logvar, at::Tensor
 }
 
 at::Tensor reparam_sample_cpu(const at::Tensor& mu, const at::Tensor& logvar, int64_t num_samples, int64_t seed,
-                              int64_t offset, int64_t sample_offset) {
+                              int64_t offset, int64_t sample_offset, const c10::optional<at::Tensor>& point_ids) {
   reparam::check_args(mu, logvar, num_samples, seed, offset, sample_offset);
+  reparam::check_ids(mu, point_ids);
   const at::Tensor mu_c = mu.contiguous(), lv_c = logvar.contiguous();
+  const at::Tensor ids_c = point_ids.has_value() ? point_ids->contiguous() : at::Tensor();
+  const int64_t* ids = ids_c.defined() ? ids_c.const_data_ptr<int64_t>() : nullptr;
   at::Tensor z = at::empty({mu.size(0), num_samples, mu.size(1)}, mu.options());
   if (z.numel() == 0) return z;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "vaefast_reparam_sample_cpu", [&] {
     reparam_cpu_impl<scalar_t>(mu_c, lv_c, z, num_samples, static_cast<uint64_t>(seed),
-                               static_cast<uint64_t>(offset), static_cast<uint64_t>(sample_offset));
+                               static_cast<uint64_t>(offset), static_cast<uint64_t>(sample_offset), ids);
   });
   return z;
 }

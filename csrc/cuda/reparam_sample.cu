@@ -19,7 +19,7 @@ namespace {
 template <typename scalar_t>
 __global__ void reparam_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
                                scalar_t* __restrict__ z, int64_t B, int64_t S, int64_t d, int64_t Q, uint64_t seed,
-                               uint64_t offset, uint64_t sample_offset) {
+                               uint64_t offset, uint64_t sample_offset, const int64_t* __restrict__ ids) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t total = B * S * Q;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
@@ -28,7 +28,8 @@ __global__ void reparam_kernel(const scalar_t* __restrict__ mu, const scalar_t* 
     const int64_t s = (t / Q) % S;
     const int64_t b = t / (Q * S);
     float eps[4];
-    rmath::normal4(seed, offset + static_cast<uint64_t>(b), static_cast<uint32_t>(sample_offset + s),
+    const uint64_t point = offset + static_cast<uint64_t>(ids ? ids[b] : b);
+    rmath::normal4(seed, point, static_cast<uint32_t>(sample_offset + s),
                    static_cast<uint32_t>(q), eps);
     const int64_t j0 = 4 * q;
     const int64_t nj = d - j0 < 4 ? d - j0 : 4;
@@ -41,10 +42,13 @@ __global__ void reparam_kernel(const scalar_t* __restrict__ mu, const scalar_t* 
 }
 
 at::Tensor reparam_sample_cuda(const at::Tensor& mu, const at::Tensor& logvar, int64_t num_samples, int64_t seed,
-                               int64_t offset, int64_t sample_offset) {
+                               int64_t offset, int64_t sample_offset, const c10::optional<at::Tensor>& point_ids) {
   reparam::check_args(mu, logvar, num_samples, seed, offset, sample_offset);
+  reparam::check_ids(mu, point_ids);
   const c10::cuda::CUDAGuard guard(mu.device());
   const at::Tensor mu_c = mu.contiguous(), lv_c = logvar.contiguous();
+  const at::Tensor ids_c = point_ids.has_value() ? point_ids->contiguous() : at::Tensor();
+  const int64_t* ids = ids_c.defined() ? ids_c.const_data_ptr<int64_t>() : nullptr;
   at::Tensor z = at::empty({mu.size(0), num_samples, mu.size(1)}, mu.options());
   if (z.numel() == 0) return z;
   const int64_t B = mu.size(0), d = mu.size(1), Q = (d + 3) / 4;
@@ -56,7 +60,7 @@ at::Tensor reparam_sample_cuda(const at::Tensor& mu, const at::Tensor& logvar, i
     reparam_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
         mu_c.const_data_ptr<scalar_t>(), lv_c.const_data_ptr<scalar_t>(), z.mutable_data_ptr<scalar_t>(), B,
         num_samples, d, Q, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-        static_cast<uint64_t>(sample_offset));
+        static_cast<uint64_t>(sample_offset), ids);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return z;
