@@ -222,12 +222,12 @@ def test_per_network_lipschitz_config():
 
 def test_sweep_stores_certificates_and_draws_the_tightness_view(linear_vae, tmp_path):
     from vaefast import analysis, plots, report, store
-    from vaefast.sweep import run_sweep
+    from vaefast.sweep import PointSet, run_sweep
 
     x = torch.rand(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
     db = tmp_path / "r.db"
-    run_sweep({"lg": linear_vae}, x, [1.2], db, num_samples=512, batch_size=4, progress=False,
-              attack_kwargs={"steps": 25, "mode": "mean", "box": None})  # fmt: skip
+    run_sweep({"lg": linear_vae}, PointSet(x, box=None), [1.2], db, num_samples=512, batch_size=4, progress=False,
+              margin={"steps": 25, "mode": "mean", "max_radius": 2.0})  # fmt: skip
     conn = store.connect(db, create=False)
     rows = store.read_table(conn, "results")
     conn.close()

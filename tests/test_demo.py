@@ -23,12 +23,12 @@ import torch
 
 from vaefast import analysis, report
 from vaefast.cli import main
+from vaefast.core.options import MarginOptions
 from vaefast.demo import DATASETS, MODELS, RECIPES, DemoConfig, demo_models, resolve_points, run_demo, train_models
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 TINY = {
-    "epochs": 1, "num_samples": 32, "margin_tol": 0.25, "margin_max_radius": 2.0,
-    "attack_kwargs": {"steps": 3, "num_noise_samples": 2},
+    "epochs": 1, "num_samples": 32, "margin": MarginOptions(tol=0.25, max_radius=2.0, steps=3, num_noise_samples=2),
 }  # fmt: skip
 SMALL_MLP = {"hidden": (32,), "latent_dim": 4}
 SMALL_CONV = {"hidden": (8,), "latent_dim": 3, "conv_channels": (4,)}
@@ -230,7 +230,7 @@ def test_digits_is_the_default_demo() -> None:
     assert (rec.epochs, rec.batch_size, rec.lr, rec.points, rec.threads) == (40, 64, 2e-3, 48, 1)
     assert rec.arch == {"input_shape": (1, 8, 8), "architecture": "mlp", "hidden": (128, 128), "latent_dim": 8,
                         "likelihood": "gaussian", "gaussian_std": 0.2}  # fmt: skip
-    assert (d.num_samples, d.batch_size, d.margin_tol, d.attack_kwargs) == (200, 16, 0.02, {"steps": 20})
+    assert (d.num_samples, d.batch_size, d.margin.tol, d.margin.steps) == (200, 16, 0.02, 20)
     assert set(DATASETS) == {"digits", "mnist", "fashion-mnist", "cifar10"}
 
 

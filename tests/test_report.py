@@ -1,7 +1,7 @@
 """Report and figures on a small synthetic sweep (rows written with the store's schema, no sweep run).
 
 The synthetic sweep has 4 models (three Bernoulli β-VAEs and a Gaussian β-TCVAE) × 6 points × 2 radii; at every
-(model, r) point 0 is uncertified, point 1 unbracketed, point 2 has a bound larger than the box, points 2-5 are
+(model, r) point 0 is not robust at δ = 0, point 1 unbracketed, point 2 has a bound larger than the box, points 2-5 are
 comparable and carry evidence (the δ that broke r-robustness, p̂ ≤ 1/2 there); certified items carry a global sound
 certificate (and a local one for every other model).
 """
@@ -27,6 +27,7 @@ MODELS = {  # name: (beta, objective, likelihood)
     "tc2": (2.0, "beta_tcvae", "gaussian"),
 }
 N_GROUPS = len(MODELS) * len(RADII)
+UNIT = "{}|pos=0:" + str(N_POINTS)  # one unit per model holds every radius
 
 
 def _points() -> list[dict]:
@@ -62,17 +63,19 @@ def _result(name: str, mi: int, r: float, point: dict, rng) -> dict:
     bound = 0.0 if not certified else (2.0 * box if pos == 2 else 0.05 * (pos + 1) * (mi + 1) * r)
     margin = {0: 0.0, 1: 5.0, 2: 0.9 * box}.get(pos, 2.0 * bound + 0.01 * pos)
     row = {
-        "item_id": f"{name}|r={r!r}|pos={pos}", "unit_id": f"{name}|r={r!r}", "model": name, "pos": pos, "r": r,
+        "item_id": f"{name}|r={r!r}|pos={pos}", "unit_id": UNIT.format(name), "model": name, "pos": pos, "r": r,
         "seed": 7, "p_hat": 0.9 if certified else 0.3, "ci_low": 0.85 if certified else 0.25,
         "ci_high": 0.94 if certified else 0.35, "hits": 900 if certified else 300, "num_samples": 1000,
         "robust": int(certified), "r_star": 0.4 * r, "bound": bound, "certified_bound": 0.8 * bound,
         "spectral_bound": 1.1 * bound, "whitened_bound": 1.5 * bound, "latent_margin": 0.3,
         "sigma_min": 0.1 * (mi + 1), "jac_frobenius": 3.0 / (mi + 1), "jac_spectral": 1.0, "certified": int(certified),
         "max_radius": box, "margin": margin, "margin_lower": max(margin - 0.01, 0.0), "bracketed": int(pos != 1),
+        "margin_upper": None if pos == 1 else margin + 0.01 * (pos > 0), "clean_decision": 1 if certified else -1,
+        "p_low": 0.86 if certified else 0.26, "jac_whitened_spectral": 2.0, "cert_reason": None,
         "margin_evals": 12, "cert_global": 0.3 * bound if certified else None,
         "cert_local": 0.6 * bound if certified and mi % 2 == 0 else None,
     }  # fmt: skip
-    evidence = _evidence(rng, x, margin, MODELS[name][2] == "gaussian", pos)
+    evidence = _evidence(rng, x, row["margin_upper"] or 0.0, MODELS[name][2] == "gaussian", pos)
     # like the store: the evidence columns are NULL unless margin > 0 and bracketed
     row.update(evidence if certified and pos != 1 else dict.fromkeys(evidence))
     return row
@@ -80,7 +83,7 @@ def _result(name: str, mi: int, r: float, point: dict, rng) -> dict:
 
 def _curves(name: str, r: float, pos: int, gaussian: bool) -> list[dict]:
     return [
-        {"item_id": f"{name}|r={r!r}|eps={e!r}|pos={pos}", "unit_id": f"{name}|r={r!r}", "model": name, "pos": pos,
+        {"item_id": f"{name}|r={r!r}|eps={e!r}|pos={pos}", "unit_id": UNIT.format(name), "model": name, "pos": pos,
          "r": r, "eps": e, "p_hat": 0.9 - e, "ci_low": 0.8 - e, "ci_high": 0.95 - e, "adv_norm": e,
          "ll_drop": (pos - 2) * e, "rel_ll_degradation": (pos * e / 1.5) if gaussian else pos * e / 50}
         for e in (0.1, 0.4)
@@ -116,8 +119,10 @@ def _tables(verifications: bool = True) -> dict[str, list[dict]]:
     results, curves, units = [], [], []
     for mi, name in enumerate(MODELS):
         for r in RADII:
-            units.append({"unit_id": f"{name}|r={r!r}", "model": name, "r": r, "first_pos": 0, "n_points": N_POINTS,
-                          "rank": 0, "world_size": 1, "seconds_total": 1.2, "finished_at": "2024-01-01"})  # fmt: skip
+            if r == RADII[0]:
+                units.append({"unit_id": f"{name}|pos=0:{N_POINTS}", "model": name, "first_pos": 0,
+                              "n_points": N_POINTS, "rank": 0, "world_size": 1, "seconds_total": 1.2,
+                              "finished_at": "2024-01-01"})  # fmt: skip
             for p in points:
                 results.append(_result(name, mi, r, p, rng))
                 curves.extend(_curves(name, r, p["pos"], MODELS[name][2] == "gaussian"))
@@ -181,7 +186,7 @@ def _capture(monkeypatch) -> dict:
 def test_headline_counts():
     h = analysis.headline(sweep_data())
     assert h["n_items"] == h["items"] == N_GROUPS * N_POINTS
-    assert (h["n_uncertified"], h["n_unbracketed"], h["n_comparable"]) == (N_GROUPS, N_GROUPS, 4 * N_GROUPS)
+    assert (h["n_not_robust"], h["n_unbracketed"], h["n_comparable"]) == (N_GROUPS, N_GROUPS, 4 * N_GROUPS)
     assert h["bound_exceeds_box"] == N_GROUPS  # point 2 of every (model, r)
     assert h["bound_exceeds_box_by_variant"]["certified_bound"] == N_GROUPS  # 1.6 box > box
     assert h["clean_point_disagreements"] == 0
@@ -192,7 +197,7 @@ def test_headline_counts():
     assert v["by_kind"]["clean"] == {"checked": 1, "confirmed": 1, "available": 5 * N_GROUPS}
     assert [f["item_id"] for f in v["failed"]] == ["b1|r=1.0|pos=4"]
     text = report.format_headline(h)
-    assert f"{N_GROUPS} uncertified" in text and f"{N_GROUPS} unbracketed" in text
+    assert f"{N_GROUPS} not robust" in text and f"{N_GROUPS} unbracketed" in text
     assert f"{4 * N_GROUPS} comparable" in text and f"over the {4 * N_GROUPS} comparable items" in text
     assert "clean-point decision disagreements (certified but margin 0): 0" in text
     assert f"bound exceeds box: {N_GROUPS} items" in text
@@ -214,7 +219,7 @@ def test_summary_rows_counts_and_capping():
     rows = analysis.summary_rows(data)
     assert len(rows) == N_GROUPS and set(analysis.SUMMARY_COLUMNS) <= set(rows[0])
     for s in rows:
-        assert (s["n_items"], s["n_uncertified"], s["n_unbracketed"], s["n_comparable"]) == (6, 1, 1, 4)
+        assert (s["n_items"], s["n_not_robust"], s["n_unbracketed"], s["n_comparable"]) == (6, 1, 1, 4)
         assert s["bound_exceeds_box"] == 1
         sub = [r for r in data.results if r["model"] == s["model"] and r["r"] == s["r"]]
         capped = [min(r["bound"], r["max_radius"]) for r in sub]
@@ -265,8 +270,8 @@ def test_degradation_plot_uses_nats_for_gaussian(tmp_path, monkeypatch):
     # the Gaussian drops include -0.3 and 0: shown on a symlog axis, none dropped
     assert nats[1]["yscale"] == "symlog" and "n = 8" in nats[1]["title"]
     # the evidence panel says how many items have no value, and why
-    assert "2 uncertified" in nats[1]["title"] and "2 unbracketed" in nats[1]["title"]
-    assert f"{3 * 2} uncertified" in rel[1]["title"]
+    assert "2 not robust" in nats[1]["title"] and "2 unbracketed" in nats[1]["title"]
+    assert f"{3 * 2} not robust" in rel[1]["title"]
 
 
 def test_degradation_plot_relative_only_without_gaussian(tmp_path, monkeypatch):
@@ -301,7 +306,8 @@ def test_bound_plot_marks_capped(tmp_path, monkeypatch):
     seen = _capture(monkeypatch)
     plots.plot_bound_vs_margin(sweep_data(), tmp_path / "b.png")
     title = seen["b.png"][0]["title"]
-    assert f"{4 * N_GROUPS} comparable items" in title and f"{N_GROUPS} uncertified, {N_GROUPS} unbracketed" in title
+    assert f"{4 * N_GROUPS} comparable items" in title
+    assert f"{N_GROUPS} not robust, 0 undecided, {N_GROUPS} unbracketed" in title
     assert f"bound exceeds box: {N_GROUPS} items" in title
 
 

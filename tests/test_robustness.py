@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from vaefast._memory import activation_bytes
 from vaefast.models import save as save_model
 from vaefast.robustness import estimate_r_robustness, is_r_robust, margin_bound
 from vaefast.testing import LinearGaussianVAE
@@ -125,20 +126,37 @@ def test_clopper_pearson_covers_true_p_at_nominal_rate(linear_vae: LinearGaussia
 # --- chunking, seeds, offsets -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_chunk_size_invariance(dtype: torch.dtype) -> None:
+    """Hits are identical for any memory budget (decoder batches of any size); r* up to the decoder's rounding."""
     model = LinearGaussianVAE(input_dim=D, latent_dim=d, seed=4, dtype=dtype)
     x, s = _x(10, dtype=dtype), 97
     radii = [0.4, 0.8, 1.2]
     ref = estimate_r_robustness(model, x, radii, num_samples=s, seed=9)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    for max_elems in (D * 13, D * s * 3, D * s * 10 + 5):
-        res = estimate_r_robustness(model, x, radii, num_samples=s, seed=9, max_batch_elements=max_elems)
-        assert torch.equal(res.hits, ref.hits), max_elems
+    row = (d + 2 * D) * x.element_size()  # one decoded sample: its code, the Linear's output and the result
+    assert row == activation_bytes(model.decode, torch.zeros(1, d, dtype=dtype))
+    for budget in (row, row * 13, row * s * 3, row * s * 10 + 5):
+        res = estimate_r_robustness(model, x, radii, num_samples=s, seed=9, max_memory=budget)
+        assert torch.equal(res.hits, ref.hits), budget
         # eps is bit-identical; the decoder's own rounding may depend on its batch size (BLAS blocking)
         assert torch.allclose(res.r_star, ref.r_star, rtol=rtol, atol=0)
-    # degenerate bound (below one output): one sample of one point per decoder call
-    tiny = estimate_r_robustness(model, x[:2], radii, num_samples=20, seed=9, max_batch_elements=1)
-    ref2 = estimate_r_robustness(model, x[:2], radii, num_samples=20, seed=9)
-    assert torch.equal(tiny.hits, ref2.hits) and torch.allclose(tiny.r_star, ref2.r_star, rtol=rtol, atol=0)
+    with pytest.raises(ValueError, match="max_memory"):
+        estimate_r_robustness(model, x, radii, num_samples=s, max_memory=row - 1)
+
+
+def test_r_star_in_bounded_memory_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a point's distances do not fit, r* comes from passes over the same samples: the same order statistic
+    as the in-memory kthvalue, and the same hits."""
+    import vaefast.core.sampling as sampling
+
+    model = LinearGaussianVAE(input_dim=D, latent_dim=d, seed=5)
+    x, s = _x(3), 5001
+    ref = estimate_r_robustness(model, x, [0.5, 1.0], num_samples=s, seed=2)
+    monkeypatch.setattr(sampling, "DISTANCE_BYTES", 4 * 40)  # 40 distances at a time: passes with 255 probes
+    small = estimate_r_robustness(model, x, [0.5, 1.0], num_samples=s, seed=2)
+    assert torch.equal(small.hits, ref.hits)
+    assert torch.equal(small.r_star, ref.r_star)
+    monkeypatch.setattr(sampling, "PROBES", 3)  # few probes: several passes narrow the bracket
+    assert torch.equal(estimate_r_robustness(model, x, [0.5], num_samples=s, seed=2).r_star, ref.r_star)
 
 
 def test_point_offset_splits_are_the_same_stream(linear_vae: LinearGaussianVAE) -> None:
@@ -193,7 +211,10 @@ def test_margin_bound_matches_closed_forms(linear_vae: LinearGaussianVAE) -> Non
     assert torch.allclose(mb.bound, sig * q / fro)
     assert torch.allclose(mb.spectral_bound, sig * q / spec)
     assert torch.allclose(mb.whitened_bound, q / (spec / sig))
-    q_low = torch.from_numpy(stats.norm.ppf(mb.ci_low.numpy())).clamp(min=0)
+    k, n = mb.hits.numpy(), mb.num_samples
+    one_sided = stats.beta.ppf(1 - conf, k, n - k + 1)  # the one-sided Clopper–Pearson lower limit
+    assert torch.allclose(mb.p_low, torch.from_numpy(one_sided))
+    q_low = torch.from_numpy(stats.norm.ppf(one_sided)).clamp(min=0)
     assert torch.allclose(mb.certified_bound, sig * q_low / fro)
     assert bool((mb.certified_bound <= mb.bound).all())
     # and the closed form at the exact p, within the MC error of p_hat (delta method, averaged over points)
@@ -240,12 +261,15 @@ def test_non_robust_points_are_flagged_with_zero_bounds(linear_vae: LinearGaussi
         assert bool((getattr(mb, name) == 0).all()), name
 
 
-def test_certified_bound_is_zero_when_the_lower_limit_is_below_half(linear_vae: LinearGaussianVAE) -> None:
+def test_only_points_decided_robust_get_bounds(linear_vae: LinearGaussianVAE) -> None:
+    """One clean decision: certified exactly where the one-sided lower limit exceeds 1/2; a point with p_hat > 1/2
+    but no significance is undecided and gets no bound at all (it is never compared)."""
     mb = margin_bound(linear_vae, _x(40), _radius_for(linear_vae, 0.56), num_samples=100, seed=0)
-    weak = mb.certified & (mb.ci_low <= 0.5)
-    assert bool(weak.any())  # p_hat > 1/2 but not significantly: a point bound, no certificate
-    assert bool((mb.certified_bound[weak] == 0).all() and (mb.bound[weak] > 0).all())
-    assert bool((mb.bound[~mb.certified] == 0).all())
+    undecided = mb.decision == 0
+    assert bool((undecided & (mb.p_hat > 0.5)).any())  # p_hat > 1/2 but not significantly
+    assert torch.equal(mb.certified, mb.p_low > 0.5) and torch.equal(mb.certified, mb.decision == 1)
+    assert bool((mb.bound[~mb.certified] == 0).all() and (mb.certified_bound[~mb.certified] == 0).all())
+    assert bool((mb.certified_bound[mb.certified] > 0).all())
 
 
 def test_top_level_names() -> None:
@@ -262,8 +286,8 @@ def test_saturated_p_hat_gives_finite_half_count_bound(linear_vae: LinearGaussia
     exact = linear_vae.bounds(50.0)
     sig, fro = exact["sigma_min"], exact["jac_frobenius"]
     assert torch.allclose(mb.bound, torch.full((4,), sig * stats.norm.ppf(1 - 0.5 / s) / fro, dtype=torch.float64))
-    low = ((1 - conf) / 2) ** (1 / s)  # Clopper–Pearson lower limit at k = n
-    assert torch.allclose(mb.ci_low, torch.full((4,), low, dtype=torch.float64))
+    low = (1 - conf) ** (1 / s)  # the one-sided Clopper–Pearson lower limit at k = n
+    assert torch.allclose(mb.p_low, torch.full((4,), low, dtype=torch.float64))
     assert torch.allclose(mb.certified_bound, torch.full((4,), sig * stats.norm.ppf(low) / fro, dtype=torch.float64))
     assert bool(torch.isfinite(mb.whitened_bound).all())
 
@@ -288,7 +312,8 @@ def test_saturated_p_hat_gives_finite_half_count_bound(linear_vae: LinearGaussia
         ({"confidence": 0.0}, ValueError, "confidence"),
         ({"seed": -1}, ValueError, "seed"),
         ({"point_offset": -3}, ValueError, "point_offset"),
-        ({"max_batch_elements": 0}, ValueError, "max_batch_elements"),
+        ({"max_memory": 0}, ValueError, "max_memory"),
+        ({"num_samples": 10**12}, ValueError, "num_samples"),
         ({"delta": torch.zeros(3, D, dtype=torch.float64)}, ValueError, "delta"),
         ({"delta": torch.full((D,), float("inf"), dtype=torch.float64)}, ValueError, "delta"),
     ],

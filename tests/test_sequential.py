@@ -162,7 +162,7 @@ def test_is_r_robust_with_delta_and_chunking(lg: LinearGaussianVAE) -> None:
     r = _radius_for(lg, 0.7)
     assert lg.p_robust(r, delta) < 0.3  # the perturbation breaks robustness at this radius
     a = is_r_robust(lg, x, r, delta=delta, seed=3)
-    b = is_r_robust(lg, x, r, delta=delta, seed=3, max_batch_elements=D * 5)
+    b = is_r_robust(lg, x, r, delta=delta, seed=3, max_memory=(2 * lg.latent_dim + 2 * D) * 8 * 5)
     assert torch.equal(a.hits, b.hits) and torch.equal(a.samples_used, b.samples_used)
     assert not bool(a.robust.any())
     clean = is_r_robust(lg, x, r, seed=3)

@@ -9,12 +9,11 @@ import sqlite3
 import numpy as np
 import pytest
 
-from vaefast import store
-from vaefast.sweep import schema
+from vaefast import schema, store
 
 
 def _unit(uid: str, n: int = 2) -> dict:
-    return {**dict.fromkeys(store.UNIT_COLUMNS[:-1]), "unit_id": uid, "model": "m", "r": 1.0, "first_pos": 0,
+    return {**dict.fromkeys(store.UNIT_COLUMNS[:-1]), "unit_id": uid, "model": "m", "first_pos": 0,
             "n_points": n, "rank": 0, "world_size": 1, "seconds_total": 0.5}  # fmt: skip
 
 

@@ -18,8 +18,9 @@ import torch
 from conftest import count_units
 from scipy import stats
 
-from vaefast import store
+from vaefast import schema, store
 from vaefast.sweep import (
+    PointSet,
     SweepSpec,
     WorkUnit,
     auto_radii,
@@ -28,7 +29,6 @@ from vaefast.sweep import (
     enumerate_units,
     item_id,
     run_sweep,
-    schema,
     shard,
 )
 from vaefast.testing import LinearGaussianVAE
@@ -40,20 +40,20 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def test_enumeration_is_deterministic_and_complete():
-    units = enumerate_units(["a", "b"], 10, [0.5, 1.0], 4)
-    assert len(units) == 2 * 2 * 3
-    assert units == enumerate_units(["a", "b"], 10, [0.5, 1.0], 4)
+    units = enumerate_units(["a", "b"], 10, 4)
+    assert len(units) == 2 * 3
+    assert units == enumerate_units(["a", "b"], 10, 4)
     assert [u.n_points for u in units[:3]] == [4, 4, 2]
     ids = [u.unit_id for u in units]
     assert len(set(ids)) == len(ids)
-    items = [item_id(u.model, u.r, p) for u in units for p in u.positions]
+    items = [item_id(u.model, r, p) for u in units for p in u.positions for r in (0.5, 1.0)]
     assert len(items) == len(set(items)) == 2 * 10 * 2
-    assert units[0] == WorkUnit("a", 0.5, 0, 4) and units[0].unit_id == "a|r=0.5|pos=0:4"
+    assert units[0] == WorkUnit("a", 0, 4) and units[0].unit_id == "a|pos=0:4"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharding_covers_every_unit_exactly_once(world):
-    units = enumerate_units(["a", "b", "c"], 7, [0.3, 0.9], 2)
+    units = enumerate_units(["a", "b", "c"], 7, 2)
     shards = [shard(units, rank, world) for rank in range(world)]
     flat = [u.unit_id for s in shards for u in s]
     assert sorted(flat) == sorted(u.unit_id for u in units)  # no padding, no duplicates, nothing missing
@@ -66,7 +66,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="rank"):
         shard([], 2, 2)
     with pytest.raises(ValueError, match="unique"):
-        enumerate_units(["a", "a"], 3, [1.0], 2)
+        enumerate_units(["a", "a"], 3, 2)
     with pytest.raises(ValueError, match="radii"):
         SweepSpec(radii=[1.0, -1.0])
     with pytest.raises(ValueError, match="radii"):
@@ -75,6 +75,13 @@ def test_bad_inputs():
         SweepSpec(radii=[1.0], attack_eps=[0.1], curve_radii=[2.0])
     with pytest.raises(TypeError, match="num_samples"):
         SweepSpec(radii=[1.0], num_samples=1.5)
+    with pytest.raises(TypeError, match="margin"):
+        SweepSpec(radii=[1.0], margin=3)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SweepSpec(radii=[1.0], margin_tol=0.1)
+    spec = SweepSpec(radii=[1.0, 2.0], margin={"tol": 0.05}, num_samples=300)
+    assert spec.margin.tol == 0.05 and spec.margin.num_samples == 300  # the sweep's samples run the search
+    assert SweepSpec.from_json(spec.to_json()) == spec
 
 
 def test_weights_digest_covers_scalar_buffers():
@@ -107,9 +114,10 @@ SWEEP_KW = {
     "curve_radii": [0.8],
     "num_samples": 1024,
     "batch_size": 2,
-    "margin_tol": 0.02,
-    "attack_kwargs": {"steps": 25, "mode": "mean", "box": None},  # 10 steps can miss the top singular direction
+    # 10 steps can miss the top singular direction; unbounded inputs need a search limit
+    "margin": {"tol": 0.02, "steps": 25, "mode": "mean", "max_radius": 2.0},
 }
+TOL = SWEEP_KW["margin"]["tol"]
 
 
 def _lg_models(order=("lg0", "lg1")):
@@ -118,7 +126,9 @@ def _lg_models(order=("lg0", "lg1")):
 
 
 def _lg_points(n=6):
-    return torch.rand(n, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
+    """Points of the linear models, whose inputs are unbounded (``box=None``)."""
+    x = torch.rand(n, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
+    return PointSet(x, box=None)
 
 
 def _sweep_one_thread(models, db, **kw):
@@ -145,7 +155,7 @@ def test_sweep_matches_closed_forms(lg_db):
     rows = store.read_table(conn, "results")
     curves = store.read_table(conn, "curves")
     assert len(rows) == 2 * 6 * 2 and len(curves) == 2 * 6 * 1 * 2
-    assert len(store.completed_units(conn)) == 2 * 2 * 3
+    assert len(store.completed_units(conn)) == 2 * 3
     for row in rows:
         m = models[row["model"]]
         exact = m.bounds(row["r"])
@@ -154,24 +164,24 @@ def test_sweep_matches_closed_forms(lg_db):
         assert row["ci_low"] <= row["p_hat"] <= row["ci_high"]
         assert row["jac_frobenius"] == pytest.approx(exact["jac_frobenius"], rel=1e-6)
         assert row["sigma_min"] == pytest.approx(exact["sigma_min"], rel=1e-6)
-        q = stats.norm.ppf(row["p_hat"]) if row["p_hat"] > 0.5 else 0.0
+        q = stats.norm.ppf(row["p_hat"]) if row["certified"] else 0.0
         assert row["bound"] == pytest.approx(exact["sigma_min"] * q / exact["jac_frobenius"], rel=1e-6)
         assert row["spectral_bound"] == pytest.approx(exact["sigma_min"] * q / exact["jac_spectral"], rel=1e-6)
         assert row["r_star"] == pytest.approx(m.r_star(), rel=0.25)
         true = m.true_margin(row["r"])
+        assert row["certified"] == (row["clean_decision"] == 1) and row["clean_decision"] in (-1, 1)
         assert row["bracketed"] == 1
-        assert row["margin"] == pytest.approx(true, abs=0.05 + 0.15 * true)
-        assert row["bound"] <= row["margin"] + 1e-9
-        if row["margin"] > 0:  # the evidence: the delta that broke r-robustness during the search
-            assert row["adv_norm"] == pytest.approx(row["margin"], rel=1e-5)
+        if row["certified"]:  # the three numbers: the truth in the bracket, the estimate near it
+            assert row["margin_lower"] <= true <= row["margin_upper"]
+            assert row["margin"] == pytest.approx(true, abs=0.02 + 0.1 * true)
+            assert row["bound"] <= row["margin"] + 1e-9
+            assert row["adv_norm"] == pytest.approx(row["margin_upper"], rel=1e-5)  # the evidence
             assert row["p_hat_adv"] <= 0.5 and row["ci_low_adv"] <= row["p_hat_adv"] <= row["ci_high_adv"]
             assert row["p_hat_adv"] == row["hits_adv"] / row["num_samples_adv"]
-            assert row["margin_lower"] < row["margin"] <= row["margin_lower"] + SWEEP_KW["margin_tol"] + 1e-12
             assert row["ll_drop"] == pytest.approx(row["ll_clean"] - row["ll_adv"])
             assert row["rel_ll_degradation"] >= 0
-        else:  # already non-robust at delta = 0: no certificate, no evidence beyond the clean estimate
-            assert row["p_hat"] <= 0.5 and row["bound"] == 0 and row["adv_norm"] is None
-        assert bool(row["certified"]) == (row["margin"] > 0)  # one clean-point decision
+        else:  # decided not robust at delta = 0: no certificate, the clean estimate is the evidence
+            assert row["margin"] == row["margin_upper"] == 0 and row["bound"] == 0 and row["adv_norm"] is None
     conn.close()
 
 
@@ -189,7 +199,7 @@ def test_existing_db_needs_resume_and_same_spec(lg_db):
     with pytest.raises(ValueError, match="different sweep"):
         run_sweep(_lg_models(), _lg_points(), db=lg_db, progress=False, resume=True, **{**SWEEP_KW, "seed": 1})
     res = run_sweep(_lg_models(), _lg_points(), db=lg_db, progress=False, resume=True, **SWEEP_KW)
-    assert res.units_computed == 0 and res.units_skipped == res.units_total == 12
+    assert res.units_computed == 0 and res.units_skipped == res.units_total == 6
 
 
 def test_an_older_schema_is_another_sweep(tmp_path):
@@ -208,25 +218,24 @@ def test_an_older_schema_is_another_sweep(tmp_path):
 def test_compute_unit_rows_have_exactly_the_schema_columns(tmp_path):
     """The rows a unit produces, the store's tables and its column constants have the same keys: one schema."""
     model = _lg_models(order=("lg0",))["lg0"]
-    spec = SweepSpec(radii=[0.4, 1.4], attack_eps=[0.05], num_samples=256, margin_tol=0.05,
-                     attack_kwargs={"steps": 3, "mode": "mean", "box": None})  # fmt: skip
+    spec = SweepSpec(radii=[0.4, 1.4], attack_eps=[0.05], num_samples=256, box=None,
+                     margin={"tol": 0.05, "steps": 3, "mode": "mean", "max_radius": 2.0})  # fmt: skip
     conn = store.connect(tmp_path / "s.db")
+    unit = WorkUnit("lg0", 0, 3)  # r = 0.4 is below r* (no evidence), r = 1.4 above it (evidence)
+    unit_row, results, curves = compute_unit(model, _lg_points().x[:3], unit, spec)
+    assert {*unit_row, "rank", "world_size", "finished_at"} == set(schema.UNITS.names) == set(store.UNIT_COLUMNS)
+    assert len(results) == 3 * 2 and len(curves) == 3 * 2
     with_evidence = without = 0
-    for r in spec.radii:  # r = 0.4 is below r* (no evidence), r = 1.4 above it (evidence)
-        unit = WorkUnit("lg0", r, 0, 3)
-        unit_row, results, curves = compute_unit(model, _lg_points()[:3], unit, spec)
-        assert {*unit_row, "rank", "world_size", "finished_at"} == set(schema.UNITS.names) == set(store.UNIT_COLUMNS)
-        assert len(results) == 3 and len(curves) == 3
-        for row in results:
-            assert row.keys() == set(schema.RESULTS.names) == set(store.RESULT_COLUMNS)
-            with_evidence += row["delta"] is not None
-            without += row["delta"] is None
-            if row["delta"] is None:  # the evidence columns are NULL together
-                assert all(row[c] is None for c in schema.RESULTS.group(schema.EVIDENCE))
-        assert all(row.keys() == set(schema.CURVES.names) == set(store.CURVE_COLUMNS) for row in curves)
-        store.commit_unit(conn, {**unit_row, "rank": 0, "world_size": 1}, results, curves)  # strict inserts
+    for row in results:
+        assert row.keys() == set(schema.RESULTS.names) == set(store.RESULT_COLUMNS)
+        with_evidence += row["delta"] is not None
+        without += row["delta"] is None
+        if row["delta"] is None:  # the evidence columns are NULL together
+            assert all(row[c] is None for c in schema.RESULTS.group(schema.EVIDENCE))
+    assert all(row.keys() == set(schema.CURVES.names) == set(store.CURVE_COLUMNS) for row in curves)
+    store.commit_unit(conn, {**unit_row, "rank": 0, "world_size": 1}, results, curves)  # strict inserts
     assert with_evidence and without
-    assert len(store.completed_units(conn)) == 2
+    assert len(store.completed_units(conn)) == 1
     conn.close()
 
 
@@ -235,7 +244,7 @@ def test_compute_unit_rows_have_exactly_the_schema_columns(tmp_path):
 EXACT_COLUMNS = ("hits", "num_samples", "robust", "certified", "bracketed", "seed", "p_hat", "ci_low", "ci_high")
 CLOSE_COLUMNS = ("r_star", "bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin",
                  "sigma_min", "jac_frobenius", "jac_spectral", "max_radius")  # fmt: skip
-MARGIN_COLUMNS = ("margin", "margin_lower", "adv_norm")
+MARGIN_COLUMNS = ("margin", "margin_lower", "margin_upper", "adv_norm")
 
 
 def _read(db, table):
@@ -260,7 +269,7 @@ def test_sweep_on_a_device_matches_the_cpu(device, lg_db, tmp_path):
         return
     ref, got = _read(lg_db, "results"), _read(db, "results")
     assert [r["item_id"] for r in got] == [r["item_id"] for r in ref]
-    tol = SWEEP_KW["margin_tol"]
+    tol = TOL
     for a, b in zip(ref, got, strict=True):
         assert {c: b[c] for c in EXACT_COLUMNS} == {c: a[c] for c in EXACT_COLUMNS}, a["item_id"]
         for c in CLOSE_COLUMNS:
@@ -315,7 +324,7 @@ SCRIPT = textwrap.dedent(
     f"""
     import sys
     import torch
-    from vaefast.sweep import run_sweep
+    from vaefast.sweep import PointSet, run_sweep
     from vaefast.testing import LinearGaussianVAE
 
     LG_KW = {LG_KW!r}
@@ -323,7 +332,7 @@ SCRIPT = textwrap.dedent(
     models = {{"lg0": LinearGaussianVAE(seed=0, **LG_KW),
                "lg1": LinearGaussianVAE(seed=1, **{{**LG_KW, "sigma": 0.5}})}}
     x = torch.rand(int(sys.argv[3]), 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
-    run_sweep(models, x, db=sys.argv[1], resume=sys.argv[2] == "1", progress=False, **SWEEP_KW)
+    run_sweep(models, PointSet(x, box=None), db=sys.argv[1], resume=sys.argv[2] == "1", progress=False, **SWEEP_KW)
     """
 )
 
@@ -352,15 +361,15 @@ def _tables(db):
 
 def test_kill9_then_resume_equals_uninterrupted(script, lg_db, tmp_path):
     db = tmp_path / "killed.db"
-    total = 2 * 2 * 3
+    total = 2 * 3
     proc = subprocess.Popen([sys.executable, str(script), str(db), "0", "6"], env=_env())
     deadline = time.time() + 90
-    while count_units(db) < 3 and proc.poll() is None and time.time() < deadline:
+    while count_units(db) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = count_units(db)
-    assert 3 <= done_at_kill < total, f"kill came too late/early: {done_at_kill} of {total} units"
+    assert 2 <= done_at_kill < total, f"kill came too late/early: {done_at_kill} of {total} units"
     conn = store.connect(db, create=False)
     before = {r[0]: r for r in store.table_rows(conn, "units")}
     conn.close()
@@ -389,7 +398,7 @@ def test_torchrun_two_processes_equal_single_process(script, lg_db, tmp_path):
     conn = store.connect(db, create=False)
     ranks = conn.execute("SELECT rank, world_size, COUNT(*) FROM units GROUP BY rank, world_size").fetchall()
     conn.close()
-    assert sorted(ranks) == [(0, 2, 6), (1, 2, 6)]
+    assert sorted(ranks) == [(0, 2, 3), (1, 2, 3)]
     assert not Path(str(db) + ".shards").exists()
 
 
@@ -397,7 +406,7 @@ def test_auto_radii_from_quantiles_of_r_star(tmp_path):
     """radii="auto": quantiles of the pooled r* (closed form for the linear-Gaussian VAE: one r* for every point)
     and 1.3 x the last; the sweep stores exactly those radii."""
     model = _lg_models(order=("lg0",))
-    radii = auto_radii(model, _lg_points(), num_samples=2000, seed=0)
+    radii = auto_radii(model, _lg_points().x, num_samples=2000, seed=0)
     r_star = model["lg0"].r_star()
     assert radii == sorted(radii) and len(radii) >= 2
     assert radii[0] == pytest.approx(r_star, rel=0.05) and radii[-1] == pytest.approx(1.3 * r_star, rel=0.05)
@@ -405,8 +414,8 @@ def test_auto_radii_from_quantiles_of_r_star(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_sweep(model, _lg_points(), "auto", db, num_samples=2000, batch_size=6, attack_kwargs={"box": None,
-                  "steps": 5, "mode": "mean"}, progress=False)  # fmt: skip
+        run_sweep(model, _lg_points(), "auto", db, num_samples=2000, batch_size=6,
+                  margin={"steps": 5, "mode": "mean", "max_radius": 2.0}, progress=False)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     conn = store.connect(db, create=False)

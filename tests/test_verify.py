@@ -20,7 +20,7 @@ from vaefast.verify import verify_sweep
 torch.set_num_threads(1)
 
 X = load("digits", "test").x[:6]
-SWEEP = {"radii": [0.3, 0.6], "num_samples": 256, "batch_size": 3, "margin_tol": 0.03, "attack_kwargs": {"steps": 8}}
+SWEEP = {"radii": [0.3, 0.6], "num_samples": 256, "batch_size": 3, "margin": {"tol": 0.03, "steps": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +52,19 @@ def _rows(db):
 
 def test_every_stored_delta_is_evidence(swept):
     rows = _rows(swept)
-    assert any(r["margin"] > 0 for r in rows) and any(r["margin"] == 0 for r in rows)
+    assert any(r["certified"] for r in rows) and any(r["margin"] == 0 for r in rows)
     for row in rows:
-        assert bool(row["certified"]) == (row["p_hat"] > 0.5) == (row["margin"] > 0)  # one clean-point decision
-        if row["margin"] > 0 and row["bracketed"]:
+        assert bool(row["certified"]) == (row["clean_decision"] == 1)  # one clean-point decision
+        assert row["certified"] == (row["margin"] is not None and row["margin"] > 0)
+        if row["certified"] and row["bracketed"]:
             delta = store.from_blob(row["delta"]).astype(np.float64)
             x = X[row["pos"]].flatten().double().numpy()
-            assert np.linalg.norm(delta) == pytest.approx(row["margin"], rel=1e-5)
+            assert np.linalg.norm(delta) == pytest.approx(row["margin_upper"], rel=1e-5)
+            assert row["margin_lower"] <= row["margin"] <= row["margin_upper"]
             assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
             assert row["p_hat_adv"] <= 0.5 and row["hits_adv"] / row["num_samples_adv"] == row["p_hat_adv"]
             assert row["ci_low_adv"] <= row["p_hat_adv"] <= row["ci_high_adv"]
-            assert row["adv_norm"] == pytest.approx(row["margin"], rel=1e-5)
+            assert row["adv_norm"] == pytest.approx(row["margin_upper"], rel=1e-5)
             assert row["rel_ll_degradation"] >= 0
         else:
             assert row["delta"] is None and row["p_hat_adv"] is None
@@ -71,7 +73,7 @@ def test_every_stored_delta_is_evidence(swept):
 def test_verify_confirms_a_clean_database(swept):
     rep = verify_sweep(swept, sample=None)
     rows = _rows(swept)
-    n_delta = sum(1 for r in rows if r["margin"] > 0 and r["bracketed"])
+    n_delta = sum(1 for r in rows if r["certified"] and r["bracketed"])
     n_clean = sum(1 for r in rows if r["certified"])
     assert rep.checked == n_delta + n_clean and n_delta > 0 and n_clean > 0
     assert rep.all_confirmed, rep.failed
@@ -107,7 +109,7 @@ def test_verify_catches_a_zeroed_delta(swept, capsys):
     failed = {(r["item_id"], r["kind"]) for r in rep.failed}
     assert failed == {(victim["item_id"], "delta")}
     (reason,) = [r["reason"] for r in rep.failed]
-    assert "!= margin" in reason
+    assert "!= margin_upper" in reason
     assert main(["verify", str(swept), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert f"FAILED {victim['item_id']} [delta]" in out and "claims confirmed" in out
@@ -120,8 +122,8 @@ def test_verify_catches_a_consistent_delta_that_does_not_break(swept):
     small = store.from_blob(victim["delta"]) * 0.05  # toward x: stays in the box
     conn = sqlite3.connect(swept)
     conn.execute(
-        "UPDATE results SET delta = ?, margin = ?, adv_norm = ? WHERE item_id = ?",
-        (store.to_blob(small), 0.05 * victim["margin"], 0.05 * victim["margin"], victim["item_id"]),
+        "UPDATE results SET delta = ?, margin_upper = ?, adv_norm = ? WHERE item_id = ?",
+        (store.to_blob(small), 0.05 * victim["margin_upper"], 0.05 * victim["margin_upper"], victim["item_id"]),
     )
     conn.commit()
     conn.close()

@@ -1,17 +1,21 @@
 """Loading and statistics of a sweep's results database (used by :mod:`vaefast.report` and :mod:`vaefast.plots`).
 
-Every (model, point, r) item falls in exactly one of three groups, and every summary says how many items are in
-each instead of folding them into a rate:
+Every (model, point, r) item falls in exactly one of four groups, and every summary says how many items are in
+each instead of folding them into a rate. The clean point is decided once, three-way, at the sweep's confidence
+(``clean_decision``), for the bound, the margin search and the certificate alike:
 
-- **uncertified**: p̂_r(x) ≤ 1/2 (no bound; the margin search's own decision at δ = 0, the same estimate);
-- **unbracketed**: certified, but the margin search did not bracket (the margin only exceeds the search limit);
-- **comparable**: certified and bracketed: bound and numerical margin can be compared.
+- **not robust**: decided not r-robust at δ = 0 (no bound, margin 0);
+- **undecided**: p̂_r(x) too close to 1/2 to decide at the sweep's confidence: never certified, never compared;
+- **unbracketed**: decided robust, but the search found no decided break (the margin only exceeds the search limit);
+- **comparable**: decided robust (certified) with evidence: bound and numerical margin can be compared.
 
-The bound is **valid** at a comparable item when ``bound <= numerical margin``; the **validity rate** is taken
-over comparable items only. Correlations between the bound and the numerical margin (Pearson r and Spearman ρ,
-``scipy.stats``) use the same items. A certified item with margin 0 would mean the clean point was decided twice
-with different outcomes; the clean point is decided once, so this **clean-point decision disagreement** count
-must be 0 (it is counted, not explained away).
+Each comparable item has three margins: the estimate (``margin``, where p̂ crosses 1/2 along the attack path) and
+its bracket ``[margin_lower, margin_upper]`` (radii decided robust and broken at the stated confidence). Validity is
+counted twice: against ``margin_upper`` (a bound above it is wrong with confidence) and against ``margin`` (the
+paper's comparison); the **validity rates** are taken over comparable items only. Correlations between the bound and
+the margin estimate (Pearson r and Spearman ρ, ``scipy.stats``) use the same items. A certified item with margin 0
+would mean the clean point was decided twice with different outcomes; the clean point is decided once, so this
+**clean-point decision disagreement** count must be 0 (it is counted, not explained away).
 
 **Bound larger than the box.** ``max_radius`` is the largest L2 perturbation the data box allows at a point (the
 distance to its farthest box corner). A bound above it claims every perturbation the box allows, so it is the
@@ -204,7 +208,7 @@ def is_comparable(row: Mapping[str, Any]) -> bool:
         row: a results row.
 
     Returns:
-        True when the item is certified and bracketed, with a margin.
+        True when the item is certified (decided robust) and bracketed (a decided break exists), with a margin.
     """
     return bool(row["certified"]) and bool(row["bracketed"]) and row["margin"] is not None
 
@@ -222,23 +226,25 @@ def comparable(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def item_counts(rows: Sequence[Mapping[str, Any]], bound: str = "bound") -> dict[str, int]:
-    """How many items are uncertified, unbracketed and comparable, and the two counts that must be read beside them.
+    """How many items are in each group (module docstring), and the two counts that must be read beside them.
 
     Args:
         rows: results rows.
         bound: the bound column whose ``exceeds box`` count is wanted.
 
     Returns:
-        ``n_items``, ``n_uncertified`` (p̂ ≤ 1/2), ``n_unbracketed`` (certified, search not bracketed or no
-        margin), ``n_comparable`` (the rest; the three add up to ``n_items``), ``n_bound_exceeds_box`` (bound >
-        max_radius, over all items) and ``n_disagreements`` (certified but margin == 0: must be 0).
+        ``n_items``, ``n_not_robust``, ``n_undecided``, ``n_unbracketed`` and ``n_comparable`` (the four add up to
+        ``n_items``), ``n_bound_exceeds_box`` (bound > max_radius, over all items) and ``n_disagreements`` (certified
+        but margin == 0: must be 0).
     """
-    n_unc = sum(1 for r in rows if not r["certified"])
+    n_not = sum(1 for r in rows if r["clean_decision"] == -1)
+    n_und = sum(1 for r in rows if r["clean_decision"] == 0)
     n_comp = sum(1 for r in rows if is_comparable(r))
     return {
         "n_items": len(rows),
-        "n_uncertified": n_unc,
-        "n_unbracketed": len(rows) - n_unc - n_comp,
+        "n_not_robust": n_not,
+        "n_undecided": n_und,
+        "n_unbracketed": len(rows) - n_not - n_und - n_comp,
         "n_comparable": n_comp,
         "n_bound_exceeds_box": sum(1 for r in rows if exceeds_box(r, bound)),
         "n_disagreements": sum(1 for r in rows if r["certified"] and r["margin"] is not None and r["margin"] == 0),
@@ -253,13 +259,15 @@ def bound_stats(rows: Sequence[Mapping[str, Any]], bound: str = "bound") -> dict
         bound: which bound column; values are capped to ``max_radius`` first (:func:`capped_bound`).
 
     Returns:
-        The counts, ``n`` (= ``n_comparable``), ``validity`` (fraction with capped bound <= margin, over
-        comparable items), Pearson/Spearman, the least-squares fit bound = slope * margin + intercept and the
-        median bound/margin.
+        The counts, ``n`` (= ``n_comparable``), ``validity`` (fraction with capped bound <= the margin estimate),
+        ``validity_upper`` (<= margin_upper, the evidence), ``validity_lower`` (<= margin_lower), Pearson/Spearman
+        against the estimate, the least-squares fit bound = slope * margin + intercept and the median bound/margin.
     """
     comp = comparable(rows)
     b = np.array([capped_bound(r, bound) for r in comp], float)
     m = np.array([r["margin"] for r in comp], float)
+    up = np.array([r["margin_upper"] for r in comp], float)
+    lo = np.array([r["margin_lower"] for r in comp], float)
     pearson, spearman = _corr(b, m)
     slope = intercept = math.nan
     if b.size >= 2 and np.ptp(m) > 0:
@@ -268,6 +276,8 @@ def bound_stats(rows: Sequence[Mapping[str, Any]], bound: str = "bound") -> dict
         **item_counts(rows, bound),
         "n": int(b.size),
         "validity": float(np.mean(b <= m)) if b.size else math.nan,
+        "validity_upper": float(np.mean(b <= up)) if b.size else math.nan,
+        "validity_lower": float(np.mean(b <= lo)) if b.size else math.nan,
         "pearson": pearson,
         "spearman": spearman,
         "slope": slope,
@@ -286,7 +296,8 @@ SUMMARY_COLUMNS = (  # the keys of summary_rows, in table order
     "beta",
     "r",
     "n_items",
-    "n_uncertified",
+    "n_not_robust",
+    "n_undecided",
     "n_unbracketed",
     "n_comparable",
     "p_hat",
@@ -295,12 +306,14 @@ SUMMARY_COLUMNS = (  # the keys of summary_rows, in table order
     "bound_exceeds_box",
     "margin",
     "validity",
+    "validity_upper",
     "pearson",
     "spearman",
     "rel_ll_deg",
     "ll_drop_nats",
-    "sec_per_point",
+    "sec_per_item",
 )
+COUNT_KEYS = ("n_items", "n_not_robust", "n_undecided", "n_unbracketed", "n_comparable")
 
 
 def summary_rows(data: SweepData) -> list[dict[str, Any]]:
@@ -310,7 +323,8 @@ def summary_rows(data: SweepData) -> list[dict[str, Any]]:
         data: the sweep.
 
     Returns:
-        Rows with the keys of :data:`SUMMARY_COLUMNS` (``bound`` is the median capped bound, ``rel_ll_deg``
+        Rows with the keys of :data:`SUMMARY_COLUMNS` (``bound`` is the median capped bound, ``margin`` the median
+        margin estimate over the items decided robust, ``rel_ll_deg``
         the median relative degradation, ``ll_drop_nats`` the median log-likelihood drop in nats, both at the
         evidence δ).
     """
@@ -326,26 +340,28 @@ def summary_rows(data: SweepData) -> list[dict[str, Any]]:
                     "model": name,
                     "beta": data.models[name].get("beta"),
                     "r": r,
-                    **{k: st[k] for k in ("n_items", "n_uncertified", "n_unbracketed", "n_comparable")},
+                    **{k: st[k] for k in COUNT_KEYS},
                     "p_hat": _median(x["p_hat"] for x in rows),
                     "r_star": _median(x["r_star"] for x in rows),
                     "bound": _median(capped_bound(x) for x in rows),
                     "bound_exceeds_box": st["n_bound_exceeds_box"],
-                    "margin": _median(x["margin"] for x in rows),
+                    "margin": _median(x["margin"] for x in rows if x["certified"]),
                     "validity": st["validity"],
+                    "validity_upper": st["validity_upper"],
                     "pearson": st["pearson"],
                     "spearman": st["spearman"],
                     "rel_ll_deg": _median(x.get("rel_ll_degradation") for x in rows),
                     "ll_drop_nats": _median(x.get("ll_drop") for x in rows),
-                    "sec_per_point": _unit_seconds(data, name, r),
+                    "sec_per_item": _unit_seconds(data, name),
                 }
             )
     return out
 
 
-def _unit_seconds(data: SweepData, model: str, r: float) -> float:
-    units = [u for u in data.units if u["model"] == model and u["r"] == r]
-    n = sum(u["n_points"] for u in units)
+def _unit_seconds(data: SweepData, model: str) -> float:
+    """Seconds per (point, radius) item of a model's units (a unit computes every radius of its points)."""
+    units = [u for u in data.units if u["model"] == model]
+    n = sum(u["n_points"] for u in units) * max(1, len(data.radii))
     return sum(u["seconds_total"] or 0.0 for u in units) / n if n else math.nan
 
 
@@ -368,8 +384,9 @@ def beta_trend(data: SweepData) -> dict[float, dict[str, float]]:
             if not rows:
                 continue
             betas.append(data.models[name]["beta"])
+            decided = [x for x in rows if x["certified"]]
             for c in cols:
-                cols[c].append(_median(capped_bound(x) if c == "bound" else x[c] for x in rows))
+                cols[c].append(_median(capped_bound(x) if c == "bound" else x[c] for x in decided))
         if len(betas) >= 3:
             out[r] = {c: _spearman(betas, v) for c, v in cols.items()}
     return out
@@ -464,7 +481,7 @@ def tightness_items(data: SweepData) -> list[dict[str, Any]]:
     out = []
     for row in data.results:
         cert = row.get("cert_local") if row.get("cert_local") is not None else row.get("cert_global")
-        if cert is None or not row["certified"] or not row["bracketed"] or not row["margin"]:
+        if cert is None or not is_comparable(row) or not row["margin"]:
             continue
         out.append({"model": row["model"], "cert": float(cert), "bound": float(row["bound"]), "margin": row["margin"]})
     return out
@@ -523,10 +540,12 @@ def headline(data: SweepData) -> dict[str, Any]:
         "points": len(data.points),
         "radii": data.radii,
         "items": len(res),
-        **{k: pooled[k] for k in ("n_items", "n_uncertified", "n_unbracketed", "n_comparable")},
+        **{k: pooled[k] for k in COUNT_KEYS},
         "certified_fraction": float(np.mean([bool(r["certified"]) for r in res])) if res else math.nan,
         "bracketed_fraction": float(np.mean([bool(r["bracketed"]) for r in res])) if res else math.nan,
         "validity": pooled["validity"],
+        "validity_upper": pooled["validity_upper"],
+        "validity_lower": pooled["validity_lower"],
         "pearson": pooled["pearson"],
         "spearman": pooled["spearman"],
         **{f"{b}_validity": bound_stats(res, b)["validity"] for b in BOUND_COLUMNS[1:]},

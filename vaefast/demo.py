@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaefast.core.options import MarginOptions
+
 MODELS: dict[str, dict[str, Any]] = {
     "beta1": {"objective": "beta_vae", "beta": 1.0},
     "beta2": {"objective": "beta_vae", "beta": 2.0},
@@ -144,8 +146,9 @@ class DemoConfig:
             ``hidden`` sizes for a quick look; empty: the recipe's, the original experiments' on the real sets).
         retrain: train again even if the run folders hold the same trained models.
         fresh: discard an existing results database instead of resuming it.
-        num_samples, confidence, seed, batch_size, margin_tol, margin_max_radius, attack_kwargs: the sweep's
-            settings (:func:`vaefast.sweep.run_sweep`); ``seed`` also seeds the training and the replay.
+        num_samples, confidence, seed, batch_size, margin: the sweep's settings (:class:`vaefast.sweep.SweepSpec`;
+            ``margin`` the search's :class:`~vaefast.core.options.MarginOptions`, whose attack settings also run the
+            curves); ``seed`` also seeds the training and the replay.
     """
 
     data: str = "digits"
@@ -160,9 +163,7 @@ class DemoConfig:
     confidence: float = 0.95
     seed: int = 0
     batch_size: int = 16
-    margin_tol: float = 0.02
-    margin_max_radius: float | None = None
-    attack_kwargs: dict[str, Any] = field(default_factory=lambda: {"steps": 20})
+    margin: MarginOptions = field(default_factory=lambda: MarginOptions(tol=0.02, steps=20))
 
     def recipe(self) -> DatasetRecipe:
         """The recipe of :attr:`data`.
@@ -197,8 +198,7 @@ class DemoConfig:
         """
         return {
             "num_samples": self.num_samples, "confidence": self.confidence, "seed": self.seed,
-            "batch_size": self.batch_size, "margin_tol": self.margin_tol, "margin_max_radius": self.margin_max_radius,
-            "attack_kwargs": dict(self.attack_kwargs),
+            "batch_size": self.batch_size, "margin": self.margin,
         }  # fmt: skip
 
 

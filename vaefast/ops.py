@@ -170,13 +170,29 @@ def sphere_hits(
         radii = radii.to(device=y.device, dtype=torch.float64)
     else:
         radii = as_radii("radii", radii, dtype=torch.float64, device=y.device)
-    if _use_compiled(y.device):
-        hits, dist = torch.ops.vaefast.sphere_hits(y, center, radii, True)
-    else:
-        hits, dist = reference.sphere_hits(y, center, radii, return_distances=True)
+    hits, dist = sphere_hits_unchecked(y, center, radii)
     if not bool(torch.isfinite(dist).all()):
         raise ValueError("y contains NaN or Inf (or values so large that the distances overflow)")
     return (hits, dist) if return_distances else hits
+
+
+def sphere_hits_unchecked(
+    y: torch.Tensor, center: torch.Tensor, radii: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sphere_hits` with distances on arguments the caller has validated (the internal core's path: no checks,
+    no host synchronisation; the caller checks the distances' finiteness once per analysis).
+
+    Args:
+        y: ``[B, S, D]``.
+        center: ``[B, D]`` of y's dtype and device.
+        radii: ``[K]`` float64 on y's device.
+
+    Returns:
+        ``(hits [B, K], dist [B, S])``.
+    """
+    if _use_compiled(y.device):
+        return torch.ops.vaefast.sphere_hits(y, center, radii, True)
+    return reference.sphere_hits(y, center, radii, return_distances=True)
 
 
 if _extension.has_compiled_ops():

@@ -137,9 +137,10 @@ def _bound_margin_title(rows: Sequence[Mapping[str, Any]], left_out: int) -> str
     st = bound_stats(rows)
     extra = f"; {left_out} items with a value ≤ 0 not on the log axes" if left_out else ""
     return (
-        f"Bound vs numerical margin — pooled Pearson r = {st['pearson']:.3f}, Spearman ρ = {st['spearman']:.3f}\n"
-        f"valid (bound ≤ margin) on {st['validity']:.1%} of {st['n_comparable']} comparable items; left out: "
-        f"{st['n_uncertified']} uncertified, {st['n_unbracketed']} unbracketed{extra}\n"
+        f"Bound vs margin estimate — pooled Pearson r = {st['pearson']:.3f}, Spearman ρ = {st['spearman']:.3f}\n"
+        f"valid on {st['n_comparable']} comparable items: ≤ estimate {st['validity']:.1%}, ≤ margin_upper "
+        f"{st['validity_upper']:.1%}; left out: {st['n_not_robust']} not robust, {st['n_undecided']} undecided, "
+        f"{st['n_unbracketed']} unbracketed{extra}\n"
         f"bound exceeds box: {st['n_bound_exceeds_box']} items (capped to max_radius, black hexagons)"
     )
 
@@ -157,6 +158,11 @@ def _scatter_bounds(ax, data: SweepData, comp: Sequence[Mapping[str, Any]]) -> N
         for k, rr in enumerate(data.radii):
             sub = [r for r in rows if r["r"] == rr]
             if sub:
+                m = np.array([r["margin"] for r in sub], float)
+                xerr = np.array([[r["margin"] - r["margin_lower"] for r in sub], [r["margin_upper"] - r["margin"]
+                                 for r in sub]], float).clip(min=0)  # fmt: skip
+                ax.errorbar(m, [capped_bound(r) for r in sub], xerr=xerr, fmt="none", ecolor=colors[name], alpha=0.25,
+                            lw=0.6)  # fmt: skip
                 ax.scatter(
                     [r["margin"] for r in sub],
                     [capped_bound(r) for r in sub],
@@ -188,10 +194,12 @@ def _fit_line(ax, m: np.ndarray, b: np.ndarray, xs: np.ndarray, log_axes: bool, 
 @figure(
     "bound_vs_margin.png",
     "Bound vs numerical margin",
-    "Each dot is a comparable (point, r) item: certified (p̂ > 1/2) and bracketed by the margin search; the title "
-    "says how many items were left out as uncertified or unbracketed. Dots below y = x (dashed) are items where "
-    "the lower bound is valid. A bound larger than the largest perturbation the data box allows is capped to that "
-    "radius and ringed by a black hexagon.",
+    "Each dot is a comparable (point, r) item: decided robust at δ = 0 and with a decided break; x is the margin "
+    "estimate (where p̂ crosses 1/2 along the attack path) and its horizontal bar the bracket [margin_lower, "
+    "margin_upper] of radii decided robust and broken at the sweep's confidence. The title says how many items were "
+    "left out (not robust, undecided, unbracketed). Dots below y = x (dashed) are items where the lower bound is "
+    "valid. A bound larger than the largest perturbation the data box allows is capped to that radius and ringed by "
+    "a black hexagon.",
 )
 def plot_bound_vs_margin(data: SweepData, path: Path) -> Path | None:
     """Figure 1: capped bound (y) vs numerical margin (x) over comparable items, y = x, fit, ρ per model and pooled.
@@ -222,7 +230,7 @@ def plot_bound_vs_margin(data: SweepData, path: Path) -> Path | None:
         ax.set_yscale("log")
     ax.set_xlim(lo if log_axes else 0, hi)
     ax.set_ylim(lo if log_axes else 0, hi)
-    ax.set_xlabel("numerical margin $R_{num}$ (max-damage attack, bisection)")
+    ax.set_xlabel("numerical margin estimate $R_{num}$ with [margin_lower, margin_upper]")
     ax.set_ylabel("bound  $\\min_i\\sigma_i\\,\\Phi^{-1}(\\hat p_r)\\,/\\,\\|J_\\mu\\|_F$  (capped to the box)")
     radii = ", ".join(f"{r:.3g}" for r in data.radii)
     ax.set_title(_bound_margin_title(data.results, left_out) + f"; markers = radius r ({radii})", fontsize=8)
@@ -247,8 +255,10 @@ def _why_missing(res: Mapping[str, Any] | None) -> str:
     """Why an item has no point in a degradation panel."""
     if res is None:
         return "without a result row"
+    if res["clean_decision"] == 0:
+        return "undecided at δ = 0 (never compared)"
     if not res["certified"]:
-        return "uncertified (no δ)"
+        return "not robust at δ = 0 (no δ)"
     if not res["bracketed"] or res["margin"] is None:
         return "unbracketed (margin unknown)"
     return "without a value"
@@ -626,8 +636,9 @@ def plot_phat_vs_eps(data: SweepData, path: Path) -> Path | None:
 
 
 def _group_medians(data: SweepData, name: str, r: float | None) -> tuple[float, float, int]:
-    """(median margin, median capped bound, number of capped bounds) of one model at one radius (all radii: None)."""
-    rows = [x for x in data.results if x["model"] == name and (r is None or x["r"] == r)]
+    """(median margin, median capped bound, number of capped bounds) of one model at one radius (all radii: None),
+    over the items whose clean point was decided (undecided items have no margin)."""
+    rows = [x for x in data.results if x["model"] == name and (r is None or x["r"] == r) and x["margin"] is not None]
     margin = float(np.median([x["margin"] for x in rows])) if rows else math.nan
     bound = float(np.median([capped_bound(x) for x in rows])) if rows else math.nan
     return margin, bound, sum(1 for x in rows if exceeds_box(x))

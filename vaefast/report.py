@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vaefast.analysis import (
+    COUNT_KEYS,
     SUMMARY_COLUMNS,
     SweepData,
     bound_stats,
@@ -147,19 +148,21 @@ def format_headline(h: Mapping[str, Any]) -> str:
     box = h["bound_exceeds_box_by_variant"]
     lines = [
         f"items: {h['n_items']} ({h['models']} models x {h['points']} points x {len(h['radii'])} radii): "
-        f"{h['n_uncertified']} uncertified (p_hat <= 1/2, no bound), {h['n_unbracketed']} unbracketed (certified, "
-        f"margin beyond the search limit), {h['n_comparable']} comparable (certified and bracketed)",
-        f"bound validity (bound <= numerical margin, over the {h['n_comparable']} comparable items): "
-        f"{_pct(h['validity'])}  [certified bound {_pct(h['certified_bound_validity'])}, spectral "
-        f"{_pct(h['spectral_bound_validity'])}, whitened {_pct(h['whitened_bound_validity'])}]",
+        f"{h['n_not_robust']} not robust at delta = 0 (no bound, margin 0), {h['n_undecided']} undecided (p_hat too "
+        f"close to 1/2 at this confidence: never compared), {h['n_unbracketed']} unbracketed (robust, no break found "
+        f"within the search limit), {h['n_comparable']} comparable (decided robust, with evidence)",
+        f"bound validity over the {h['n_comparable']} comparable items: bound <= margin estimate "
+        f"{_pct(h['validity'])}, <= margin_upper (the evidence) {_pct(h['validity_upper'])}, <= margin_lower "
+        f"{_pct(h['validity_lower'])}  [against the estimate: certified bound {_pct(h['certified_bound_validity'])}, "
+        f"spectral {_pct(h['spectral_bound_validity'])}, whitened {_pct(h['whitened_bound_validity'])}]",
         f"clean-point decision disagreements (certified but margin 0): {h['clean_point_disagreements']}",
         f"bound exceeds box: {h['bound_exceeds_box']} items (capped to the largest perturbation the box allows; "
         f"certified bound {box['certified_bound']}, spectral {box['spectral_bound']}, whitened "
         f"{box['whitened_bound']})",
-        f"bound vs numerical margin: Pearson r = {h['pearson']:.3f}, Spearman rho = {h['spearman']:.3f}, "
+        f"bound vs margin estimate: Pearson r = {h['pearson']:.3f}, Spearman rho = {h['spearman']:.3f}, "
         f"median bound/margin = {h['median_bound_over_margin']:.3f}",
         *([format_published(h)] if format_published(h) else []),
-        f"evidence (the delta that broke r-robustness at the margin): {h['n_evidence']} items; with p_hat at "
+        f"evidence (a delta decided to break r-robustness, at margin_upper): {h['n_evidence']} items; with p_hat at "
         f"x + delta above 1/2: {h['n_evidence_not_breaking']}",
         format_verification(h["verification"]),
         *format_tightness(h.get("tightness", {})),
@@ -211,11 +214,14 @@ def _bound_tables_html(data: SweepData, summary: Sequence[Mapping[str, Any]]) ->
     """The per-model bound table (with item counts) and the per (model, r) summary table."""
     per_model = [{"model": n, **bound_stats([x for x in data.results if x["model"] == n])} for n in data.model_names]
     pooled = {"model": "pooled", **bound_stats(data.results)}
-    cols = ["model", "n_items", "n_uncertified", "n_unbracketed", "n_comparable", "n_bound_exceeds_box"]
-    cols += ["n_disagreements", "validity", "pearson", "spearman", "slope", "intercept", "median_ratio"]
+    cols = ["model", *COUNT_KEYS, "n_bound_exceeds_box"]
+    cols += ["n_disagreements", "validity", "validity_upper", "pearson", "spearman", "slope", "intercept"]
+    cols += ["median_ratio"]
     return [
         "<h2>Bound vs numerical margin</h2>",
-        "<p>Validity, correlations and the fit are over comparable items (certified and bracketed) only; bounds "
+        "<p>Validity, correlations and the fit are over comparable items (decided robust, with evidence) only: "
+        "<code>validity</code> against the margin estimate, <code>validity_upper</code> against the evidence radius "
+        "(a bound above it is wrong with the stated confidence); bounds "
         "larger than the box are capped to <code>max_radius</code> (counted in <code>n_bound_exceeds_box</code>); "
         "<code>n_disagreements</code> counts certified items with margin 0 (must be 0).</p>",
         _html_table([*per_model, pooled], cols),

@@ -6,10 +6,10 @@ Notation: ``z = mu(x + delta) + sigma(x + delta) * eps`` with ``eps ~ N(0, I_d)`
 distortion ``||g(z) - g(mu(x))||_2`` between flattened decoder means (the reference is always the *clean* x),
 ``p_r = P(distortion <= r)``; the model is r-robust at ``(x, delta)`` iff ``p_r > 1/2``.
 
-Streaming: decoder batches hold at most ``max_batch_elements`` output numbers (points x samples x D), chunked by
-:func:`vaefast._chunks.chunk_sizes`. Because eps is keyed by global (point, sample) indices, every result is
-independent of the chunking. For ``r*`` the S distances of the points of one point chunk are kept
-(``point_chunk x S`` floats) and reduced with ``kthvalue`` before the next chunk.
+Every function here validates its inputs once, runs the model in eval mode once, and calls the internal core
+(:mod:`vaefast.core`: encoding, sampling and counting, decisions) on the validated tensors. Memory: decoder batches and
+stored distances are derived from one budget, ``max_memory`` (:mod:`vaefast._memory`); because eps is keyed by global
+(point, sample) indices, every result is independent of the chunking.
 
 Every entry point is an analysis of a trained model (:func:`vaefast._checks.analysis`): the model runs in eval mode
 (dropout off, batch norm on its running statistics) and every submodule's own training flag is restored afterwards;
@@ -18,17 +18,13 @@ a model that does not know its input shape yet (an ``as_vae`` adapter built with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from scipy import stats as sps
 from torch import nn
 
-from vaefast import ops
 from vaefast._checks import (
     analysis,
     as_radii,
@@ -38,15 +34,14 @@ from vaefast._checks import (
     check_probability,
     check_seed,
 )
-from vaefast._chunks import chunk_sizes, spans
+from vaefast._chunks import spans
+from vaefast._progress import progress_bar
 from vaefast._results import ResultMixin
-from vaefast.stats import (
-    clopper_pearson,
-    futile,
-    largest_decidable_not_robust,
-    sequential_decision,
-    sequential_schedule,
-)
+from vaefast.core.decide import ROBUST, Rule, clean_decision, decide
+from vaefast.core.encoding import Encoding, encode, posterior
+from vaefast.core.options import AUTOCAST_MODES, DEFAULT_CONFIDENCE, DEFAULT_NUM_SAMPLES
+from vaefast.core.sampling import Sampler
+from vaefast.stats import clopper_pearson, clopper_pearson_one_sided
 
 __all__ = [
     "RRobustnessResult",
@@ -55,15 +50,9 @@ __all__ = [
     "estimate_r_robustness",
     "is_r_robust",
     "margin_bound",
-    "DEFAULT_MAX_BATCH_ELEMENTS",
-    "DEFAULT_MAX_BATCH_ELEMENTS_CPU",
-    "default_max_batch_elements",
+    "column_for",
+    "estimate_source",
 ]
-
-DEFAULT_MAX_BATCH_ELEMENTS = 2**24  # decoder outputs per batch on a GPU: 64 MB of float32
-# On a CPU 8 MB batches run 1.06-1.3x faster (the decoder's intermediates stay in cache and the allocator reuses them
-# instead of mapping fresh pages each call; measured: benchmarks/README.md, r-robustness estimator):
-DEFAULT_MAX_BATCH_ELEMENTS_CPU = 2**21
 
 
 # --- results ---------------------------------------------------------------------------------------------------------
@@ -76,7 +65,10 @@ class RRobustnessResult(ResultMixin):
         ci_low, ci_high: ``[B, K]`` the two-sided Clopper–Pearson interval of ``p_hat`` at ``confidence``.
         hits: ``[B, K]`` int64 ``#{s : ||Delta_s|| <= radii[k]}``.
         num_samples: ``S``.
-        robust: ``[B, K]`` ``p_hat > 1/2``.
+        robust: ``[B, K]`` ``p_hat > 1/2`` (the point estimate).
+        decision: ``[B, K]`` int8, the three-way decision at ``confidence``
+            (:func:`vaefast.core.decide.clean_decision`): 1 robust (the one-sided Clopper–Pearson lower limit exceeds
+            1/2), -1 not robust (the upper limit is ``<= 1/2``), 0 undecided.
         r_star: ``[B]`` ``d_(floor(S/2)+1)``, the smallest radius with ``p_hat_r > 1/2`` (sorted distances ``d``).
         radii: ``[K]`` float64, in the order asked.
         confidence: the interval's confidence.
@@ -91,6 +83,7 @@ class RRobustnessResult(ResultMixin):
     hits: torch.Tensor
     num_samples: int
     robust: torch.Tensor
+    decision: torch.Tensor
     r_star: torch.Tensor
     radii: torch.Tensor
     confidence: float
@@ -175,15 +168,19 @@ class MarginBound(ResultMixin):
 
     Attributes:
         bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_F`` (the paper's bound).
-        certified_bound: ``[B]`` ``sigma_min Phi^-1(ci_low) / ||J_mu(x)||_F`` (0 where ``ci_low <= 1/2``).
+        certified_bound: ``[B]`` ``sigma_min Phi^-1(p_low) / ||J_mu(x)||_F`` with ``p_low`` the one-sided
+            Clopper–Pearson lower limit at ``confidence`` (positive exactly where ``certified``).
         spectral_bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_2``.
         whitened_bound: ``[B]`` ``q / ||diag(sigma(x))^-1 J_mu(x)||_2``.
         latent_margin: ``[B]`` ``sigma_min q``.
         sigma_min: ``[B]`` the smallest encoder standard deviation.
         jac_frobenius, jac_spectral: ``[B]`` ``||J_mu(x)||_F`` and ``||J_mu(x)||_2``.
         jac_whitened_spectral: ``[B]`` ``||diag(sigma(x))^-1 J_mu(x)||_2``.
-        p_hat, ci_low, hits: ``[B]`` the clean estimate the bounds use.
-        certified: ``[B]`` ``p_hat > 1/2`` (all bounds are 0 elsewhere).
+        p_hat, ci_low, hits: ``[B]`` the clean estimate the bounds use (``ci_low``: its two-sided interval's).
+        p_low: ``[B]`` the one-sided Clopper–Pearson lower limit of ``p_r(x, 0)`` at ``confidence``.
+        decision: ``[B]`` int8, the three-way clean decision (1 robust, -1 not robust, 0 undecided).
+        certified: ``[B]`` decided robust (``p_low > 1/2``): the one clean-point decision shared with the numerical
+            margin and the certificates. All bounds are 0 elsewhere (undecided points are never compared).
         saturated: ``[B]`` ``p_hat = 1``, where ``q`` uses the half-count rule ``p_hat -> 1 - 1/(2S)``.
         r, num_samples, confidence: the settings; ``point_index``: the global point ids.
     """
@@ -199,7 +196,9 @@ class MarginBound(ResultMixin):
     jac_whitened_spectral: torch.Tensor
     p_hat: torch.Tensor
     ci_low: torch.Tensor
+    p_low: torch.Tensor
     hits: torch.Tensor
+    decision: torch.Tensor
     certified: torch.Tensor
     saturated: torch.Tensor
     r: float
@@ -209,7 +208,8 @@ class MarginBound(ResultMixin):
 
     _PER_POINT = (
         "bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "sigma_min",
-        "jac_frobenius", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "hits", "certified", "saturated",
+        "jac_frobenius", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "p_low", "hits", "decision",
+        "certified", "saturated",
     )  # fmt: skip
 
     def to_rows(self) -> list[dict[str, Any]]:
@@ -227,41 +227,7 @@ class MarginBound(ResultMixin):
         return rows
 
 
-# --- sampling and counting -------------------------------------------------------------------------------------------
-def default_max_batch_elements(device: torch.device | str) -> int:
-    """The default decoder batch bound on a device.
-
-    Args:
-        device: where the decoder runs.
-
-    Returns:
-        Output numbers per decoder call: ``DEFAULT_MAX_BATCH_ELEMENTS_CPU`` (2**21) on a CPU, else
-        ``DEFAULT_MAX_BATCH_ELEMENTS`` (2**24).
-    """
-    cpu = torch.device(device).type == "cpu"
-    return DEFAULT_MAX_BATCH_ELEMENTS_CPU if cpu else DEFAULT_MAX_BATCH_ELEMENTS
-
-
-def _check_max_batch_elements(value: int | None, device: torch.device) -> int:
-    """The decoder batch bound (output numbers per decoder call); ``None`` is the device's default."""
-    return default_max_batch_elements(device) if value is None else check_positive_int("max_batch_elements", value)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Draw:
-    """Samples ``start .. start + count - 1`` of every point on the stream ``seed``, ``chunk`` samples per decode,
-    decoded at ``precision`` (None, "bf16" or "tf32": :func:`_decoder_precision`)."""
-
-    seed: int
-    start: int
-    count: int
-    chunk: int
-    precision: str | None = None
-
-
-AUTOCAST_MODES = ("bf16", "tf32")
-
-
+# --- the estimator ---------------------------------------------------------------------------------------------------
 def _check_autocast(autocast: object, device: torch.device) -> str | None:
     """``autocast`` checked: None, "bf16" (any device) or "tf32" (CUDA only)."""
     if autocast is None:
@@ -276,114 +242,14 @@ def _check_autocast(autocast: object, device: torch.device) -> str | None:
     return autocast
 
 
-@contextlib.contextmanager
-def _decoder_precision(precision: str | None, device: torch.device) -> Iterator[None]:
-    """The decoder's reduced precision: "bf16" runs it under ``torch.autocast(device, torch.bfloat16)``, "tf32"
-    lets float32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32`` and cuDNN's, restored afterwards)."""
-    if precision is None:
-        yield
-    elif precision == "bf16":
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            yield
-    else:
-        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+def _check_request(num_samples: int, x: torch.Tensor, max_memory: int | None) -> int:
+    """The memory budget, and the one check that the request can run: the Monte-Carlo counters (int64 hits per
+    point and radius) are tiny, but the samples' indices must fit Philox's 32-bit counter."""
+    from vaefast._memory import check_max_memory
 
-
-def _encode(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model.encode(x)``, checked to be ``(mu, logvar)`` of shape ``[B, d]``."""
-    mu, logvar = model.encode(x)
-    if mu.dim() != 2 or logvar.shape != mu.shape or mu.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"model.encode must return mu, logvar of shape [B, d], got {tuple(mu.shape)}, {tuple(logvar.shape)}"
-        )
-    return mu, logvar
-
-
-def _posterior_and_center(
-    model: Any, x: torch.Tensor, delta: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mu, logvar)`` of ``q(z | x + delta)`` and the flattened reference reconstruction ``g(mu(x))`` ``[B, D]``."""
-    mu, logvar = _encode(model, x)
-    center = model.decode(mu).reshape(x.shape[0], -1)
-    if delta is not None:
-        mu, logvar = _encode(model, x + delta)
-    return mu, logvar, center
-
-
-def _sample(mu: torch.Tensor, logvar: torch.Tensor, ids: torch.Tensor, num: int, seed: int, start: int) -> torch.Tensor:
-    """``z[b, s] = mu[b] + sigma[b] * eps(seed, ids[b], start + s)`` for arbitrary global ids ``[B, num, d]``."""
-    return ops.reparam_sample(mu, logvar, num, seed=seed, sample_offset=start, point_ids=ids)
-
-
-def _count_hits(
-    model: Any,
-    posterior: tuple[torch.Tensor, torch.Tensor],
-    center: torch.Tensor,
-    radii: torch.Tensor,
-    ids: torch.Tensor,
-    draw: _Draw,
-    keep_distances: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hits ``[b, K]`` (int64) of the samples ``draw`` for one point chunk, and their distances ``[b, count]``.
-
-    ``hits[b, k] = #{s : ||g(z_bs) - center_b||_2 <= radii[k]}`` (radii float64, any order); the distances (float32,
-    float64 for a float64 decoder) only with ``keep_distances``.
-    """
-    mu, logvar = posterior
-    b, d = mu.shape
-    hits = torch.zeros(b, radii.shape[0], dtype=torch.int64, device=mu.device)
-    dist_dtype = torch.float64 if center.dtype == torch.float64 else torch.float32  # sphere_hits distance dtype
-    dist = torch.empty(b, draw.count, dtype=dist_dtype, device=mu.device) if keep_distances else None
-    for s0, s1 in spans(draw.count, draw.chunk):
-        z = _sample(mu, logvar, ids, s1 - s0, draw.seed, draw.start + s0)
-        with _decoder_precision(draw.precision, z.device):
-            y = model.decode(z.reshape(b * (s1 - s0), d)).reshape(b, s1 - s0, -1)
-        y = y.to(center.dtype)  # distances accumulate in the model's own precision (float32 under bf16 autocast)
-        if keep_distances:
-            h, dist[:, s0:s1] = ops.sphere_hits(y, center, radii, return_distances=True)  # type: ignore[index]
-        else:
-            h = ops.sphere_hits(y, center, radii)
-        hits += h
-    return hits, dist
-
-
-# --- the estimator ---------------------------------------------------------------------------------------------------
-def _estimate(
-    model: Any,
-    x: torch.Tensor,
-    delta: torch.Tensor | None,
-    radii: torch.Tensor,
-    ids: torch.Tensor,
-    num_samples: int,
-    seed: int,
-    max_elements: int,
-    progress: bool,
-    precision: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hits ``[B, K]`` and ``r* [B]`` (CPU) of all points, point chunk by point chunk."""
-    num_points = x.shape[0]
-    point_chunk, sample_chunk = chunk_sizes(num_points, num_samples, x[0].numel(), max_elements)
-    draw = _Draw(seed, 0, num_samples, sample_chunk, precision)
-    radii_dev = radii.to(x.device)  # compared in float64 with the distances (float32 for float32 decoders)
-    hits = torch.empty(num_points, radii.shape[0], dtype=torch.int64)
-    r_star = torch.empty(num_points, dtype=torch.float64)
-    chunks = spans(num_points, point_chunk)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, total=math.ceil(num_points / point_chunk), desc="r-robustness", unit="chunk")
-    with torch.no_grad():
-        for b0, b1 in chunks:
-            mu, logvar, center = _posterior_and_center(model, x[b0:b1], None if delta is None else delta[b0:b1])
-            h, dist = _count_hits(model, (mu, logvar), center, radii_dev, ids[b0:b1], draw, True)
-            hits[b0:b1] = h.cpu()
-            r_star[b0:b1] = dist.kthvalue(num_samples // 2 + 1, dim=1).values.to(torch.float64).cpu()  # type: ignore[union-attr]
-    return hits, r_star
+    if num_samples > 2**32:
+        raise ValueError(f"num_samples must be <= 2**32 (the sample index is a 32-bit counter), got {num_samples}")
+    return check_max_memory(max_memory, x.device)
 
 
 @analysis
@@ -391,11 +257,11 @@ def estimate_r_robustness(
     model: nn.Module,
     x: torch.Tensor,
     radii: float | list[float] | torch.Tensor,
-    num_samples: int = 1000,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     delta: torch.Tensor | None = None,
     seed: int = 0,
-    confidence: float = 0.95,
-    max_batch_elements: int | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
+    max_memory: int | None = None,
     point_offset: int = 0,
     progress: bool = False,
     autocast: str | None = None,
@@ -403,7 +269,8 @@ def estimate_r_robustness(
     """Monte-Carlo r-robustness of ``model`` at ``x`` (optionally perturbed by ``delta``) for every radius.
 
     ``z_s ~ q(z | x + delta)``, ``d_s = ||g(z_s) - g(mu(x))||_2`` (s = 1..S); per radius ``p_hat = #{d_s <= r} / S``
-    with a two-sided Clopper–Pearson interval, ``robust = p_hat > 1/2``; ``r_star = d_(floor(S/2)+1)``.
+    with a two-sided Clopper–Pearson interval, ``robust = p_hat > 1/2``, the three-way ``decision``
+    (:func:`vaefast.core.decide.clean_decision` at ``confidence``); ``r_star = d_(floor(S/2)+1)``.
 
     Args:
         model: a protocol model (run in eval mode; the caller's modes are restored).
@@ -412,13 +279,13 @@ def estimate_r_robustness(
         num_samples: ``S``.
         delta: None, one perturbation ``[*input_shape]`` for all points, or ``[B, *input_shape]``.
         seed: the Monte-Carlo stream.
-        confidence: of the Clopper–Pearson interval.
-        max_batch_elements: decoder outputs per decoder call (default :func:`default_max_batch_elements`: 2**21 on a
-            CPU, 2**24 on a GPU). The samples are bit-identical for any
-            value, so hits are too; r* differs at most by the decoder's own batch-size-dependent rounding.
+        confidence: of the Clopper–Pearson interval and the decision.
+        max_memory: the working-set budget in bytes (None: the device's default, :mod:`vaefast._memory`); decoder
+            batches and stored distances are derived from it. The samples are bit-identical for any value, so hits
+            are too; r* differs at most by the decoder's own batch-size-dependent rounding.
         point_offset: point ``b`` uses the RNG key ``point_offset + b`` (the global index when a data set is split
             across calls).
-        progress: a tqdm bar over point chunks.
+        progress: show progress (a bar on a terminal, one line in a log).
         autocast: None (full precision), "bf16" (the decoder forward of the samples under
             ``torch.autocast(..., torch.bfloat16)``, on the CPU or CUDA) or "tf32" (float32 matmuls of the decoder in
             TF32; CUDA only, a ``ValueError`` elsewhere). The reference ``g(mu(x))`` stays in full precision and the
@@ -435,95 +302,91 @@ def estimate_r_robustness(
     confidence = check_probability("confidence", confidence)
     point_offset = check_seed("point_offset", point_offset)
     x, delta, _ = check_analysis_inputs(model, x, delta)
-    max_elements = _check_max_batch_elements(max_batch_elements, x.device)
-    precision = _check_autocast(autocast, x.device)
+    budget = _check_request(num_samples, x, max_memory)
+    sampler = Sampler(model, x.device, budget, _check_autocast(autocast, x.device))
     ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
-    hits, r_star = _estimate(model, x, delta, radii_t, ids, num_samples, seed, max_elements, progress, precision)
+    res = estimate_validated(model, x, delta, radii_t, ids, num_samples, seed, confidence, sampler, progress)
+    return dataclasses.replace(res, source=estimate_source(model, x, delta))
+
+
+def estimate_validated(
+    model: Any,
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    radii: torch.Tensor,
+    ids: torch.Tensor,
+    num_samples: int,
+    seed: int,
+    confidence: float,
+    sampler: Sampler,
+    progress: bool = False,
+    enc: Encoding | None = None,
+) -> RRobustnessResult:
+    """:func:`estimate_r_robustness` on validated inputs (the internal core's entry: the sweep's estimate stage).
+
+    Args:
+        model: a protocol model in eval mode.
+        x, delta: validated points and perturbation on the model's device.
+        radii: ``[K]`` float64 radii.
+        ids: ``[B]`` int64 global point ids (CPU).
+        num_samples, seed, confidence: as in :func:`estimate_r_robustness`.
+        sampler: draws and counts (its memory budget and precision).
+        progress: show progress.
+        enc: the encoding of ``x + delta`` if already computed (one block of at most 4096 points).
+
+    Returns:
+        The :class:`RRobustnessResult` (``source`` None).
+    """
+    hits, r_star = _estimate(model, x, delta, radii, ids, num_samples, seed, sampler, progress, enc)
     low, high = clopper_pearson(hits, num_samples, confidence)
     return RRobustnessResult(
-        source=estimate_source(model, x, delta),
         p_hat=hits.to(torch.float64) / num_samples,
         ci_low=low,
         ci_high=high,
         hits=hits,
         num_samples=num_samples,
         robust=2 * hits > num_samples,
+        decision=clean_decision(hits, num_samples, confidence),
         r_star=r_star,
-        radii=radii_t,
+        radii=radii,
         confidence=confidence,
         point_index=ids,
     )
 
 
+def _estimate(model, x, delta, radii, ids, num_samples, seed, sampler: Sampler, progress, enc=None) -> tuple:
+    """Hits ``[B, K]`` and ``r* [B]`` (CPU) of all points, a block of points at a time (bounded by the budget)."""
+    dev = x.device
+    block = max(1, min(x.shape[0], 4096))
+    if enc is not None and len(enc) <= block:
+        h, kth = sampler.hits_and_kth(enc, ids.to(dev), radii.to(dev), seed, num_samples, num_samples // 2 + 1)
+        sampler.check_finite()
+        return h.cpu(), kth
+    hits = torch.empty(x.shape[0], radii.shape[0], dtype=torch.int64)
+    r_star = torch.empty(x.shape[0], dtype=torch.float64)
+    blocks = progress_bar(
+        spans(x.shape[0], block), desc="r-robustness", unit="block", total=-(-x.shape[0] // block), enabled=progress
+    )
+    for b0, b1 in blocks:
+        enc = encode(model, x[b0:b1], None if delta is None else delta[b0:b1])
+        h, kth = sampler.hits_and_kth(enc, ids[b0:b1].to(dev), radii.to(dev), seed, num_samples, num_samples // 2 + 1)
+        hits[b0:b1], r_star[b0:b1] = h.cpu(), kth
+    sampler.check_finite()
+    return hits, r_star
+
+
 # --- the sequential test ---------------------------------------------------------------------------------------------
-def _round_hits(
-    model: Any,
-    posterior: tuple[torch.Tensor, torch.Tensor],
-    center: torch.Tensor,
-    radius: torch.Tensor,
-    ids: torch.Tensor,
-    active: torch.Tensor,
-    draw: _Draw,
-    max_elements: int,
-) -> torch.Tensor:
-    """Hits ``[len(active)]`` (CPU) of one round's samples ``draw`` for the still undecided points ``active``.
-
-    Points and samples are chunked anew for the round's size (``draw.chunk`` is replaced).
-    """
-    mu, logvar = posterior
-    point_chunk, sample_chunk = chunk_sizes(active.shape[0], draw.count, center.shape[1], max_elements)
-    draw = dataclasses.replace(draw, chunk=sample_chunk)
-    out = torch.empty(active.shape[0], dtype=torch.int64)
-    for c0, c1 in spans(active.shape[0], point_chunk):
-        idx = active[c0:c1]
-        dev = idx.to(mu.device)
-        h, _ = _count_hits(model, (mu[dev], logvar[dev]), center[dev], radius, ids[idx], draw, False)
-        out[c0:c1] = h[:, 0].cpu()
-    return out
-
-
-def _sequential(
-    model: Any, x: torch.Tensor, delta: torch.Tensor | None, r: float, ids: torch.Tensor, schedule: list[int],
-    round_alpha: float, seed: int, max_elements: int, futility: float | None = None, precision: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(hits, used, decided, robust)`` per point (CPU) after the rounds of ``schedule`` (cumulative sizes); with
-    ``futility`` a point also stops, undecided, once :func:`vaefast.stats.futile` says the last round could not
-    plausibly decide it not robust."""
-    n = x.shape[0]
-    hits, used = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
-    decided, robust = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-    active, done = torch.arange(n), 0
-    threshold = None if futility is None else largest_decidable_not_robust(schedule[-1], round_alpha)
-    with torch.no_grad():
-        mu, logvar, center = _posterior_and_center(model, x, delta)
-        radius = torch.tensor([r], dtype=torch.float64, device=center.device)
-        for total in schedule:
-            draw = _Draw(seed, start=done, count=total - done, chunk=total - done, precision=precision)
-            hits[active] += _round_hits(model, (mu, logvar), center, radius, ids, active, draw, max_elements)
-            used[active] = total
-            yes, no = sequential_decision(hits[active], total, round_alpha)
-            decided[active] = yes | no
-            robust[active[yes]] = True
-            stop = yes | no
-            if threshold is not None:
-                stop = stop | futile(hits[active], total, futility, threshold)
-            active, done = active[~stop], total
-            if active.numel() == 0:
-                break
-    return hits, used, decided, robust
-
-
 @analysis
 def is_r_robust(
     model: nn.Module,
     x: torch.Tensor,
     r: float,
     delta: torch.Tensor | None = None,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
     max_samples: int = 10000,
     seed: int = 0,
     point_offset: int = 0,
-    max_batch_elements: int | None = None,
+    max_memory: int | None = None,
     futility: float | None = None,
     autocast: str | None = None,
 ) -> RobustnessDecision:
@@ -543,11 +406,11 @@ def is_r_robust(
         max_samples: the most samples per point.
         seed, point_offset: sample s of point b is the same draw as in :func:`estimate_r_robustness` with the same
             seed and point_offset, so ``p_hat`` equals the fixed-S estimate with ``S = samples_used``.
-        max_batch_elements: decoder outputs per decoder call (default :func:`default_max_batch_elements`).
+        max_memory: the working-set budget in bytes (None: the device's default).
         futility: None, or a level ``beta`` in (0, 1): a point also stops, undecided, once its one-sided CP lower
             limit at ``beta`` exceeds the largest ``p_hat`` the last round could decide not robust
-            (:func:`vaefast.stats.futile`). For callers that only need evidence of non-robustness (the margin
-            search): every not-robust decision is still one the test without futility makes, on the same samples.
+            (:func:`vaefast.stats.futile`). For callers that only need evidence of non-robustness: every not-robust
+            decision is still one the test without futility makes, on the same samples.
         autocast: None, "bf16" or "tf32": the samples' decoder precision (see :func:`estimate_r_robustness`).
 
     Returns:
@@ -560,20 +423,20 @@ def is_r_robust(
     seed = check_seed("seed", seed)
     point_offset = check_seed("point_offset", point_offset)
     x, delta, _ = check_analysis_inputs(model, x, delta)
-    max_elements = _check_max_batch_elements(max_batch_elements, x.device)
-    schedule = sequential_schedule(max_samples)
-    ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
-    round_alpha = (1.0 - confidence) / len(schedule)
+    budget = _check_request(max_samples, x, max_memory)
     if futility is not None:
         futility = check_probability("futility", futility)
-    precision = _check_autocast(autocast, x.device)
-    hits, used, decided, robust = _sequential(
-        model, x, delta, r, ids, schedule, round_alpha, seed, max_elements, futility, precision
-    )
-    undecided = ~decided
-    robust[undecided] = 2 * hits[undecided] > used[undecided]
+    sampler = Sampler(model, x.device, budget, _check_autocast(autocast, x.device))
+    ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
+    rule = Rule.sequential(max_samples, 1.0 - confidence, futility)
+    enc = encode(model, x, delta)
+    radius = torch.tensor([r], dtype=torch.float64, device=x.device)
+    dec = decide(sampler, enc, ids.to(x.device), radius, rule, seed)
+    sampler.check_finite()
+    hits, used, decision = dec.hits[:, 0], dec.samples[:, 0], dec.decision[:, 0]
+    decided = decision != 0
     return RobustnessDecision(
-        robust=robust,
+        robust=torch.where(decided, decision == 1, 2 * hits > used),
         decided=decided,
         samples_used=used,
         p_hat=hits.to(torch.float64) / used.to(torch.float64),
@@ -648,6 +511,7 @@ def column_for(
         ci_high=estimate.ci_high[:, k],
         hits=estimate.hits[:, k],
         robust=estimate.robust[:, k],
+        decision=estimate.decision[:, k],
         radii=estimate.radii[k],
     )
 
@@ -656,8 +520,7 @@ def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per point (float64, CPU): ``sigma_min``, ``||J_mu||_F``, ``||J_mu||_2`` and ``||diag(sigma)^-1 J_mu||_2``."""
     from vaefast.jacobian import jacobian_frobenius, jacobian_spectral
 
-    with torch.no_grad():
-        sigma = torch.exp(0.5 * _encode(model, x)[1])
+    sigma = torch.exp(0.5 * posterior(model, x)[1])
     encoder = model.mean_encoder()
 
     def cpu64(t: torch.Tensor) -> torch.Tensor:
@@ -672,13 +535,16 @@ def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry."""
+    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry: 0 unless the
+    clean point is decided robust."""
     hits, p_hat, ci_low = est.hits[:, 0], est.p_hat[:, 0], est.ci_low[:, 0]
     s = est.num_samples
-    certified, saturated = 2 * hits > s, hits == s
+    decision = est.decision[:, 0]
+    certified, saturated = decision == ROBUST, hits == s
+    p_low = clopper_pearson_one_sided(hits, s, 1.0 - est.confidence)[0]
     p_eff = torch.where(saturated, torch.full_like(p_hat, 1.0 - 0.5 / s), p_hat)
     q = torch.from_numpy(sps.norm.ppf(p_eff.numpy())).where(certified, torch.zeros_like(p_hat))
-    q_low = torch.from_numpy(sps.norm.ppf(ci_low.numpy())).where(ci_low > 0.5, torch.zeros_like(ci_low))
+    q_low = torch.from_numpy(sps.norm.ppf(p_low.numpy())).where(certified, torch.zeros_like(p_low))
     sigma_min, fro = geometry["sigma_min"], geometry["jac_frobenius"]
     latent_margin = sigma_min * q
     return {
@@ -690,7 +556,9 @@ def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[s
         **geometry,
         "p_hat": p_hat,
         "ci_low": ci_low,
+        "p_low": p_low,
         "hits": hits,
+        "decision": decision,
         "certified": certified,
         "saturated": saturated,
     }
@@ -701,11 +569,11 @@ def margin_bound(
     model: nn.Module,
     x: torch.Tensor,
     r: float,
-    num_samples: int = 1000,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     seed: int = 0,
-    confidence: float = 0.95,
+    confidence: float = DEFAULT_CONFIDENCE,
     point_offset: int = 0,
-    max_batch_elements: int | None = None,
+    max_memory: int | None = None,
     estimate: RRobustnessResult | None = None,
     autocast: str | None = None,
 ) -> MarginBound:
@@ -715,10 +583,11 @@ def margin_bound(
     - ``bound = latent_margin / ||J_mu(x)||_F`` (the paper's bound);
     - ``spectral_bound = latent_margin / ||J_mu(x)||_2`` (>= bound);
     - ``whitened_bound = Phi^-1(p_hat) / ||diag(sigma(x))^-1 J_mu(x)||_2`` (>= spectral_bound);
-    - ``certified_bound = sigma_min * Phi^-1(ci_low) / ||J||_F`` with the two-sided Clopper–Pearson lower limit
-      ``ci_low`` (the p-part then holds with that confidence; still a first-order bound); 0 when ``ci_low <= 1/2``.
+    - ``certified_bound = sigma_min * Phi^-1(p_low) / ||J||_F`` with the one-sided Clopper–Pearson lower limit
+      ``p_low`` at ``confidence`` (the p-part then holds with that confidence; still a first-order bound).
 
-    Where ``p_hat <= 1/2`` there is no certificate: ``certified = False`` and all bounds are 0. ``p_hat = 1`` would
+    The clean point is decided three-way from the estimate (``decision``); only a point decided robust
+    (``p_low > 1/2``) is ``certified`` and gets bounds, elsewhere all bounds are 0. ``p_hat = 1`` would
     make ``Phi^-1`` infinite although only ``p >= ci_low`` is known; there the point bounds use the half-count rule
     ``p_hat -> 1 - 1/(2S)`` and ``saturated = True`` flags it. A zero Jacobian gives an infinite bound.
 
@@ -726,7 +595,7 @@ def margin_bound(
         model: a protocol model with ``mean_encoder`` (run in eval mode; the caller's modes are restored).
         x: ``[B, *input_shape]`` on the model's device.
         r: the reconstruction radius.
-        num_samples, seed, confidence, point_offset, max_batch_elements: of the clean estimate
+        num_samples, seed, confidence, point_offset, max_memory: of the clean estimate
             (:func:`estimate_r_robustness`).
         estimate: an :class:`RRobustnessResult` already computed for these points at radius ``r`` (e.g. by a
             sweep), reused instead of sampling again; ``num_samples``, ``seed`` and ``confidence`` are then its own.
@@ -741,7 +610,7 @@ def margin_bound(
     if estimate is None:
         est = estimate_r_robustness(
             model, x, r, num_samples=num_samples, seed=seed, confidence=confidence,
-            max_batch_elements=max_batch_elements, point_offset=point_offset, autocast=autocast,
+            max_memory=max_memory, point_offset=point_offset, autocast=autocast,
         )  # fmt: skip
     else:
         est = column_for(estimate, r, x, model=model)
@@ -752,3 +621,31 @@ def margin_bound(
         confidence=est.confidence,
         point_index=est.point_index,
     )
+
+
+def bounds_from(model: Any, x: torch.Tensor, estimate: RRobustnessResult) -> list[MarginBound]:
+    """:func:`margin_bound` at every radius of ``estimate`` on validated inputs, the encoder's geometry computed once
+    (it does not depend on r): the internal core's entry (the sweep's bound stage).
+
+    Args:
+        model: a protocol model with ``mean_encoder`` in eval mode.
+        x: validated points on the model's device.
+        estimate: their clean estimate.
+
+    Returns:
+        One :class:`MarginBound` per radius of the estimate, in its order.
+    """
+    geometry = _encoder_geometry(model, x)
+    out = []
+    for r in estimate.radii.tolist():
+        col = column_for(estimate, r, x)
+        out.append(
+            MarginBound(
+                **_bounds(col, geometry),
+                r=r,
+                num_samples=col.num_samples,
+                confidence=col.confidence,
+                point_index=col.point_index,
+            )  # fmt: skip
+        )
+    return out

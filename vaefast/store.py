@@ -10,7 +10,7 @@ the database: the other ranks send their units to it (:mod:`vaefast.sweep.transp
 version is refused with a message that says so (schema 3 dropped the stored reconstructions: the report recomputes
 them from the models).
 
-The tables (from :mod:`vaefast.sweep.schema`, the one definition of every column; blobs are little-endian
+The tables (from :mod:`vaefast.schema`, the one definition of every column; blobs are little-endian
 float32 arrays of shape ``models.input_shape``):
 
 """
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from vaefast.sweep import schema
-from vaefast.sweep.schema import DETERMINISTIC_TABLES, SCHEMA_VERSION
+from vaefast import schema
+from vaefast.schema import DETERMINISTIC_TABLES, SCHEMA_VERSION
 
 __doc__ = f"{__doc__}{schema.describe()}\n"
 

@@ -2,14 +2,15 @@
 
 Every results row makes up to two claims:
 
-- ``"delta"`` (rows whose margin search bracketed with margin > 0): the stored perturbation δ breaks
-  r-robustness, i.e. ``p_r(x, δ) <= 1/2``. Checked exactly first (‖δ‖₂ equals the margin, x + δ lies in the box,
+- ``"delta"`` (certified rows whose margin search found a decided break): the stored perturbation δ breaks
+  r-robustness, i.e. ``p_r(x, δ) <= 1/2``. Checked exactly first (‖δ‖₂ equals ``margin_upper``, x + δ lies in the box,
   the stored ``p_hat_adv = hits_adv / num_samples_adv <= 1/2``), then statistically: a fresh Monte-Carlo estimate
   of ``p_r(x, δ)`` with ``factor`` × the sweep's sample count, on a Philox stream keyed by
   ``H(row seed, "verify", seed)`` (independent of every stream the sweep used), and its two-sided Clopper–Pearson
   interval at ``confidence``. The claim is **confirmed** unless the interval lies entirely above 1/2
   (``ci_low > 1/2``: the fresh samples show, at that confidence, that x + δ is r-robust).
-- ``"clean"`` (certified rows, p̂ > 1/2): the clean point is r-robust, ``p_r(x, 0) > 1/2``; confirmed unless the
+- ``"clean"`` (certified rows, decided robust at the sweep's confidence): the clean point is r-robust,
+  ``p_r(x, 0) > 1/2``; confirmed unless the
   fresh interval lies entirely at or below 1/2 (``ci_high <= 1/2``).
 
 For a true claim each check fails with probability at most ``(1 - confidence) / 2``; a perturbation that was
@@ -39,7 +40,7 @@ from vaefast._checks import check_positive_int, check_probability, check_seed
 from vaefast.rng import derive_seed, id_runs
 from vaefast.robustness import estimate_r_robustness
 from vaefast.sweep.inputs import load_stored_models
-from vaefast.sweep.spec import DEFAULT_BOX, SweepSpec, margin_box
+from vaefast.sweep.spec import SweepSpec
 
 __all__ = ["VerifyReport", "verify_sweep"]
 
@@ -155,7 +156,7 @@ def _select(rows: list[dict[str, Any]], sample: int | None, seed: int) -> list[d
 
 def _replay(rows, models, info, points, spec, factor, confidence, seed, progress) -> list[dict[str, Any]]:
     """Check every claim of ``rows``, grouped by (model, r) so each group is one batched estimate per kind."""
-    box = margin_box(SweepSpec(**spec)) if spec else DEFAULT_BOX
+    box = SweepSpec.from_json(json.dumps(spec)).box
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["r"]), []).append(row)
@@ -172,7 +173,7 @@ def _replay(rows, models, info, points, spec, factor, confidence, seed, progress
 
 def _claims(row: Mapping[str, Any], kind: str) -> bool:
     if kind == "delta":
-        return row["delta"] is not None or ((row["margin"] or 0) > 0 and bool(row["bracketed"]))
+        return row["delta"] is not None or (bool(row["certified"]) and bool(row["bracketed"]))
     return bool(row["certified"])
 
 
@@ -222,8 +223,9 @@ def _exact_reason(row, x: torch.Tensor, delta: torch.Tensor | None, box) -> str 
         return None
     problems = []
     norm = float(delta.double().flatten().norm())
-    if not math.isclose(norm, float(row["margin"]), rel_tol=1e-4, abs_tol=1e-6):
-        problems.append(f"||delta|| = {norm:.6g} != margin {row['margin']:.6g}")
+    upper = row["margin_upper"]
+    if upper is None or not math.isclose(norm, float(upper), rel_tol=1e-4, abs_tol=1e-6):
+        problems.append(f"||delta|| = {norm:.6g} != margin_upper {upper}")
     if box is not None:
         adv = (x + delta).double()
         tol = 1e-5 * (box[1] - box[0])

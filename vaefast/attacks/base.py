@@ -401,6 +401,36 @@ class Attack:
             results = [self._solve(call, e) for e in call.eps]
         return stack_results(results) if call.curve else results[0]
 
+    @final
+    def run_validated(
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        point_ids: torch.Tensor,
+        init: torch.Tensor | None = None,
+        offsets: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **options: Any,
+    ) -> AttackResult:
+        """The attack on arguments the caller has validated (the internal core's path: no scans of the inputs, no
+        feasibility check; the model must already be in eval mode).
+
+        Args:
+            x: clean points ``[B, *input_shape]`` inside the box.
+            eps: ``[B]`` float64 radii on x's device (feasible for a sphere constraint).
+            point_ids: ``[B]`` int64 global point ids on the CPU.
+            init: ``[B, *input_shape]`` warm start of the first restart, or None.
+            offsets: the box offsets ``(lo, hi)`` ``[B, D]`` of x (:meth:`vaefast.core.box.Box.offsets`), or None
+                without a box.
+            **options: per-call options of the attack (e.g. max-damage's ``reference``).
+
+        Returns:
+            An :class:`AttackResult`.
+        """
+        lo, hi = (None, None) if offsets is None else offsets
+        flat_init = None if init is None else init.reshape(x.shape[0], -1)
+        call = AttackCall(x, point_ids, [eps], False, lo, hi, flat_init)
+        return self._solve(replace(call, data=self._prepare(call, **options)), eps, check=False)
+
     def _begin(self, x: object, eps: object, point_ids: object, init: object, options: dict[str, Any]) -> AttackCall:
         """Validate a call's arguments once and prepare the attack's per-call data."""
         x = check_inputs(self.model, x)
@@ -411,9 +441,9 @@ class Attack:
         call = AttackCall(x, check_point_ids(point_ids, b), eps_list, curve, lo, hi, flat_init)
         return replace(call, data=self._prepare(call, **options))
 
-    def _solve(self, call: AttackCall, eps: torch.Tensor) -> AttackResult:
-        """Run the engine at radii ``eps[B]`` and assemble the result."""
-        if self.cfg.constraint == "sphere":
+    def _solve(self, call: AttackCall, eps: torch.Tensor, check: bool = True) -> AttackResult:
+        """Run the engine at radii ``eps[B]`` and assemble the result (``check``: that a sphere meets the box)."""
+        if check and self.cfg.constraint == "sphere":
             check_eps_feasible(eps, self.norm, call.lo, call.hi)
 
         def objective(x_adv: torch.Tensor, restart: int, rows: torch.Tensor) -> torch.Tensor:

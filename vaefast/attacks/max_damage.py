@@ -109,12 +109,14 @@ class MaxDamageAttack(Attack):
         sq = (recon - reference.unsqueeze(1)).pow(2).sum(-1)
         return torch.sqrt(sq + 1e-20).mean(1)
 
-    def _prepare(self, call: AttackCall, **options: Any) -> _DamageData:
-        """The clean reconstructions and, in mode "mean_var", ``eta[b, r, s] ~ N(0, I_d)`` keyed by point id."""
+    def _prepare(self, call: AttackCall, reference: torch.Tensor | None = None, **options: Any) -> _DamageData:
+        """The clean reconstructions (``reference``: ``g(mu(x))`` ``[B, D']`` if already known) and, in mode
+        "mean_var", ``eta[b, r, s] ~ N(0, I_d)`` keyed by point id."""
         super()._prepare(call, **options)
         x, model = call.x, self.model
-        with torch.no_grad():
-            reference = model.decode(model.encode(x)[0]).reshape(x.shape[0], -1)
+        if reference is None:
+            with torch.no_grad():
+                reference = model.decode(model.encode(x)[0]).reshape(x.shape[0], -1)
         if self.mode == "mean":
             return _DamageData(reference, None)
         cfg = self.cfg

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vaefast.core.options import DEFAULT_CONFIDENCE, DEFAULT_NUM_SAMPLES, MarginOptions
 
 
 def add_model_and_points_options(p: argparse.ArgumentParser) -> None:
@@ -29,14 +32,15 @@ def add_model_and_points_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_and_points(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The model of ``args.run`` (eval mode) and points ``start .. start + points`` of the data split.
+def load_model_and_points(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, Any]:
+    """The model of ``args.run`` (eval mode), points ``start .. start + points`` of the data split and its data box.
 
     Args:
         args: parsed options of :func:`add_model_and_points_options`.
 
     Returns:
-        ``(model, x)``, both on the ``--device`` (``auto``: cuda when a GPU is visible, else cpu).
+        ``(model, x, box)``: model and points on the ``--device`` (``auto``: cuda when a GPU is visible, else cpu)
+        and the split's :class:`~vaefast.core.box.Box`.
 
     Raises:
         ValueError: a bad ``--device`` (e.g. cuda without a GPU), ``--points`` < 1, or a point range past the end
@@ -59,7 +63,7 @@ def load_model_and_points(args: argparse.Namespace) -> tuple[torch.nn.Module, to
         raise ValueError(
             f"--points {args.points} is more than {where} holds from --start {args.start}: {available} available"
         )
-    return model, split.x[args.start : args.start + args.points].to(device)
+    return model, split.x[args.start : args.start + args.points].to(device), split.box
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
@@ -96,41 +100,64 @@ def model_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
-def add_sweep_options(p: argparse.ArgumentParser, **defaults: Any) -> None:
-    """The options shared by ``sweep`` and ``demo``: what to compute per point.
+def add_sweep_options(
+    p: argparse.ArgumentParser,
+    *,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+    batch_size: int = 16,
+    margin: MarginOptions | None = None,
+) -> None:
+    """The options shared by ``sweep`` and ``demo``: what to compute per point, with the command's own defaults
+    (those of :class:`vaefast.sweep.SweepSpec` and :class:`~vaefast.core.options.MarginOptions` unless given).
 
     Args:
         p: the subcommand's parser.
-        **defaults: the command's own defaults (``samples``, ``batch_size``, ``tol``, ``attack_steps`` ...), shown in
-            the help.
+        num_samples, confidence, seed, batch_size: the defaults shown in the help.
+        margin: the margin search's defaults (``--tol``, ``--max-radius``, ``--attack-steps`` start from it).
     """
-    p.add_argument("--samples", type=int, default=500, help="Monte-Carlo samples per estimate (default %(default)s)")
-    p.add_argument("--confidence", type=float, default=0.95, help="Clopper-Pearson confidence (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="base seed (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="points per work unit (default %(default)s)")
-    p.add_argument("--tol", type=float, default=0.01, help="bisection tolerance of the margin (default %(default)s)")
-    p.add_argument("--max-radius", type=float, default=None, help="margin search limit (default: margin module's)")
-    p.add_argument("--attack-steps", type=int, default=None, help="max-damage attack steps (default %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(**defaults)
+    margin = margin or MarginOptions()
+    p.add_argument(
+        "--samples", type=int, default=num_samples, help="Monte-Carlo samples per estimate (default %(default)s)"
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=confidence,
+        help="confidence of intervals, decisions and certificates (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=seed, help="base seed (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="points per work unit (default %(default)s)")
+    p.add_argument("--tol", type=float, default=margin.tol, help="tolerance of the margin search (default %(default)s)")
+    p.add_argument(
+        "--max-radius",
+        type=float,
+        default=margin.max_radius,
+        help="margin search limit (default: the box's farthest corner)",
+    )
+    p.add_argument(
+        "--attack-steps", type=int, default=margin.steps, help="max-damage attack steps (default %(default)s)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(margin_base=margin)
 
 
 def sweep_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The shared sweep options as keyword arguments of :func:`vaefast.sweep.run_sweep`.
+    """The shared sweep options as fields of :class:`vaefast.sweep.SweepSpec`.
 
     Args:
         args: parsed options of :func:`add_sweep_options`.
 
     Returns:
-        ``num_samples``, ``confidence``, ``seed``, ``batch_size``, ``margin_tol``, ``margin_max_radius`` and
-        ``attack_kwargs`` (``{"steps": N}`` with ``--attack-steps``, else empty).
+        ``num_samples``, ``confidence``, ``seed``, ``batch_size`` and ``margin`` (the command's
+        :class:`~vaefast.core.options.MarginOptions` with ``--tol``, ``--max-radius`` and ``--attack-steps``).
     """
+    margin = dataclasses.replace(args.margin_base, tol=args.tol, max_radius=args.max_radius, steps=args.attack_steps)
     return {
         "num_samples": args.samples,
         "confidence": args.confidence,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "margin_tol": args.tol,
-        "margin_max_radius": args.max_radius,
-        "attack_kwargs": {} if args.attack_steps is None else {"steps": args.attack_steps},
+        "margin": margin,
     }

@@ -62,9 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retrain", action="store_true", help="train again even if the run folders hold models")
     p.add_argument("--fresh", action="store_true", help="discard an existing results.db instead of resuming")
     add_sweep_options(
-        p, samples=d.num_samples, confidence=d.confidence, seed=d.seed, batch_size=d.batch_size, tol=d.margin_tol,
-        max_radius=d.margin_max_radius, attack_steps=d.attack_kwargs.get("steps"),
-    )  # fmt: skip
+        p, num_samples=d.num_samples, confidence=d.confidence, seed=d.seed, batch_size=d.batch_size, margin=d.margin
+    )
     p.set_defaults(func=run)
 
 

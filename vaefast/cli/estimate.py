@@ -40,27 +40,25 @@ def run(args: argparse.Namespace) -> int:
     from vaefast.robustness import estimate_r_robustness
 
     as_radii("--r", args.r)
-    model, x = load_model_and_points(args)
+    model, x, box = load_model_and_points(args)
     res = estimate_r_robustness(
         model, x, args.r, num_samples=args.samples, seed=args.seed, confidence=args.confidence,
         point_offset=args.start, progress=True,
     )  # fmt: skip
     rows = res.to_rows()
     if args.bound:
-        _add_bounds(rows, model, x, res)
+        _add_bounds(rows, model, x, res, box)
     print(summary_table(res, rows, bound=args.bound))
     if args.out:
         write_csv(rows, args.out)
     return 0
 
 
-def _add_bounds(rows: list[dict], model, x, res) -> None:
+def _add_bounds(rows: list[dict], model, x, res, box) -> None:
     """Join every radius's bounds (from the same estimate: one clean-point decision) and box limit into ``rows``."""
-    from vaefast.attacks.base import max_perturbation
     from vaefast.robustness import margin_bound
-    from vaefast.sweep.spec import DEFAULT_BOX
 
-    limit = max_perturbation(x, DEFAULT_BOX)
+    limit = box.max_perturbation(x)
     by_key = {(row["point"], row["r"]): row for row in rows}
     for r in res.radii.tolist():
         for b, brow in enumerate(margin_bound(model, x, r, estimate=res).to_rows()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vaefast.sweep.schema import TABLES
+from vaefast.schema import TABLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,33 +1,39 @@
-"""``vaefast margin RUN``: numerical robustness margins (smallest max-damage attack radius that breaks
-r-robustness) of a trained model on data points, optionally next to the margin bound; a short table on stdout and
-one CSV row per point."""
+"""``vaefast margin RUN``: numerical robustness margins of a trained model on data points (where a max-damage attack
+of growing size breaks r-robustness: the estimate, and the bracket [margin_lower, margin_upper] of radii decided
+robust and broken at the stated confidence), optionally next to the margin bound; a short table on stdout and one CSV
+row per point."""
 
 from __future__ import annotations
 
 import argparse
 
+import torch
+
 from vaefast.cli._common import add_model_and_points_options, load_model_and_points, write_csv
+from vaefast.core.options import METHODS, OPTIMIZERS, MarginOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``margin`` subcommand.
+    """Add the ``margin`` subcommand (defaults: :class:`vaefast.core.options.MarginOptions`).
 
     Args:
         subparsers: the ``vaefast`` parser's subcommands.
     """
+    d = MarginOptions()
     p = subparsers.add_parser(
         "margin", help="numerical robustness margins (attack-based) of a model", description=__doc__
     )
     add_model_and_points_options(p)
     p.add_argument("--r", type=float, required=True, help="reconstruction radius r")
-    p.add_argument("--method", default="bisection", choices=("bisection", "grid"))
-    p.add_argument("--tol", type=float, default=0.01, help="bisection bracket width (default 0.01)")
-    p.add_argument("--granularity", type=float, default=0.01, help="grid step (default 0.01)")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--tol", type=float, default=d.tol, help="bracket width of the crossing (default %(default)s)")
+    p.add_argument("--granularity", type=float, default=d.granularity, help="grid step (default %(default)s)")
     p.add_argument("--max-radius", type=float, default=None, help="largest radius (default: the box's farthest corner)")
-    p.add_argument("--samples", type=int, default=1000, help="max Monte-Carlo samples per decision (default 1000)")
-    p.add_argument("--steps", type=int, default=50, help="attack steps (default 50)")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--optimizer", default="pgd", choices=("pgd", "adam", "lbfgsb"))
+    p.add_argument("--samples", type=int, default=d.num_samples, help="max samples per decision (default %(default)s)")
+    p.add_argument("--confidence", type=float, default=d.confidence, help="of every claim (default %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="attack steps (default %(default)s)")
+    p.add_argument("--restarts", type=int, default=d.restarts)
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     p.add_argument("--bound", action="store_true", help="also compute the margin bound for comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="CSV file for the per-point rows")
@@ -46,14 +52,20 @@ def run(args: argparse.Namespace) -> int:
     from vaefast.margin import numerical_margin
     from vaefast.robustness import estimate_r_robustness, margin_bound
 
-    model, x = load_model_and_points(args)
-    est = estimate_r_robustness(model, x, args.r, num_samples=args.samples, seed=args.seed, point_offset=args.start)
-    res = numerical_margin(
-        model, x, args.r, method=args.method, tol=args.tol, granularity=args.granularity, max_radius=args.max_radius,
-        num_samples=args.samples, steps=args.steps, restarts=args.restarts, optimizer=args.optimizer, seed=args.seed,
-        point_offset=args.start, estimate=est, progress=True,
+    options = MarginOptions(
+        method=args.method, tol=args.tol, granularity=args.granularity, max_radius=args.max_radius,
+        num_samples=args.samples, confidence=args.confidence, steps=args.steps, restarts=args.restarts,
+        optimizer=args.optimizer,
     )  # fmt: skip
-    rows = res.to_rows()
+    model, x, box = load_model_and_points(args)
+    est = estimate_r_robustness(
+        model, x, args.r, num_samples=args.samples, confidence=args.confidence, seed=args.seed, point_offset=args.start
+    )
+    res = numerical_margin(
+        model, x, args.r, options=options, box=box, seed=args.seed, point_offset=args.start, estimate=est,
+        progress=True,
+    )  # fmt: skip
+    rows = [_csv_row(row) for row in res.to_rows()]
     if args.bound:
         mb = margin_bound(model, x, args.r, estimate=est)  # the same clean-point decision as the search
         for row, brow in zip(rows, mb.to_rows(), strict=True):
@@ -64,34 +76,53 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_row(row: dict) -> dict:
+    """A result row with the database's names for the bracket (``margin_lower``, ``margin_upper``)."""
+    out = dict(row)
+    out["margin_lower"], out["margin_upper"] = out.pop("lower"), out.pop("upper")
+    return out
+
+
+def _quantiles(values: list[float]) -> str:
+    if not values:
+        return f"{'-':>9} {'-':>9} {'-':>9} {'-':>9} {'-':>9}"
+    t = torch.tensor(values, dtype=torch.float64)
+    q = t.quantile(t.new_tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
+    return " ".join(f"{v:>9.4g}" for v in q)
+
+
 def summary_table(res, rows: list[dict], bound: bool = False) -> str:
     """The command's printed summary.
 
     Args:
         res: the :class:`vaefast.margin.NumericalMargin`.
-        rows: its rows (with ``bound`` and ``certified`` when ``bound``).
+        rows: its CSV rows (with ``bound`` and ``certified`` when ``bound``).
         bound: whether the bound was computed.
 
     Returns:
-        Margin quantiles, and how many points were uncertified (margin 0), bracketed, or left at the search limit;
-        with ``bound``: bound <= margin over the points where both are meaningful (certified and bracketed).
+        The quantiles of the three numbers over the points decided robust with evidence, the counts of points not
+        robust, undecided and unbracketed; with ``bound``: bound <= each end over those points.
     """
-    m = res.margin
-    q = [float(v) for v in m.quantile(m.new_tensor([0.0, 0.25, 0.5, 0.75, 1.0]))]
     n = len(res)
-    zero = int((m == 0).sum())
-    unbracketed = int((~res.bracketed).sum())
+    comp = [row for row in rows if row["clean"] == "robust" and row["bracketed"]]
+    undecided = sum(row["clean"] == "undecided" for row in rows)
+    broken = sum(row["clean"] == "not robust" for row in rows)
+    unbracketed = sum(row["clean"] == "robust" and not row["bracketed"] for row in rows)
     lines = [
-        f"{n} points, r = {res.r:g}, method = {res.method}",
-        f"{'min':>8} {'q25':>8} {'median':>8} {'q75':>8} {'max':>8}",
-        f"{q[0]:>8.4g} {q[1]:>8.4g} {q[2]:>8.4g} {q[3]:>8.4g} {q[4]:>8.4g}",
-        f"not r-robust at delta = 0 (margin 0, no certificate): {zero} of {n}; still r-robust at the search limit "
-        f"(unbracketed, margin = limit): {unbracketed} of {n}",
+        f"{n} points, r = {res.r:g}, method = {res.method}, confidence {res.confidence:g}",
+        f"{'':<13}{'min':>9} {'q25':>9} {'median':>9} {'q75':>9} {'max':>9}",
     ]
-    if zero == n:
+    for name in ("margin_lower", "margin", "margin_upper"):
+        lines.append(f"{name:<13}" + _quantiles([row[name] for row in comp]))
+    lines.append(
+        f"decided robust with evidence: {len(comp)} of {n}; not r-robust at delta = 0 (margin 0): {broken}; "
+        f"undecided at delta = 0 (p_hat too close to 1/2, never compared): {undecided}; still r-robust at the search "
+        f"limit (unbracketed): {unbracketed}"
+    )
+    if broken == n:
         lines.append(f"no point is r-robust at r = {res.r:g}: r is below every r*; try a larger r (vaefast estimate)")
     if bound:
-        comp = [row for row in rows if row["certified"] and row["bracketed"] and row["margin"] > 0]
-        ok = sum(row["bound"] <= row["margin"] for row in comp)
-        lines.append(f"bound <= margin on {ok} of {len(comp)} comparable points (certified and bracketed)")
+        for end in ("margin_lower", "margin", "margin_upper"):
+            ok = sum(row["bound"] <= row[end] for row in comp)
+            lines.append(f"bound <= {end} on {ok} of {len(comp)} points decided robust with evidence")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import torch
 
 from vaefast import rng
 from vaefast._checks import check_probability
+from vaefast.core.box import UNIT_BOX, Box
 
 
 @dataclass
@@ -22,6 +23,8 @@ class DataSplit:
         factors: float32 generative factors ``[N, F]`` or None.
         name: the dataset's name (``"<name>:heldout"`` for a held-out part).
         factor_names: the names of the ``F`` factors, or None.
+        box: the data range of every pixel (``UNIT_BOX``: every loader scales to [0, 1]); it travels with the points
+            into the attacks, the margin search and the sweep.
     """
 
     x: torch.Tensor
@@ -29,6 +32,7 @@ class DataSplit:
     factors: torch.Tensor | None
     name: str
     factor_names: tuple[str, ...] | None = field(default=None)
+    box: Box = UNIT_BOX
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or self.x.dim() != 4 or self.x.dtype != torch.float32:
@@ -67,6 +71,7 @@ class DataSplit:
             None if self.factors is None else self.factors[index],
             self.name if name is None else name,
             self.factor_names,
+            self.box,
         )
 
     def split(self, fraction: float, seed: int = 0) -> tuple[DataSplit, DataSplit]:

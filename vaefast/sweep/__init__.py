@@ -8,15 +8,14 @@ One job per module:
 - :mod:`~vaefast.sweep.stages`: estimate → bound → margin → evidence → curves of one unit, each returning the
   library's result types;
 - :mod:`~vaefast.sweep.rows`: the database rows of one unit (:func:`compute_unit`);
-- :mod:`~vaefast.sweep.schema`: the one definition of every table and column of a results database;
+- :mod:`~vaefast.schema`: the one definition of every table and column of a results database;
 - :mod:`~vaefast.sweep.timing`: per-stage wall-clock time;
 - :mod:`~vaefast.sweep.distributed`: ``torchrun`` ranks, each rank's device, the gloo group of the sweep's objects;
 - :mod:`~vaefast.sweep.transport`: completed units sent to rank 0, which alone writes the database (no shared
   filesystem needed);
 - :mod:`~vaefast.sweep.runner`: :func:`run_sweep` (plan, prepare the database, compute and commit).
 
-The public names below are loaded on first access, so :mod:`vaefast.store` can read the schema without importing
-the runner (which writes through the store).
+The public names below are loaded on first access (``import vaefast.sweep`` stays cheap).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ _LAZY: dict[str, str] = {
     "shard": "vaefast.sweep.spec",
     "item_id": "vaefast.sweep.spec",
     "curve_item_id": "vaefast.sweep.spec",
-    "margin_settings": "vaefast.sweep.spec",
     "PointSet": "vaefast.sweep.inputs",
     "auto_radii": "vaefast.sweep.inputs",
     "load_models": "vaefast.sweep.inputs",

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from vaefast import store
-from vaefast._checks import check_device, check_model, check_positive_int, model_input_shape
+from vaefast._checks import check_device, check_model, check_positive_int, check_tensor, model_input_shape
+from vaefast.core.box import UNIT_BOX, Box, as_box
 from vaefast.rng import derive_seed
 
 AUTO_R_QUANTILES = (0.25, 0.5, 0.75, 0.95)
@@ -35,6 +36,8 @@ class PointSet:
         split: dataset split.
         indices: index of each point in the split (default ``0 .. P-1``).
         labels: class label of each point, if any.
+        box: the data range of the points (every vaefast dataset: ``UNIT_BOX``), or None for unbounded inputs; the
+            attacks keep ``x + delta`` inside it and it caps the margin search.
     """
 
     x: torch.Tensor
@@ -42,10 +45,15 @@ class PointSet:
     split: str = ""
     indices: list[int] = field(default_factory=list)
     labels: list[int] | None = None
+    box: Box | None = UNIT_BOX
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or self.x.dim() < 2 or self.x.shape[0] == 0:
-            raise ValueError("points.x must be a tensor [P, *input_shape] with P >= 1")
+            raise ValueError("points must be a tensor [P, *input_shape] with P >= 1")
+        check_tensor("points", self.x)  # floating, finite
+        self.box = as_box(self.box, "points.box")
+        if self.box is not None:
+            self.box.offsets(self.x, "points")  # inside the box (else a ValueError naming points and the box)
         if not self.indices:
             self.indices = list(range(self.x.shape[0]))
         if len(self.indices) != self.x.shape[0]:
@@ -80,16 +88,17 @@ class PointSet:
             raise ValueError(f"indices must be non-empty and within [0, {n}) for {name}/{split}")
         idx = torch.tensor(indices)
         labels = data.y[idx].tolist() if getattr(data, "y", None) is not None else None
-        return cls(data.x[idx].contiguous(), dataset=name, split=split, indices=indices, labels=labels)
+        return cls(data.x[idx].contiguous(), dataset=name, split=split, indices=indices, labels=labels, box=data.box)
 
     def describe(self) -> dict[str, Any]:
         """Where the points came from and a digest of their values (stored in ``meta``, part of the fingerprint).
 
         Returns:
-            ``{"dataset", "split", "indices", "x_sha256"}``.
+            ``{"dataset", "split", "indices", "x_sha256", "box"}``.
         """
         digest = hashlib.sha256(store.to_blob(self.x)).hexdigest()
-        return {"dataset": self.dataset, "split": self.split, "indices": self.indices, "x_sha256": digest}
+        box = None if self.box is None else list(self.box)
+        return {"dataset": self.dataset, "split": self.split, "indices": self.indices, "x_sha256": digest, "box": box}
 
     def rows(self) -> list[dict[str, Any]]:
         """The ``points`` table rows.

@@ -14,6 +14,7 @@ draws are the same bits and the other floats agree to rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -100,6 +101,7 @@ def plan_sweep(
     radii: Sequence[float] | float | str,
     db: str | os.PathLike,
     *,
+    spec: SweepSpec | None = None,
     device: str | torch.device = "cpu",
     dist: DistContext | None = None,
     **spec_fields: Any,
@@ -108,29 +110,40 @@ def plan_sweep(
 
     Args:
         models: ``{name: nn.Module or run folder}`` (or run folders).
-        points: a :class:`PointSet` or a tensor ``[P, *input_shape]`` (kept on the CPU: each unit's points are
-            moved to the device once, when it runs).
-        radii: the radii, or ``"auto"`` (:func:`vaefast.sweep.inputs.auto_radii` with the spec's
-            ``num_samples`` and ``seed``; under ``torchrun`` rank 0 chooses them for every rank).
+        points: a :class:`PointSet` or a tensor ``[P, *input_shape]`` in the unit box (kept on the CPU: each unit's
+            points are moved to the device once, when it runs); its ``box`` becomes the spec's.
+        radii: the radii, or ``"auto"`` (:func:`vaefast.sweep.inputs.auto_radii` with the spec's ``num_samples`` and
+            ``seed``; under ``torchrun`` rank 0 chooses them for every rank).
         db: the results database (not opened here).
+        spec: a :class:`SweepSpec` whose radii and box are replaced by these (None: the defaults).
         device: where the models run.
         dist: this process's place in the run (default: alone).
-        **spec_fields: the other fields of :class:`SweepSpec`.
+        **spec_fields: fields of :class:`SweepSpec` overriding ``spec``'s.
 
     Returns:
         The plan.
     """
     dist = dist or DistContext()
     points = as_point_set(points)
+    base = dataclasses.asdict(spec) if spec is not None else {}
+    if spec is not None and not isinstance(spec, SweepSpec):
+        raise TypeError(f"spec must be a SweepSpec or None, got {type(spec).__name__}")
+    unknown = sorted(set(spec_fields) - {f.name for f in dataclasses.fields(SweepSpec)} - {"radii", "box"})
+    if unknown:
+        raise TypeError(f"unknown sweep setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(SweepSpec)]}")
+    fields = {**base, **spec_fields, "box": points.box}
+    fields.pop("radii", None)
+    probe = fields.get("curve_radii") or (1.0,)
+    SweepSpec(radii=probe if isinstance(radii, str) else radii, **fields)  # every setting checked before any load
     loaded, sources = load_models(models, device)
     check_point_shape(loaded, points.x)
-    num_samples = spec_fields.get("num_samples", SweepSpec.num_samples)
-    seed = spec_fields.get("seed", SweepSpec.seed)
+    num_samples = fields.get("num_samples", SweepSpec(radii=(1.0,)).num_samples)
+    seed = fields.get("seed", 0)
     resolved = dist.on_rank0(lambda: resolve_radii(radii, loaded, points.x, num_samples=num_samples, seed=seed))
-    spec = SweepSpec(radii=resolved, **spec_fields)
+    spec = SweepSpec(radii=tuple(resolved), **fields)
     rows = [model_row(n, m, sources[n]) for n, m in loaded.items()]
     digest = fingerprint(spec, points.describe(), [(r["name"], r["weights_sha256"]) for r in rows])
-    units = enumerate_units(list(loaded), points.x.shape[0], spec.radii, spec.batch_size)
+    units = enumerate_units(list(loaded), points.x.shape[0], spec.batch_size)
     return SweepPlan(Path(db), spec, loaded, points, rows, digest, units)
 
 
@@ -193,12 +206,12 @@ def _compute(plan: SweepPlan, unit: WorkUnit, dist: DistContext) -> UnitRows:
 
 
 def _progress_bar(plan: SweepPlan, total: int, progress: bool):
-    """A tqdm bar over the units still to compute (``None`` without progress)."""
+    """Progress over the units still to compute (``None`` without progress)."""
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from vaefast._progress import progress_bar
 
-    return tqdm(total=total, desc=f"sweep {plan.db.name}", unit="unit", dynamic_ncols=True)
+    return progress_bar(total=total, desc=f"sweep {plan.db.name}", unit="unit")
 
 
 def _run_rank0(plan: SweepPlan, dist: DistContext, todo: Sequence[WorkUnit], progress: bool) -> tuple[int, int]:
@@ -216,7 +229,7 @@ def _run_rank0(plan: SweepPlan, dist: DistContext, todo: Sequence[WorkUnit], pro
         for unit in mine:
             store.commit_unit(conn, *_compute(plan, unit, dist))
             if bar is not None:
-                bar.set_postfix_str(f"{unit.model} r={unit.r:.3g}", refresh=False)
+                bar.set_postfix_str(f"{unit.model} pos={unit.first_pos}", refresh=False)
                 bar.update(1)
             collector.check()
         collector.wait()
@@ -281,19 +294,11 @@ def run_sweep(
     radii: Sequence[float] | float | str,
     db: str | os.PathLike,
     *,
-    attack_eps: Sequence[float] = (),
-    curve_radii: Sequence[float] | None = None,
-    num_samples: int = 500,
-    confidence: float = 0.95,
-    seed: int = 0,
-    batch_size: int = 16,
-    margin_tol: float = 0.01,
-    margin_max_radius: float | None = None,
-    margin_kwargs: Mapping[str, Any] | None = None,
-    attack_kwargs: Mapping[str, Any] | None = None,
+    spec: SweepSpec | None = None,
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    **spec_fields: Any,
 ) -> SweepResult:
     """Run (or resume) a sweep of ``models`` × ``points`` × ``radii`` into the SQLite database ``db``.
 
@@ -304,42 +309,30 @@ def run_sweep(
 
     Args:
         models: ``{name: nn.Module or run folder}`` (or a list of run folders).
-        points: a :class:`PointSet` or a tensor ``[P, *input_shape]``.
+        points: a :class:`PointSet` (with its data ``box``) or a tensor ``[P, *input_shape]`` in the unit box.
         radii: the reconstruction radii r, or ``"auto"``: quantiles of the points' smallest robust radii r*
             (:func:`vaefast.sweep.inputs.auto_radii`, from a pilot estimate with ``num_samples`` samples).
         db: the SQLite results database.
-        attack_eps: budgets of the p̂-vs-attack-norm curves (empty: no curves).
-        curve_radii: radii of the curves (default: every radius).
-        num_samples: Monte-Carlo samples per estimate.
-        confidence: Clopper–Pearson confidence.
-        seed: base seed.
-        batch_size: points per work unit.
-        margin_tol: tolerance of the margin bisection.
-        margin_max_radius: bracket limit of the margin search.
-        margin_kwargs: further keyword arguments of ``numerical_margin``.
-        attack_kwargs: keyword arguments of the curves' ``MaxDamageAttack``.
+        spec: the settings (:class:`SweepSpec`: samples, confidence, seed, batch size, curve budgets, the margin
+            search's :class:`~vaefast.core.options.MarginOptions`); None: the defaults.
         resume: skip the units already in ``db`` (without it an existing non-empty ``db`` is an error).
-        progress: show a progress bar (rank 0).
+        progress: show progress on rank 0 (a bar on a terminal, one line in a log).
         device: where the models run: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``
             (a CUDA request without a visible GPU is an error). Under ``torchrun`` a plain ``"cuda"`` is each rank's
             ``cuda:LOCAL_RANK``. Models are moved there once (an in-memory module elsewhere is copied, the caller's
             stays where it is); each unit's points once per unit; results come back to the CPU as rows. The device
             is not part of the sweep's identity: a sweep may be resumed on another one.
+        **spec_fields: fields of :class:`SweepSpec` overriding ``spec``'s (e.g. ``num_samples=500``,
+            ``attack_eps=[0.5, 1.0]``, ``margin=MarginOptions(tol=0.02)``).
 
     Returns:
         A :class:`SweepResult`.
     """
-    spec_fields = {
-        "attack_eps": list(attack_eps), "curve_radii": None if curve_radii is None else list(curve_radii),
-        "num_samples": num_samples, "confidence": confidence, "seed": seed, "batch_size": batch_size,
-        "margin_tol": margin_tol, "margin_max_radius": margin_max_radius, "margin_kwargs": dict(margin_kwargs or {}),
-        "attack_kwargs": dict(attack_kwargs or {}),
-    }  # fmt: skip
     t_start = time.perf_counter()
     dist = dist_context()
     try:
         device = rank_device(device, dist.local_rank, dist.world_size)
-        plan = plan_sweep(models, points, radii, db, device=device, dist=dist, **spec_fields)
+        plan = plan_sweep(models, points, radii, db, spec=spec, device=device, dist=dist, **spec_fields)
         result = execute(plan, dist, resume=resume, progress=progress)
     finally:
         dist.close()

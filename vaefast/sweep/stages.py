@@ -1,20 +1,21 @@
-"""The stages of one work unit, each returning the library's own result types.
+"""The stages of one work unit (one model, a block of points, every radius r), each returning the library's own
+result types, all on the internal core (validated tensors, one encoding, one sampler, eval mode set once):
 
-estimate → bound → margin → evidence → curves, all on one block of points at one radius r:
+- **estimate**: p̂_r(x) for every r with its intervals, the three-way clean decision and r*(x), from one pass of
+  samples (:class:`~vaefast.robustness.RRobustnessResult`, ``[B, K]``);
+- **bound**: the encoder's geometry once (σ_min and the Jacobian norms do not depend on r), then every bound
+  variant per radius from that same estimate (:class:`~vaefast.robustness.MarginBound` per r);
+- **margin**: one attack path per point serving every radius, the clean point decided by that same estimate
+  (:class:`~vaefast.margin.NumericalMargin`, ``[B, K]``: the estimate, its bracket and its evidence);
+- **evidence**: what each breaking δ does to the model's likelihood (:class:`Evidence`);
+- **certify**: sound certified radii of every (point, r) from that same estimate (:class:`Certificates`; NULL with
+  the reason where the encoder cannot be read);
+- **curves**: one ball attack per budget (the max-damage objective does not depend on r), then p̂ at every curve
+  radius and the likelihood degradation under each δ (:class:`CurvePoint`).
 
-- **estimate**: p̂_r(x) with its Clopper–Pearson interval and r*(x) (:class:`RRobustnessResult`);
-- **bound**: every bound variant and its components from that same estimate (:class:`MarginBound`);
-- **margin**: the numerical margin by batched bisection from that same clean-point decision, with its evidence —
-  the δ that broke r-robustness at the margin and the p̂ the search saw there (:class:`NumericalMargin`);
-- **evidence**: what that δ does to the model's likelihood (:class:`Evidence`);
-- **certify**: sound certified radii from that same estimate, with global and (MLP encoders) local Lipschitz
-  constants (:class:`~vaefast.certify.Certificate`; None where the encoder cannot be read as supported layers);
-- **curves**: p̂_r and the likelihood degradation under the max-damage attack with ‖δ‖ ≤ eps, every budget
-  (:class:`CurvePoint`), at the spec's curve radii.
-
-Random numbers are keyed by identity: the estimate and the margin search draw on ``H(seed, "mc", model, r)``
-with ``point_offset = first_pos`` (the counter-based sampler keys noise by global point index), the curves'
-attacks on ``H(seed, "curve", model, r)``; so a unit gives the same numbers in whichever process and order it runs.
+Random numbers are keyed by identity: the estimate and the margin search draw on ``H(seed, "mc", model)`` with the
+points' global positions (the counter-based sampler keys noise by point), the curves' attacks on
+``H(seed, "curve", model)``; so a unit gives the same numbers in whichever process and order it runs.
 """
 
 from __future__ import annotations
@@ -25,95 +26,110 @@ import torch
 from torch import nn
 
 from vaefast._checks import analysis
-from vaefast.attacks.base import max_perturbation
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
-from vaefast.certify import Certificate, certify
-from vaefast.margin import NumericalMargin, numerical_margin
+from vaefast.core.encoding import Encoding, encode
+from vaefast.core.sampling import Sampler
+from vaefast.margin import NumericalMargin, margins_validated
 from vaefast.rng import derive_seed
-from vaefast.robustness import MarginBound, RRobustnessResult, estimate_r_robustness, margin_bound
-from vaefast.sweep.spec import SweepSpec, WorkUnit, margin_box, margin_settings, rkey
+from vaefast.robustness import MarginBound, RRobustnessResult, bounds_from, estimate_validated
+from vaefast.sweep.spec import SweepSpec, WorkUnit
 from vaefast.sweep.timing import StageTimer
 
 
-def mc_seed(spec: SweepSpec, unit: WorkUnit) -> int:
-    """The Monte-Carlo stream of a unit's estimate and margin search: ``H(seed, "mc", model, r)``.
+def mc_seed(spec: SweepSpec, model: str) -> int:
+    """The Monte-Carlo stream of a model's estimates and margin searches: ``H(seed, "mc", model)``.
 
     Args:
         spec: the sweep specification.
-        unit: the work unit.
+        model: the model's name.
 
     Returns:
         The seed.
     """
-    return derive_seed(spec.seed, "mc", unit.model, rkey(unit.r))
+    return derive_seed(spec.seed, "mc", model)
 
 
-def curve_seed(spec: SweepSpec, unit: WorkUnit) -> int:
-    """The stream of a unit's curve attacks: ``H(seed, "curve", model, r)``.
+def curve_seed(spec: SweepSpec, model: str) -> int:
+    """The stream of a model's curve attacks: ``H(seed, "curve", model)``.
 
     Args:
         spec: the sweep specification.
-        unit: the work unit.
+        model: the model's name.
 
     Returns:
         The seed.
     """
-    return derive_seed(spec.seed, "curve", unit.model, rkey(unit.r))
+    return derive_seed(spec.seed, "curve", model)
 
 
-def estimate(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec) -> RRobustnessResult:
-    """The estimate stage: p̂_r(x), its interval and r*(x) at the unit's radius.
+@dataclass
+class UnitContext:
+    """What every stage of a unit shares: the points, their ids, the radii, the clean encoding and one sampler."""
+
+    model: nn.Module
+    x: torch.Tensor
+    unit: WorkUnit
+    spec: SweepSpec
+    ids: torch.Tensor
+    radii: torch.Tensor
+    enc: Encoding
+    sampler: Sampler
+
+    @classmethod
+    def build(cls, model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec) -> UnitContext:
+        ids = torch.arange(unit.first_pos, unit.first_pos + unit.n_points, dtype=torch.int64)
+        radii = torch.tensor(spec.radii, dtype=torch.float64)
+        return cls(model, x, unit, spec, ids, radii, encode(model, x), Sampler(model, x.device))
+
+    @property
+    def seed(self) -> int:
+        return mc_seed(self.spec, self.unit.model)
+
+
+def estimate(ctx: UnitContext) -> RRobustnessResult:
+    """The estimate stage: p̂_r(x) of every radius, its intervals, the clean decision and r*(x).
 
     Args:
-        model: a protocol model.
-        x: the unit's points on the model's device.
-        unit: the work unit.
-        spec: the sweep specification.
+        ctx: the unit's context.
 
     Returns:
-        The estimate (the one clean-point decision of the unit).
+        The ``[B, K]`` estimate (the one clean-point decision of the unit).
     """
-    return estimate_r_robustness(
-        model, x, [unit.r], num_samples=spec.num_samples, seed=mc_seed(spec, unit), confidence=spec.confidence,
-        point_offset=unit.first_pos,
-    )  # fmt: skip
+    s = ctx.spec
+    return estimate_validated(
+        ctx.model, ctx.x, None, ctx.radii, ctx.ids, s.num_samples, ctx.seed, s.confidence, ctx.sampler, enc=ctx.enc
+    )
 
 
-def bound(model: nn.Module, x: torch.Tensor, unit: WorkUnit, est: RRobustnessResult) -> MarginBound:
-    """The bound stage: every margin-bound variant from the estimate ``est``.
+def bound(ctx: UnitContext, est: RRobustnessResult) -> list[MarginBound]:
+    """The bound stage: the encoder's geometry once, every bound variant per radius from the estimate.
 
     Args:
-        model: a protocol model.
-        x: the unit's points.
-        unit: the work unit.
+        ctx: the unit's context.
         est: the estimate stage's result.
 
     Returns:
-        The bounds and their components.
+        One :class:`MarginBound` per radius, in the spec's order.
     """
-    return margin_bound(model, x, unit.r, point_offset=unit.first_pos, estimate=est)
+    return bounds_from(ctx.model, ctx.x, est)
 
 
-def margin(
-    model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec, est: RRobustnessResult
-) -> NumericalMargin:
-    """The margin stage: the numerical margin from the clean-point decision ``est``, with its evidence.
+def margin(ctx: UnitContext, est: RRobustnessResult) -> NumericalMargin:
+    """The margin stage: one attack path per point for every radius, the clean point decided by ``est``.
 
     Args:
-        model: a protocol model.
-        x: the unit's points.
-        unit: the work unit.
-        spec: the sweep specification (search settings: :func:`vaefast.sweep.spec.margin_settings`).
+        ctx: the unit's context.
         est: the estimate stage's result.
 
     Returns:
-        The margins, brackets, breaking perturbations and the p̂ the search saw at them.
+        The ``[B, K]`` margins, brackets and evidence.
     """
-    return numerical_margin(
-        model, x, unit.r, seed=mc_seed(spec, unit), point_offset=unit.first_pos, estimate=est, progress=False,
-        **margin_settings(spec),
-    )  # fmt: skip
+    s = ctx.spec
+    clean = (est.decision, est.hits, torch.full_like(est.hits, est.num_samples))
+    return margins_validated(
+        ctx.model, ctx.x, ctx.enc, ctx.radii, ctx.ids, clean, s.margin, s.box, ctx.seed, ctx.sampler
+    )
 
 
 @dataclass
@@ -124,80 +140,81 @@ class Evidence:
     recomputes them).
 
     Attributes:
-        index: the points of the unit with evidence (margin > 0 and bracketed), in order.
-        delta: their breaking perturbations ``[len(index), *input_shape]``.
-        degradation: the likelihood degradation under those δ (``None`` without evidence).
+        index: the ``(point, radius)`` items with evidence (a decided break), in order.
+        degradation: the likelihood degradation under their δ (``None`` without evidence).
         max_radius: per point the largest ‖δ‖₂ the data box allows (``None`` without a box).
     """
 
-    index: list[int]
-    delta: torch.Tensor | None
+    index: list[tuple[int, int]]
     degradation: LikelihoodDegradation | None
     max_radius: torch.Tensor | None
 
 
-def evidence(model: nn.Module, x: torch.Tensor, nm: NumericalMargin, spec: SweepSpec) -> Evidence:
+def evidence(ctx: UnitContext, nm: NumericalMargin) -> Evidence:
     """The evidence stage: the likelihood degradation under each breaking δ the search returned.
 
     Args:
-        model: a protocol model.
-        x: the unit's points.
+        ctx: the unit's context.
         nm: the margin stage's result.
-        spec: the sweep specification (its box).
 
     Returns:
-        The evidence of the points whose margin is > 0 and bracketed.
+        The evidence of the items with a decided break.
     """
-    index = [b for b, has in enumerate(((nm.margin > 0) & nm.bracketed).tolist()) if has]
-    delta = degradation = None
+    has = (nm.clean == 1) & nm.bracketed
+    index = [tuple(p) for p in has.nonzero().tolist()]
+    degradation = None
     if index:
-        sel = torch.tensor(index, device=x.device)
-        delta = nm.delta[sel].to(device=x.device, dtype=x.dtype)
-        degradation = likelihood_degradation(model, x[sel], delta)
-    return Evidence(index, delta, degradation, max_perturbation(x, margin_box(spec)))
+        b, k = has.nonzero(as_tuple=True)
+        dev = ctx.x.device
+        delta = nm.delta[b.to(dev), k.to(dev)].to(device=dev, dtype=ctx.x.dtype)
+        degradation = likelihood_degradation(ctx.model, ctx.x[b.to(dev)], delta)
+    limit = None if ctx.spec.box is None else ctx.spec.box.max_perturbation(ctx.x)
+    return Evidence(index, degradation, limit)
 
 
 @dataclass
 class Certificates:
-    """The sound certificates of a unit's points: ``global_`` and ``local`` (each None where unsupported)."""
+    """The sound certificates of a unit: ``global_`` and ``local`` radii ``[B, K]`` (None where refused) and the
+    refusal ``reason`` (None when both exist)."""
 
-    global_: Certificate | None
-    local: Certificate | None
+    global_: torch.Tensor | None
+    local: torch.Tensor | None
+    reason: str | None = None
 
 
-CERTIFY_ITERATIONS = 12  # bisection halvings of the certified radius (the lower end: sound at any precision)
-
-
-def certificates(model: nn.Module, x: torch.Tensor, unit: WorkUnit, est: RRobustnessResult) -> Certificates:
-    """The certify stage: :func:`vaefast.certify.certify` from the estimate ``est`` (its Clopper–Pearson lower limit),
-    globally and locally; a method the encoder does not support gives None.
+def certificates(ctx: UnitContext, est: RRobustnessResult) -> Certificates:
+    """The certify stage: sound certified radii of every (point, r) from the estimate (its one-sided lower limit).
 
     Args:
-        model: a protocol model.
-        x: the unit's points.
-        unit: the work unit.
+        ctx: the unit's context.
         est: the estimate stage's result.
 
     Returns:
-        The certificates.
+        The certificates, or the reason the encoder cannot be certified.
     """
-    found = []
+    from vaefast.certify import certify
+
+    found, reasons = [], []
     for method in ("global", "local"):
         try:
-            found.append(certify(model, x, unit.r, method=method, estimate=est, iterations=CERTIFY_ITERATIONS))
-        except TypeError:  # the encoder is not made of supported layers (or not an MLP, for "local")
+            per_r = [
+                certify(ctx.model, ctx.x, r, method=method, estimate=est, iterations=12).radius for r in ctx.spec.radii
+            ]
+            found.append(torch.stack(per_r, 1))
+        except TypeError as exc:  # the encoder is not made of supported layers (or not an MLP, for "local")
             found.append(None)
-    return Certificates(*found)
+            reasons.append(f"{method}: {exc}")
+    return Certificates(found[0], found[1], "; ".join(reasons) or None)
 
 
 @dataclass
 class CurvePoint:
-    """One attack budget of a unit's p̂-vs-attack-norm curve.
+    """One attack budget of a unit's p̂-vs-attack-norm curves.
 
     Attributes:
         eps: the budget.
-        delta: the max-damage perturbations with ‖δ‖ ≤ eps ``[n_points, *input_shape]``.
-        estimate: p̂_r at x + δ.
+        delta: the max-damage perturbations with ‖δ‖ ≤ eps ``[n_points, *input_shape]`` (one for every radius).
+        estimate: p̂ at x + δ for every curve radius (``[n_points, K_c]``).
         degradation: the likelihood degradation under δ.
     """
 
@@ -207,30 +224,34 @@ class CurvePoint:
     degradation: LikelihoodDegradation
 
 
-def curves(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec) -> list[CurvePoint]:
-    """The curve stage: the max-damage attack at every budget, then p̂_r and the degradation under each δ.
+def curves(ctx: UnitContext) -> list[CurvePoint]:
+    """The curve stage: the max-damage ball attack at every budget (once: it does not depend on r), then p̂ at every
+    curve radius and the degradation under each δ.
 
     Args:
-        model: a protocol model.
-        x: the unit's points.
-        unit: the work unit.
-        spec: the sweep specification (budgets ``attack_eps``, ``attack_kwargs``).
+        ctx: the unit's context.
 
     Returns:
-        One :class:`CurvePoint` per budget (empty when the spec has no curves at this radius).
+        One :class:`CurvePoint` per budget (empty without curves).
     """
-    if not spec.curves_at(unit.r):
+    s = ctx.spec
+    if not s.curve_r:
         return []
-    attack = MaxDamageAttack(model, eps=list(spec.attack_eps), seed=curve_seed(spec, unit), **spec.attack_kwargs)
-    adv = attack.attack(x, point_ids=torch.arange(unit.first_pos, unit.first_pos + unit.n_points))
-    deltas = adv.delta.detach().reshape(len(spec.attack_eps), *x.shape)
+    m = s.margin
+    attack = MaxDamageAttack(
+        ctx.model, eps=list(s.attack_eps), mode=m.mode, steps=m.steps, restarts=m.restarts,
+        num_noise_samples=m.num_noise_samples, box=s.box, optimizer=m.optimizer, seed=curve_seed(s, ctx.unit.model),
+    )  # fmt: skip
+    adv = attack.attack(ctx.x, point_ids=ctx.ids, reference=ctx.enc.center)
+    deltas = adv.delta.detach().reshape(len(s.attack_eps), *ctx.x.shape)
+    radii = torch.tensor(s.curve_r, dtype=torch.float64)
     out = []
-    for eps, d in zip(spec.attack_eps, deltas, strict=True):
-        est = estimate_r_robustness(
-            model, x, [unit.r], num_samples=spec.num_samples, delta=d, seed=mc_seed(spec, unit),
-            confidence=spec.confidence, point_offset=unit.first_pos,
+    for eps, d in zip(s.attack_eps, deltas, strict=True):
+        est = estimate_validated(
+            ctx.model, ctx.x, d, radii, ctx.ids, s.num_samples, ctx.seed, s.confidence, ctx.sampler,
+            enc=encode(ctx.model, ctx.x, d, center=ctx.enc.center),
         )  # fmt: skip
-        out.append(CurvePoint(eps, d, est, likelihood_degradation(model, x, d)))
+        out.append(CurvePoint(eps, d, est, likelihood_degradation(ctx.model, ctx.x, d)))
     return out
 
 
@@ -241,14 +262,16 @@ class UnitOutcome:
     Attributes:
         unit: the work unit.
         seed: its Monte-Carlo stream (:func:`mc_seed`).
-        estimate, bound, margin, evidence, certificates, curves: the stages' results.
+        radii: the sweep's radii (the K axis of every ``[B, K]`` field).
+        estimate, bounds, margin, evidence, certificates, curves: the stages' results.
         seconds: wall-clock seconds per stage, ``{"seconds_<stage>": s}`` including ``seconds_total``.
     """
 
     unit: WorkUnit
     seed: int
+    radii: tuple[float, ...]
     estimate: RRobustnessResult
-    bound: MarginBound
+    bounds: list[MarginBound]
     margin: NumericalMargin
     evidence: Evidence
     certificates: Certificates
@@ -260,12 +283,11 @@ class UnitOutcome:
 def run_stages(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpec) -> UnitOutcome:
     """Run the stages of one work unit in order, timing each.
 
-    The clean point is decided once: the estimate feeds both the bound and the margin search, so a point is
-    certified by the bound exactly when the search treats it as r-robust.
+    The clean point is decided once: the estimate feeds the bound, the margin search and the certificates.
 
     Args:
         model: a protocol model (in eval mode for the whole unit; the caller's mode is restored).
-        x: the unit's points ``[n_points, *input_shape]`` on the model's device.
+        x: the unit's points ``[n_points, *input_shape]`` on the model's device (validated by the sweep's plan).
         unit: the work unit.
         spec: the sweep specification.
 
@@ -275,15 +297,16 @@ def run_stages(model: nn.Module, x: torch.Tensor, unit: WorkUnit, spec: SweepSpe
     timer = StageTimer()
     with timer("total"):
         with timer("estimate"):
-            est = estimate(model, x, unit, spec)
+            ctx = UnitContext.build(model, x, unit, spec)
+            est = estimate(ctx)
         with timer("bound"):
-            mb = bound(model, x, unit, est)
+            mb = bound(ctx, est)
         with timer("margin"):
-            nm = margin(model, x, unit, spec, est)
+            nm = margin(ctx, est)
         with timer("evidence"):
-            ev = evidence(model, x, nm, spec)
+            ev = evidence(ctx, nm)
         with timer("certify"):
-            cert = certificates(model, x, unit, est)
+            cert = certificates(ctx, est)
         with timer("curve"):
-            cps = curves(model, x, unit, spec)
-    return UnitOutcome(unit, mc_seed(spec, unit), est, mb, nm, ev, cert, cps, timer.seconds)
+            cps = curves(ctx)
+    return UnitOutcome(unit, ctx.seed, spec.radii, est, mb, nm, ev, cert, cps, timer.seconds)

@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = "4"  # 3: recon_clean / recon_adv dropped (recomputed by the report); 4: cert_global, cert_local
+SCHEMA_VERSION = "5"
+# 3: recon_clean / recon_adv dropped (recomputed by the report); 4: cert_global, cert_local; 5: units hold every radius
+# (no r), the three-way clean decision (clean_decision, p_low), three margin numbers (margin = the estimate,
+# margin_lower, margin_upper = the evidence), jac_whitened_spectral, cert_reason
 
 TEXT, INTEGER, REAL, BLOB = "TEXT", "INTEGER", "REAL", "BLOB"
 
@@ -163,12 +166,11 @@ _SECONDS = "wall-clock seconds of the {} stage (non-deterministic)"
 
 UNITS = Table(
     "units",
-    "one row per completed work unit (one model, one r, a block of points): the commit marker used by resume. "
-    "Per-item time = ``seconds_total / n_points``.",
+    "one row per completed work unit (one model, a block of points, every radius): the commit marker used by resume. "
+    "Per-item time = ``seconds_total / (n_points * radii)``.",
     _cols(
-        ("unit_id", TEXT, "``model|r=R|pos=A:B``"),
+        ("unit_id", TEXT, "``model|pos=A:B``"),
         ("model", TEXT, "model name"),
-        ("r", REAL, "reconstruction radius"),
         ("first_pos", INTEGER, "first point position of the block"),
         ("n_points", INTEGER, "points in the block"),
         ("rank", INTEGER, "the process that computed it"),
@@ -183,14 +185,14 @@ UNITS = Table(
 )
 
 EVIDENCE = "evidence"  # the group of the margin's evidence columns: all NULL or all set
-_EVIDENCE_NULL = "NULL where the margin is 0 or unbracketed"
+_EVIDENCE_NULL = "NULL without a decided break (margin 0, clean point undecided, or the search did not bracket)"
 
 RESULTS = Table(
     "results",
-    "one row per (model, point, r). Evidence columns (``adv_norm`` to ``delta``) are NULL where the margin is 0 "
-    "(the clean point is not r-robust: δ = 0 is its own evidence) or the search did not bracket. Only what cannot "
-    "be recomputed is stored: the reconstructions g(μ(x)) and g(μ(x + δ)) follow from the model, ``points.x`` and "
-    "``delta``.",
+    "one row per (model, point, r). The clean point is decided once, three-way, from its estimate "
+    "(``clean_decision``); only items decided robust are ``certified`` and compared. Evidence columns (``adv_norm`` "
+    "to ``delta``) are NULL without a decided break. Only what cannot be recomputed is stored: the reconstructions "
+    "g(μ(x)) and g(μ(x + δ)) follow from the model, ``points.x`` and ``delta``.",
     _cols(
         ("item_id", TEXT, "``model|r=R|pos=P``"),
         ("unit_id", TEXT, "the unit that computed it"),
@@ -199,33 +201,39 @@ RESULTS = Table(
         ("r", REAL, "reconstruction radius"),
         ("seed", INTEGER, "the Monte-Carlo stream of the estimate and the margin search"),
         ("p_hat", REAL, "p̂_r(x) = hits / num_samples at the clean point"),
-        ("ci_low", REAL, "lower end of its Clopper–Pearson interval"),
-        ("ci_high", REAL, "upper end of its Clopper–Pearson interval"),
+        ("ci_low", REAL, "lower end of its two-sided Clopper–Pearson interval at the sweep's confidence"),
+        ("ci_high", REAL, "upper end of that interval"),
+        ("p_low", REAL, "the one-sided Clopper–Pearson lower limit at the sweep's confidence"),
         ("hits", INTEGER, "samples whose reconstruction lies within r"),
         ("num_samples", INTEGER, "Monte-Carlo samples of the clean estimate"),
-        ("robust", INTEGER, "p̂ > 1/2"),
+        ("robust", INTEGER, "p̂ > 1/2 (the point estimate)"),
+        ("clean_decision", INTEGER, "1 robust (p_low > 1/2), -1 not robust (upper limit <= 1/2), 0 undecided"),
+        ("certified", INTEGER, "clean_decision = 1: the one clean-point decision of bound, margin and certificate"),
         ("r_star", REAL, "the smallest robust radius r*(x)"),
-        ("bound", REAL, "the margin bound min σ · Φ⁻¹(p̂) / ‖J‖_F"),
-        ("certified_bound", REAL, "the bound at the interval's lower end"),
+        ("bound", REAL, "the margin bound min σ · Φ⁻¹(p̂) / ‖J‖_F (0 unless certified)"),
+        ("certified_bound", REAL, "the bound at p_low"),
         ("spectral_bound", REAL, "the bound with the spectral norm of J"),
-        ("whitened_bound", REAL, "the whitened bound"),
-        ("latent_margin", REAL, "the margin in latent space"),
+        ("whitened_bound", REAL, "the whitened bound Φ⁻¹(p̂) / ‖diag(σ)⁻¹ J‖₂"),
+        ("latent_margin", REAL, "the margin in latent space min σ · Φ⁻¹(p̂)"),
         ("sigma_min", REAL, "the smallest encoder standard deviation"),
         ("jac_frobenius", REAL, "‖J_μ(x)‖_F"),
         ("jac_spectral", REAL, "‖J_μ(x)‖₂"),
-        ("certified", INTEGER, "p̂ > 1/2: the one clean-point decision of the bound and the margin search"),
-        (
-            "cert_global",
-            REAL,
-            "sound certified radius from global Lipschitz constants (vaefast.certify; NULL: unsupported)",
-        ),
-        ("cert_local", REAL, "sound certified radius from Lipschitz constants over the ball (NULL: unsupported)"),
+        ("jac_whitened_spectral", REAL, "‖diag(σ(x))⁻¹ J_μ(x)‖₂"),
+        ("cert_global", REAL, "sound certified radius from global Lipschitz constants (NULL: refused)"),
+        ("cert_local", REAL, "sound certified radius from Lipschitz constants over the ball (NULL: refused)"),
+        ("cert_reason", TEXT, "why a certificate was refused (NULL when both exist)"),
         ("max_radius", REAL, "the largest ‖δ‖₂ the data box allows at the point (NULL without a box)"),
-        ("margin", REAL, "the numerical margin: upper end of the bisection bracket, where r-robustness broke"),
-        ("margin_lower", REAL, "the largest radius where it did not break"),
-        ("bracketed", INTEGER, "whether the search bracketed the margin"),
-        ("margin_evals", INTEGER, "radii the search evaluated"),
-        ("adv_norm", REAL, f"‖δ‖₂ of the evidence (= margin); {_EVIDENCE_NULL}", EVIDENCE),
+        (
+            "margin",
+            REAL,
+            "the margin estimate: where p̂ crosses 1/2 along the attack path (0: not robust; NULL: "
+            "clean point undecided)",
+        ),
+        ("margin_lower", REAL, "the largest attacked radius decided r-robust at the sweep's confidence (0 if none)"),
+        ("margin_upper", REAL, "the radius of the evidence: a δ decided to break r-robustness (NULL: none)"),
+        ("bracketed", INTEGER, "whether there is evidence (a decided break, or a clean point decided not robust)"),
+        ("margin_evals", INTEGER, "attacked inputs of the point's search (each decided for every radius)"),
+        ("adv_norm", REAL, f"‖δ‖₂ of the evidence (= margin_upper); {_EVIDENCE_NULL}", EVIDENCE),
         ("p_hat_adv", REAL, "p̂ at x + δ the search saw, = hits_adv / num_samples_adv ≤ 1/2", EVIDENCE),
         ("ci_low_adv", REAL, "lower end of its interval", EVIDENCE),
         ("ci_high_adv", REAL, "upper end of its interval", EVIDENCE),
@@ -233,9 +241,9 @@ RESULTS = Table(
         ("num_samples_adv", INTEGER, "samples at x + δ", EVIDENCE),
         ("ll_clean", REAL, "log p(x|z), z = μ(x)", EVIDENCE),
         ("ll_adv", REAL, "log p(x|z*), z* = μ(x + δ), of the clean x", EVIDENCE),
-        ("ll_drop", REAL, "ll_clean − ll_adv in nats", EVIDENCE),
+        ("ll_drop", REAL, "ll_clean − ll_adv in nats (negative: the likelihood rose)", EVIDENCE),
         ("rel_ll_degradation", REAL, "|ll_adv − ll_clean| / |ll_clean| (≥ 0)", EVIDENCE),
-        ("delta", BLOB, "the perturbation that broke r-robustness at the margin (x + δ inside the box)", EVIDENCE),
+        ("delta", BLOB, "the perturbation that broke r-robustness at margin_upper (x + δ inside the box)", EVIDENCE),
     ),
 )
 
