@@ -24,6 +24,7 @@ import torch
 
 from vaefast._checks import analysis, as_radii, check_analysis_inputs, check_seed
 from vaefast._results import ResultMixin
+from vaefast._threads import intra_op_threads
 from vaefast.core.box import UNIT_BOX, Box, as_box
 from vaefast.core.decide import clean_decision
 from vaefast.core.encoding import encode
@@ -191,6 +192,7 @@ def numerical_margin(
     point_offset: int = 0,
     estimate: RRobustnessResult | None = None,
     max_memory: int | None = None,
+    num_threads: int | str | None = "auto",
     progress: bool = False,
     **settings: Any,
 ) -> NumericalMargin:
@@ -209,6 +211,9 @@ def numerical_margin(
         estimate: an :class:`~vaefast.robustness.RRobustnessResult` of exactly these points (with a column for every
             radius): the clean point is then decided from its counts, as the bound and the certificate decide it.
         max_memory: the working-set budget in bytes (None: the device's default).
+        num_threads: intra-op threads of the search (``"auto"``: one for a conv-free model on a CPU, whose small
+            batches only slow down with more on a shared machine; :mod:`vaefast._threads`), an int, or None (torch's
+            setting).
         progress: show progress (a bar on a terminal, one line in a log).
         **settings: fields of :class:`~vaefast.core.options.MarginOptions`.
 
@@ -225,9 +230,10 @@ def numerical_margin(
     ids = torch.arange(point_offset, point_offset + x.shape[0], dtype=torch.int64)
     sampler = Sampler(model, x.device, max_memory)
     clean, hits, n = _clean(model, x, radii, options, seed, ids, estimate, sampler)
-    res = margins_validated(
-        model, x, encode(model, x), radii, ids, (clean, hits, n), options, box, seed, sampler, progress, caps
-    )
+    with intra_op_threads(model, x.device, num_threads):
+        res = margins_validated(
+            model, x, encode(model, x), radii, ids, (clean, hits, n), options, box, seed, sampler, progress, caps
+        )
     return res.at(float(radii[0])) if single else res
 
 

@@ -36,6 +36,7 @@ from vaefast._checks import (
     model_device_dtype,
 )
 from vaefast._chunks import index_batches, points_per_batch
+from vaefast._threads import resolve_threads
 from vaefast.data.base import DataSplit
 from vaefast.models.likelihoods import gaussian_kl, gaussian_log_density, repeat_per_sample
 from vaefast.models.vae import sample_latent
@@ -249,7 +250,7 @@ def train(
         check_positive_int("patience", patience)
     device = check_device("device", device)
     model.to(device)
-    threads = _training_threads(model, device, num_threads)
+    threads = resolve_threads(model, device, num_threads)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -260,17 +261,6 @@ def train(
         )  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def _training_threads(model: nn.Module, device: torch.device, num_threads: int | str | None) -> int | None:
-    """``"auto"``: one intra-op thread for conv-free models on CPU (their small GEMMs gain nothing from more
-    threads and slow down badly on a shared machine), else torch's setting; an int is used as given."""
-    if num_threads is None:
-        return None
-    if num_threads == "auto":
-        has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-        return 1 if device.type == "cpu" and not has_conv else None
-    return check_positive_int("num_threads", num_threads)
 
 
 class _RunFolder:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from vaefast._checks import analysis
+from vaefast._threads import intra_op_threads
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
 from vaefast.core.encoding import Encoding, encode
@@ -116,7 +117,8 @@ def bound(ctx: UnitContext, est: RRobustnessResult) -> list[MarginBound]:
 
 
 def margin(ctx: UnitContext, est: RRobustnessResult) -> NumericalMargin:
-    """The margin stage: one attack path per point for every radius, the clean point decided by ``est``.
+    """The margin stage: one attack path per point for every radius, the clean point decided by ``est`` (with the
+    search's intra-op threads, :mod:`vaefast._threads`).
 
     Args:
         ctx: the unit's context.
@@ -127,9 +129,10 @@ def margin(ctx: UnitContext, est: RRobustnessResult) -> NumericalMargin:
     """
     s = ctx.spec
     clean = (est.decision, est.hits, torch.full_like(est.hits, est.num_samples))
-    return margins_validated(
-        ctx.model, ctx.x, ctx.enc, ctx.radii, ctx.ids, clean, s.margin, s.box, ctx.seed, ctx.sampler
-    )
+    with intra_op_threads(ctx.model, ctx.x.device):
+        return margins_validated(
+            ctx.model, ctx.x, ctx.enc, ctx.radii, ctx.ids, clean, s.margin, s.box, ctx.seed, ctx.sampler
+        )
 
 
 @dataclass
