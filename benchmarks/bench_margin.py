@@ -1,26 +1,28 @@
-"""Benchmark of the numerical margin search (issues 5 and 12): vaefast's default (secant) search, the previous search
-(``strategy="halving"``) and the original grid protocol, side by side on the same machine and the same weights.
+"""Benchmark of the numerical margin search (issues 12, 17, 19): vaefast's search (one radius), the search as
+committed before issue 17 (``--baseline-tree``, a worktree of the base commit) and the original grid protocol, on
+the same machine, weights, points, r and clean estimate.
 
 Model: an MNIST-sized MLP VAE (784-512-512-10, mirrored decoder, Bernoulli), quickly trained here (``--epochs``) on
 scikit-learn's digits upsampled to 28x28 (bilinear; MNIST itself is not available offline). The radius r is the
 median of the points' own r* times ``--r-factor``, so most points are r-robust at delta = 0. The clean point is
 decided once by an estimate of ``S = --samples`` samples (``estimate=``, as the sweep does) for every search.
 
-- vaefast (new default): ``numerical_margin(strategy="secant")`` on ``--points`` points at once and on the first
-  ``--small-points`` points (each after a warm-up, ``--reps`` times alternating with the previous search; medians).
-- vaefast (previous): ``numerical_margin(strategy="halving")`` (doubling from 0.25, then halving), the same way.
+- vaefast: ``numerical_margin`` (its default search: the estimate, margin_lower and margin_upper) on ``--points``
+  points at once and on the first ``--small-points`` points, after a warm-up, ``--reps`` times, at ``--threads``
+  intra-op threads (also at 2 threads with ``num_threads=2`` to show the thread rule); medians.
+- base commit: the previous default search, timed in a subprocess of ``--baseline-tree`` on the same data.
 - protocol (the original): ``method="grid"``, ``one_at_a_time=True``, ``optimizer="lbfgsb"`` with ``--restarts``
   restarts of up to ``--lbfgs-steps`` iterations, a fixed ``--samples`` samples per radius (``decision="fixed"``),
   radii from ``--protocol-max-radius`` down in steps of ``--granularity``; on the first ``--protocol-points``.
-- attack strength: on the first ``--strength-points`` points with a margin, a stronger attack (``--strong-steps``
-  steps x ``--strong-restarts`` restarts, sphere at 0.9 x the margin) decided by the searches' own rule (sequential
-  test at the per-decision level ``1 - 0.05 / D``): how many points it breaks, for the new and the previous margins.
+- attack strength: on the first ``--strength-points`` points with evidence, a stronger attack (``--strong-steps``
+  steps x ``--strong-restarts`` restarts, sphere at 0.9 x margin_upper) decided at the search's per-decision level:
+  how many points it breaks.
 
-Reported: seconds per point (process CPU time and wall), radius evaluations (decisions) per point, the per-point
-speed ratios, the margins of the protocol's points, the strength counts and the load average.
+Reported: seconds per point (process CPU time and wall), attacked inputs per point, the per-point speed ratios, the
+three margins against the protocol's, the strength count and the load average.
 
-Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_margin.py [--points 100] [--small-points 3]
-[--protocol-points 3] [--json out.json]``.
+Run: ``PYTHONPATH=. python benchmarks/bench_margin.py [--points 100] [--small-points 3] [--protocol-points 3]
+[--baseline-tree ../base] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ import torch.nn.functional as F
 
 from vaefast import has_compiled_ops
 from vaefast.attacks import MaxDamageAttack
+from vaefast.core.decide import BROKEN, Rule, decide
+from vaefast.core.encoding import encode
+from vaefast.core.options import MarginOptions
+from vaefast.core.sampling import Sampler
+from vaefast.core.search import budget, start_radius
 from vaefast.data import load
-from vaefast.margin import max_decisions, numerical_margin
+from vaefast.margin import numerical_margin
 from vaefast.models import VAE, VAEConfig
-from vaefast.robustness import RRobustnessResult, estimate_r_robustness, is_r_robust
+from vaefast.robustness import RRobustnessResult, estimate_r_robustness
 from vaefast.training import train
 
 
@@ -97,10 +104,13 @@ def setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor, float, Any]:
     return model, x, r, est
 
 
-def first_points(est: RRobustnessResult, n: int) -> RRobustnessResult:
-    """The estimate of the first ``n`` points."""
-    per_point = ("p_hat", "ci_low", "ci_high", "hits", "robust", "r_star", "point_index")
-    return dataclasses.replace(est, **{name: getattr(est, name)[:n] for name in per_point})
+def first_points(est: RRobustnessResult, n: int, model, x) -> RRobustnessResult:
+    """The estimate of the first ``n`` points (its source digest recomputed for them)."""
+    from vaefast.robustness import estimate_source
+
+    per_point = ("p_hat", "ci_low", "ci_high", "hits", "robust", "decision", "r_star", "point_index")
+    sub = dataclasses.replace(est, **{name: getattr(est, name)[:n] for name in per_point})
+    return dataclasses.replace(sub, source=estimate_source(model, x[:n]))
 
 
 def timed(fn) -> tuple[Any, float, float]:
@@ -154,11 +164,11 @@ def baseline_run(args, model, x, r, sizes: tuple[int, ...]) -> dict[int, dict[st
 
 
 def vaefast_runs(args, model, x, r, est) -> dict[str, dict[str, Any]]:
-    """The new and the previous search on all points and on the first ``small_points``, alternating, ``reps``
-    times each after a warm-up; medians of the seconds per point."""
+    """This tree's search on all points and on the first ``small_points`` (at ``--threads`` and at 2 threads), and
+    the base commit's when ``--baseline-tree`` is given, ``reps`` times after a warm-up; medians per point."""
     runs: dict[str, dict[str, Any]] = {}
-    for strategy in ("secant", "halving"):  # warm-up
-        numerical_margin(model, x[:2], r, strategy=strategy, tol=args.tol, num_samples=args.samples, progress=False)
+    opts = MarginOptions(tol=args.tol, num_samples=args.samples)
+    numerical_margin(model, x[:2], r, options=opts, progress=False)  # warm-up
     for _ in range(args.reps):
         if args.baseline_tree:
             for n, v in baseline_run(args, model, x, r, (x.shape[0], args.small_points)).items():
@@ -167,12 +177,11 @@ def vaefast_runs(args, model, x, r, est) -> dict[str, dict[str, Any]]:
                 run["wall"].append(v["wall"])
                 run["margin"] = torch.tensor(v["margin"], dtype=torch.float64)
         for n in (x.shape[0], args.small_points):
-            sub = first_points(est, n)
-            for strategy in ("secant", "halving"):
-                res, cpu, wall = timed(lambda s=strategy, k=n, e=sub: numerical_margin(
-                    model, x[:k], r, strategy=s, tol=args.tol, num_samples=args.samples, seed=args.seed, estimate=e,
-                    progress=False))  # fmt: skip
-                run = runs.setdefault(f"{strategy}/{n}", {"points": n, "cpu": [], "wall": []})
+            sub = first_points(est, n, model, x)
+            for threads in (args.threads, 2):
+                res, cpu, wall = timed(lambda k=n, e=sub, t=threads: numerical_margin(
+                    model, x[:k], r, options=opts, seed=args.seed, estimate=e, num_threads=t))  # fmt: skip
+                run = runs.setdefault(f"new@{threads}/{n}", {"points": n, "cpu": [], "wall": []})
                 run["cpu"].append(cpu / n)
                 run["wall"].append(wall / n)
                 run["result"] = res
@@ -180,13 +189,11 @@ def vaefast_runs(args, model, x, r, est) -> dict[str, dict[str, Any]]:
         run["cpu_s_per_point"] = statistics.median(run["cpu"])
         run["wall_s_per_point"] = statistics.median(run["wall"])
         result = run.get("result")
-        run["decisions_per_point"] = (
-            math.nan if result is None else sum(len(e) - 1 for e in result.evaluations) / run["points"]
-        )
+        run["rows_per_point"] = math.nan if result is None else float(result.rows.double().mean())
         print(
-            f"vaefast {name.split('/')[0]:>7} on {run['points']:>3} points: {run['cpu_s_per_point']:.4f} s/point CPU, "
+            f"{name.split('/')[0]:>7} on {run['points']:>3} points: {run['cpu_s_per_point']:.4f} s/point CPU, "
             f"{run['wall_s_per_point']:.4f} s/point wall (CPU per rep {[round(v, 4) for v in run['cpu']]}); "
-            f"{run['decisions_per_point']:.2f} attacked radii (decisions) per point"
+            f"{run['rows_per_point']:.2f} attacked inputs per point"
         )
     return runs
 
@@ -208,69 +215,57 @@ def protocol_run(args, model, x, r) -> tuple[Any, float, float]:
     return res, cpu / k, wall / k
 
 
-def strength(args, model, x, r, results: dict[str, Any]) -> dict[str, int]:
-    """Points (of the first ``strength_points`` with a margin under every search) that a stronger attack at 0.9 x
-    each search's margin breaks, decided by the searches' rule."""
+def strength(args, model, x, r, res) -> dict[str, int]:
+    """Points (of the first ``strength_points`` with evidence) that a stronger attack at 0.9 x margin_upper breaks,
+    decided at the search's per-decision level."""
     strong = MaxDamageAttack(model, 1.0, constraint="sphere", steps=args.strong_steps,
                              restarts=args.strong_restarts, seed=args.seed + 1)  # fmt: skip
-    ok = torch.stack([(res.margin > 0) & res.bracketed for res in results.values()]).all(0)
-    idx = ok.nonzero().squeeze(1)[: args.strength_points]
+    idx = ((res.clean == 1) & res.bracketed).nonzero().squeeze(1)[: args.strength_points]
     if idx.numel() == 0:
-        print("strength: no point has a bracketed margin under every search")
+        print("strength: no point has evidence")
         return {}
-    first = next(iter(results.values()))
-    start = max(2 * args.tol, min(0.25, float(first.max_radius.min()) / 4))
-    level = 1 - 0.05 / max_decisions("bisection", first.max_radius, start, args.tol, 0.01)
-    out = {}
-    for name, res in results.items():
-        delta = strong(x[idx], eps=0.9 * res.margin[idx].to(x.dtype)).delta
-        dec = is_r_robust(model, x[idx], r, delta=delta, max_samples=args.samples, confidence=level, seed=args.seed + 7)
-        out[name] = int((dec.decided & ~dec.robust).sum())
-        print(
-            f"strength: {args.strong_steps} steps x {args.strong_restarts} restarts at 0.9 x the {name} margin break "
-            f"{out[name]} of {idx.numel()} points"
-        )
-    return out
+    opts = MarginOptions(tol=args.tol, num_samples=args.samples)
+    _, _, rows = budget(opts, res.max_radius, start_radius(opts, res.max_radius), 1)
+    delta = strong(x[idx], eps=0.9 * res.upper[idx].to(x.dtype)).delta
+    dec = decide(Sampler(model, x.device), encode(model, x[idx], delta), idx.clone(),
+                 torch.tensor([r], dtype=torch.float64), Rule.sequential(args.samples, 0.05 / rows), args.seed + 7)
+    broken = int((dec.decision[:, 0] == BROKEN).sum())
+    print(f"strength: {args.strong_steps} steps x {args.strong_restarts} restarts at 0.9 x margin_upper break "
+          f"{broken} of {idx.numel()} points")  # fmt: skip
+    return {"checked": int(idx.numel()), "broken": broken}
 
 
-def speed_ratios(runs: dict[str, dict[str, Any]], big: int, small: int, proto_cpu: float) -> dict[str, float]:
-    """Per-point speed ratios (CPU and wall) of the new search against the previous one (in this tree, and as
-    committed in the baseline tree when timed) and against the protocol."""
+def speed_ratios(runs: dict[str, dict[str, Any]], args, big: int, proto_cpu: float) -> dict[str, float]:
+    """Per-point speed ratios: this search against the base commit's, against itself at 2 threads, and against the
+    protocol (CPU time)."""
+    small, new = args.small_points, f"new@{args.threads}"
     ratios = {}
-    for ref in ("halving", "base"):
-        for n, tag in ((big, ""), (small, "_small")):
-            if f"{ref}/{n}" in runs:
-                for clock in ("cpu", "wall"):
-                    key = f"new_vs_{'previous' if ref == 'halving' else 'base_commit'}{tag}_{clock}"
-                    ratios[key] = (
-                        runs[f"{ref}/{n}"][f"{clock}_s_per_point"] / runs[f"secant/{n}"][f"{clock}_s_per_point"]
-                    )
-    ratios["new_vs_protocol_cpu"] = proto_cpu / runs[f"secant/{big}"]["cpu_s_per_point"]
-    ratios["new_small_vs_protocol_cpu"] = proto_cpu / runs[f"secant/{small}"]["cpu_s_per_point"]
+    for n, tag in ((big, ""), (small, "_small")):
+        for clock in ("cpu", "wall"):
+            if f"base/{n}" in runs:
+                ratios[f"new_vs_base_commit{tag}_{clock}"] = (
+                    runs[f"base/{n}"][f"{clock}_s_per_point"] / runs[f"{new}/{n}"][f"{clock}_s_per_point"]
+                )
+            if args.threads != 2:
+                ratios[f"threads_{args.threads}_vs_2{tag}_{clock}"] = (
+                    runs[f"new@2/{n}"][f"{clock}_s_per_point"] / runs[f"{new}/{n}"][f"{clock}_s_per_point"]
+                )
+    ratios["new_vs_protocol_cpu"] = proto_cpu / runs[f"{new}/{big}"]["cpu_s_per_point"]
+    ratios["new_small_vs_protocol_cpu"] = proto_cpu / runs[f"{new}/{small}"]["cpu_s_per_point"]
     for name, v in ratios.items():
         print(f"speed ratio {name}: {v:.2f}x")
     return ratios
 
 
-def compare_margins(args, model, x, r, runs, proto) -> dict[str, list[bool]]:
-    """Whether each search's margin is <= the protocol's + granularity on the protocol's points: as run (sequential
-    decisions at the Bonferroni level, so a break needs p_hat <= ~0.45 at S = 1000), and with the protocol's own
-    decision rule (``decision="fixed"``: p_hat <= 1/2 from S samples), which compares the attacks alone."""
-    k, big, within = proto.margin.shape[0], x.shape[0], {}
-    margins = {name: (run["result"].margin if "result" in run else run["margin"])[:k]
-               for name, run in runs.items() if run["points"] == big}  # fmt: skip
-    for strategy in ("secant", "halving"):
-        margins[f"{strategy} (fixed rule)/{k}"] = numerical_margin(
-            model, x[:k], r, strategy=strategy, tol=args.tol, num_samples=args.samples, decision="fixed",
-            seed=args.seed, progress=False,
-        ).margin  # fmt: skip
-    for name, m in margins.items():
-        within[name] = (m <= proto.margin + args.granularity + 1e-9).tolist()
-        print(f"{name} margins {[round(v, 3) for v in m.tolist()]}; <= protocol + {args.granularity}: {within[name]}")
-    if f"base/{big}" in runs:
-        same = torch.equal(runs[f"base/{big}"]["margin"], runs[f"halving/{big}"]["result"].margin)
-        print(f"base commit margins identical to strategy='halving': {same}")
-    return within
+def compare_margins(args, res, proto) -> dict[str, Any]:
+    """The three margins against the protocol's on its points (the protocol's answer is the first grid radius still
+    robust from the top, so the truth lies within one granularity of it)."""
+    k = proto.margin.shape[0]
+    out = {name: getattr(res, name)[:k].tolist() for name in ("lower", "margin", "upper")}
+    out["protocol"] = proto.margin.tolist()
+    for name, v in out.items():
+        print(f"{name:>9} margins on the protocol's points: {[round(m, 3) for m in v]}")
+    return out
 
 
 def main() -> None:
@@ -280,19 +275,18 @@ def main() -> None:
     runs = vaefast_runs(args, model, x, r, est)
     proto, proto_cpu, proto_wall = protocol_run(args, model, x, r)
     big = x.shape[0]
-    ratios = speed_ratios(runs, big, args.small_points, proto_cpu)
-    within = compare_margins(args, model, x, r, runs, proto)
-    new, old = runs[f"secant/{big}"]["result"], runs[f"halving/{big}"]["result"]
-    broken = strength(args, model, x, r, {"new": new, "previous": old})
+    ratios = speed_ratios(runs, args, big, proto_cpu)
+    res = runs[f"new@{args.threads}/{big}"]["result"]
+    margins = compare_margins(args, res, proto)
+    broken = strength(args, model, x, r, res)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        keep = ("points", "cpu", "wall", "cpu_s_per_point", "wall_s_per_point", "decisions_per_point")
+        keep = ("points", "cpu", "wall", "cpu_s_per_point", "wall_s_per_point", "rows_per_point")
         out = {
             "r": r, "threads": args.threads, "compiled_ops": has_compiled_ops(), "load_end": os.getloadavg()[0],
             "runs": {n: {k2: v for k2, v in run.items() if k2 in keep} for n, run in runs.items()},
-            "protocol": {"points": args.protocol_points, "cpu_s_per_point": proto_cpu, "wall_s_per_point": proto_wall,
-                         "margins": proto.margin.tolist()},
-            "ratios": ratios, "within_protocol_plus_granularity": within, "strong_attack_breaks": broken,
+            "protocol": {"points": args.protocol_points, "cpu_s_per_point": proto_cpu, "wall_s_per_point": proto_wall},
+            "ratios": ratios, "margins": margins, "strong_attack": broken,
         }  # fmt: skip
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

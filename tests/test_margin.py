@@ -189,16 +189,16 @@ def test_one_clean_point_decision_with_the_bound():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_attacks_find_the_worst_direction(seed):
     """Attack strength where random starts converge slowly: top two singular values close (1.71, 1.35), 25 steps.
-    The evidence must be within 4 Monte-Carlo standard deviations and one tol of where the test can decide a break
-    along the worst direction, and the estimate near the truth."""
+    Along the second direction the crossing would be at 1.71 / 1.35 = 1.27 x the truth: every estimate must stay
+    below 1.2 x the truth and their mean within 5% of it (the points' Monte-Carlo errors are independent), and the
+    evidence below the radius where the exact p_r along the worst direction is 0.3."""
     model = LinearGaussianVAE(seed=1, input_dim=12, latent_dim=3, sigma=0.5, decoder_scale=1.5)
     x = torch.rand(6, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.5 + 0.25
     res = numerical_margin(model, x, 1.4, tol=0.02, num_samples=1024, steps=25, seed=seed, **LG)
     true = model.true_margin(1.4)
-    limit = _radius_at(model, 1.4, 0.446 - 4 * 0.5 / math.sqrt(1024)) + 0.02
     assert bool(res.bracketed.all())
-    assert bool((res.upper >= true).all() and (res.upper <= limit).all()), (res.upper, limit)
-    assert abs(float(res.margin.mean()) / true - 1) < 0.1, (res.margin, true)
+    assert bool((res.margin < 1.2 * true).all()) and abs(float(res.margin.mean()) / true - 1) < 0.05, (res.margin, true)
+    assert bool((res.upper >= true).all() and (res.upper <= _radius_at(model, 1.4, 0.3)).all()), res.upper
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,12 @@ limit at ``confidence`` exceeds 1/2 (the certificates' ``p_low > 1/2``), not rob
 
 :func:`decide` runs a rule on rows (attacked inputs) for K radii at once: every round draws the next samples of the
 rows still running, counts hits for all K radii in one pass, and freezes each (row, radius) at its first decision;
-a row stops when every radius it must decide is frozen. Futility (optional): a (row, radius) also freezes, undecided,
-once its one-sided lower limit at ``futility`` exceeds the largest ``p_hat`` the last round could call broken (it
-cannot plausibly be decided broken; :func:`vaefast.stats.futile`). Host synchronisations: a constant number per round,
-whatever the number of rows.
+a row stops when every radius it must decide is frozen. Early stops, per (row, radius) (``stops``), freeze it
+undecided: ``FUTILE`` once its one-sided lower limit at the rule's ``futility`` level exceeds the largest ``p_hat``
+the last round could call broken (it cannot plausibly be decided broken; :func:`vaefast.stats.futile`); ``SIDE`` once
+the side of 1/2 it lies on is known at level ``SIDE_LEVEL`` per round (its one-sided Clopper–Pearson limits exclude
+1/2; an estimate needs the side, not a claim). Every claim (robust, broken) is still the rule's own decision. Host
+synchronisations: a constant number per round, whatever the number of rows.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ from vaefast.core.encoding import Encoding
 from vaefast.core.sampling import Sampler
 from vaefast.stats import _critical_counts, _futility_count, largest_decidable_not_robust, sequential_schedule
 
-__all__ = ["ROBUST", "BROKEN", "UNDECIDED", "Decisions", "Rule", "clean_decision", "decide"]
+__all__ = [
+    "BROKEN", "DECIDE", "FUTILE", "ROBUST", "SIDE", "UNDECIDED", "Decisions", "Rule", "clean_decision", "decide",
+]  # fmt: skip
 
 ROBUST, BROKEN, UNDECIDED = 1, -1, 0
+DECIDE, FUTILE, SIDE = 0, 1, 2  # early stops of a (row, radius): none, futility, side of 1/2 known
+SIDE_LEVEL = 1e-3  # per round: a side stop is on the wrong side of 1/2 with probability at most rounds * SIDE_LEVEL
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,7 @@ def decide(
     rule: Rule,
     seed: int,
     required: torch.Tensor | None = None,
-    futile_ok: torch.Tensor | None = None,
+    stops: torch.Tensor | None = None,
 ) -> Decisions:
     """Run ``rule`` on ``N`` rows for ``K`` radii (module docstring).
 
@@ -147,9 +153,8 @@ def decide(
         rule: the count rule.
         seed: the Monte-Carlo stream.
         required: ``[N, K]`` bool (CPU): the radii each row must decide before it stops (default: all).
-        futile_ok: ``[N, K]`` bool (CPU): where the rule's futility stop applies (default: everywhere); elsewhere a
-            (row, radius) keeps drawing until decided or the last round (a robust decision, or a precise ``p_hat``,
-            is wanted there).
+        stops: ``[N, K]`` int8 (CPU): the early stop of each (row, radius), ``DECIDE`` (none: draw until decided or
+            the last round), ``FUTILE`` or ``SIDE`` (module docstring); default ``FUTILE`` everywhere.
 
     Returns:
         The :class:`Decisions`.
@@ -161,7 +166,7 @@ def decide(
     decision = torch.zeros(n, k, dtype=torch.int8, device=dev)
     frozen = torch.zeros(n, k, dtype=torch.bool, device=dev)
     need = (torch.ones(n, k, dtype=torch.bool) if required is None else required).to(dev)
-    may_stop = (torch.ones(n, k, dtype=torch.bool) if futile_ok is None else futile_ok).to(dev)
+    stops = (torch.full((n, k), FUTILE, dtype=torch.int8) if stops is None else stops).to(dev)
     running = torch.arange(n, device=dev)
     done = 0
     for total in rule.schedule:
@@ -176,10 +181,20 @@ def decide(
         yes, no = open_ & (h >= k_robust), open_ & (h <= k_broken)
         decision[running] = torch.where(yes, ROBUST, torch.where(no, BROKEN, decision[running])).to(torch.int8)
         stop = yes | no
-        futile = rule.futile_count(total)
-        if futile is not None:
-            stop |= open_ & may_stop[running] & (h >= futile)
+        stop |= open_ & _early(rule, total, h, stops[running])
         frozen[running] |= stop
         running = running[(need[running] & ~frozen[running]).any(dim=1)]  # one host synchronisation per round
         done = total
     return Decisions(hits.cpu(), samples.cpu(), decision.cpu())
+
+
+def _early(rule: Rule, n: int, hits: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Which (row, radius) stop early after ``n`` samples (module docstring): futility, or a known side of 1/2."""
+    out = torch.zeros_like(hits, dtype=torch.bool)
+    futile = rule.futile_count(n)
+    if futile is not None:
+        out |= (stops == FUTILE) & (hits >= futile)
+    if rule.level is not None:  # the fixed rule draws its S samples whatever the side
+        above, below = _critical_counts(n, SIDE_LEVEL)
+        out |= (stops == SIDE) & ((hits >= above) | (hits <= below))
+    return out

@@ -20,12 +20,13 @@ Rounds (``method="bisection"``): every unresolved (point, r) proposes radii, the
 one batched call. A (point, r) *grows* from ``start_radius`` (secant in ``(R, z = Phi^-1(p_hat))`` aimed past the
 decidable-broken probit, at most doubling; raised to reach ``max_radius`` within its rounds) until a radius is decided
 broken, then *refines* the bracket ``[a, b]`` of the crossing (regula falsi in ``z``, kept ``w / 8`` inside; a pair
-``tol`` apart around the root once ``w <= 4 tol``; halving when its rounds run short) until ``b - a <= tol``, then
+``0.95 tol`` inside an end the root lies near; halving when its rounds run short) until ``b - a <= tol``, with
+``tol`` at least half the crossing's Monte-Carlo standard error (:func:`_effective_tol`), then
 spends at most one row each on tightening ``upper`` and ``lower`` (aimed, on a weighted least-squares line of ``z``
 against ``R``, just past the probits where the test decides). ``method="grid"`` is the original protocol: radii
 ``max_radius - j granularity`` from the top until the attacked input is not decided broken.
 
-Confidence: a (point, r) makes at most ``P = G + 2 H + 2`` proposals (growth, refinement, ends), so a point has at
+Confidence: a (point, r) makes at most ``P = G + H + 2`` proposals (growth, refinement, ends), so a point has at
 most ``K P`` rows, each a decision for every r; every decision runs at level ``(1 - confidence) / (K P)``, so by
 Bonferroni all claims of a point (its ``upper`` and ``lower`` for every r) hold together with probability at least
 ``confidence``.
@@ -33,6 +34,7 @@ Bonferroni all claims of a point (its ``upper`` and ``lower`` for every r) hold 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,7 +42,7 @@ import torch
 
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.core.box import Box
-from vaefast.core.decide import BROKEN, ROBUST, UNDECIDED, Decisions, Rule, decide
+from vaefast.core.decide import BROKEN, DECIDE, FUTILE, ROBUST, SIDE, UNDECIDED, Decisions, Rule, decide
 from vaefast.core.encoding import Encoding, encode
 from vaefast.core.options import MarginOptions
 from vaefast.core.sampling import Sampler
@@ -53,7 +55,8 @@ MAX_GROWTH = 2.0  # ... and at most doubles the largest attacked radius
 MIN_DZ = 0.05  # a secant needs probits this far apart
 NEAR_RATIO = 1.25  # a converged warm start rescaled by at most this: the near attack
 NEAR_FRACTION, GROW_FRACTION = 0.25, 0.75  # the near and growth attacks' steps, as fractions of warm_steps
-AIM = 0.1  # the ends rows aim this far (in probit) past the probit where the test decides
+AIM = 0.2  # the ends rows aim this far (in probit) past the probit where the test decides
+NOISE = 1.0  # a crossing's bracket need not be narrower than this fraction of the estimate's standard error
 GROW, REFINE, ENDS, DONE = 0, 1, 2, 3
 
 
@@ -120,14 +123,14 @@ def budget(options: MarginOptions, caps: torch.Tensor, start: float, k: int) -> 
     Returns:
         ``(G, H, D)``: growth proposals ``G = ceil(log2(cap / start)) + 1`` (doubling from ``start`` reaches the cap),
         refinement rounds ``H = ceil(log2(cap / tol)) + 1`` (halving closes any bracket), and ``D`` the most rows a
-        point can have: ``K (G + 2 H + 2)`` (bisection) or ``floor(cap / granularity) + 1`` (grid).
+        point can have: ``K (G + H + 2)`` (bisection) or ``floor(cap / granularity) + 1`` (grid).
     """
     cap = float(caps.max())
     if options.method == "grid":
         return 0, 0, int(math.floor(cap / options.granularity + 1e-9)) + 1
     grow = max(0, math.ceil(math.log2(max(cap / start, 1.0)))) + 1
     refine = max(0, math.ceil(math.log2(max(cap / options.tol, 1.0)))) + 1
-    return grow, refine, k * (grow + 2 * refine + 2)
+    return grow, refine, k * (grow + refine + 2)
 
 
 def probit(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -201,6 +204,7 @@ class _Bracket:
     zb: torch.Tensor
     lower: torch.Tensor
     top: torch.Tensor
+    tol: torch.Tensor | None = None  # [B, K] the effective tolerance (:func:`_effective_tol`)
 
 
 def _bracket(st: _State) -> _Bracket:
@@ -272,24 +276,21 @@ def _grow_radii(st: _State, caps: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return torch.minimum(torch.maximum(t, cap / torch.pow(2.0, (left - 1).clamp_min(0))), cap)
 
 
-def _refine_radii(st: _State, br: _Bracket, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, K]`` the next refinement radii ``(t1, t2)`` (``t2`` NaN for a single row): regula falsi in probit
-    ``t0 = a + za / (za - zb) (b - a)``, kept ``w / 8`` inside the bracket; a pair ``t0 -/+ 0.45 tol`` once
-    ``w <= 4 tol``; the midpoint with ``halving`` or once the rounds left only suffice for halving."""
-    w = br.b - br.a
+def _refine_radii(st: _State, br: _Bracket, plan: _Plan) -> torch.Tensor:
+    """``[B, K]`` the next refinement radius: regula falsi in probit ``t0 = a + za / (za - zb) (b - a)``, kept
+    ``w / 8`` inside the bracket; where ``t0`` lies within the (effective) ``tol`` of an end, ``0.95 tol`` inside
+    from that end (either outcome then closes the bracket or moves that end by almost ``tol``: regula falsi's
+    one-sided creep is cut short); the midpoint with ``halving`` or once the rounds left only suffice for halving."""
+    w, tol = br.b - br.a, br.tol
     frac = torch.where(br.za > br.zb, br.za / (br.za - br.zb).clamp_min(1e-300), torch.full_like(w, 0.5))
     t0 = br.a + frac.clamp(0.0, 1.0) * w
-    single = torch.minimum(torch.maximum(t0, br.a + w / 8), br.b - w / 8)
-    edge = 0.05 * plan.tol
-    t1 = torch.minimum(torch.maximum(t0 - 0.45 * plan.tol, br.a + edge), br.b - edge)
-    t2 = torch.minimum(torch.maximum(t0 + 0.45 * plan.tol, br.a + edge), br.b - edge)
-    pair = (w <= 4 * plan.tol) & (t2 - t1 >= 0.1 * plan.tol)
-    need = torch.ceil(torch.log2((w / plan.tol).clamp_min(1.0)) - 1e-9)
+    t = torch.minimum(torch.maximum(t0, br.a + w / 8), br.b - w / 8)
+    near_a, near_b = t0 - br.a < tol, br.b - t0 < tol
+    t = torch.where(near_a & ~near_b, br.a + 0.95 * tol, torch.where(near_b & ~near_a, br.b - 0.95 * tol, t))
+    t = torch.minimum(torch.maximum(t, br.a + 0.05 * w), br.b - 0.05 * w)
+    need = torch.ceil(torch.log2((w / tol).clamp_min(1.0)) - 1e-9)
     halve = (need >= (plan.refine - st.refined).to(torch.float64)) | plan.halving
-    mid = br.a + 0.5 * w
-    first = torch.where(halve, mid, torch.where(pair, t1, single))
-    second = torch.where(halve | ~pair, math.nan, t2)
-    return first, second
+    return torch.where(halve, br.a + 0.5 * w, t)
 
 
 def _line(st: _State, br: _Bracket) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +314,17 @@ def _line(st: _State, br: _Bracket) -> tuple[torch.Tensor, torch.Tensor]:
     beta = torch.where(use_secant, secant, beta)
     alpha = torch.where(use_secant, br.za - secant * br.a, alpha)
     return alpha, beta
+
+
+def _effective_tol(st: _State, br: _Bracket, plan: _Plan, samples: int) -> _Bracket:
+    """``br`` with its effective tolerance: ``max(tol, NOISE * se)``, ``se = sqrt(pi / 2) / (sqrt(S) |beta|)`` the
+    Monte-Carlo standard error of the crossing (``p_hat`` has standard error ``1 / (2 sqrt(S))`` at 1/2, the probit
+    line's slope is ``beta``, :func:`_line`). A narrower bracket would only chase the noise of S samples; as S grows
+    the effective tolerance falls to ``tol``."""
+    _, beta = _line(st, br)
+    se = math.sqrt(math.pi / 2) / (math.sqrt(samples) * beta.abs().clamp_min(1e-12))
+    tol = torch.where(beta < 0, torch.maximum(torch.full_like(se, plan.tol), NOISE * se), plan.tol)
+    return dataclasses.replace(br, tol=tol)
 
 
 def _ends_radii(st: _State, br: _Bracket, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,18 +352,17 @@ def _proposals(st: _State, br: _Bracket, caps: torch.Tensor, plan: _Plan) -> tup
     """
     grow, refine, ends = st.status == GROW, st.status == REFINE, st.status == ENDS
     t_grow = _grow_radii(st, caps, plan)
-    t1, t2 = _refine_radii(st, br, plan)
+    t_ref = _refine_radii(st, br, plan)
     t_ev, t_lo = _ends_radii(st, br, plan)
     st.ends[:, :, 0] |= ends
     st.ends[:, :, 1] |= ends
     candidates = [
         torch.where(grow, t_grow, math.nan),
-        torch.where(refine, t1, math.nan),
-        torch.where(refine, t2, math.nan),
+        torch.where(refine, t_ref, math.nan),
         torch.where(ends, t_ev, math.nan),
         torch.where(ends, t_lo, math.nan),
     ]
-    table = torch.stack(candidates, dim=2)  # [B, K, 5]
+    table = torch.stack(candidates, dim=2)  # [B, K, 4]
     has = torch.isfinite(table)
     st.status[ends & ~has.any(dim=2)] = DONE
     st.grown += grow.to(torch.int64)
@@ -482,14 +493,16 @@ def _attack_chunk(inp, attack, points, radii, which, cands) -> torch.Tensor:
 
 
 def _decide_rows(inp: SearchInputs, st: _State, points: torch.Tensor, delta: torch.Tensor, rule: Rule) -> Decisions:
-    """Decide every row for every radius r (required: the point's radii still searching; the futility stop only for
-    radii still growing)."""
+    """Decide every row for every radius r (required: the point's radii still searching). Early stops by what each
+    radius needs: growth a break (futility), refinement the side of 1/2 (the estimate's bracket), the ends rows a
+    decision (none)."""
     dev = inp.x.device
     pd = points.to(dev)
     enc = encode(inp.model, inp.x[pd], delta, center=inp.enc.center[pd])
     radii = inp.radii.to(dev)
-    futile_ok = st.status[points] == GROW  # only growth just needs a break; elsewhere robust decisions count too
-    return decide(inp.sampler, enc, inp.ids.to(dev)[pd], radii, rule, inp.seed, st.active[points], futile_ok)
+    status = st.status[points]
+    stops = torch.where(status == GROW, FUTILE, torch.where(status == REFINE, SIDE, DECIDE)).to(torch.int8)
+    return decide(inp.sampler, enc, inp.ids.to(dev)[pd], radii, rule, inp.seed, st.active[points], stops)
 
 
 # --- the rounds ------------------------------------------------------------------------------------------------------
@@ -533,7 +546,7 @@ def _advance(st: _State, br: _Bracket, caps: torch.Tensor, plan: _Plan) -> None:
     broke = torch.isfinite(st.upper)
     stop_growing = grow & (broke | reached | (st.grown >= plan.grow))
     st.status[stop_growing] = torch.where(torch.isfinite(br.b), REFINE, DONE)[stop_growing].to(torch.int8)
-    closed = (br.b - br.a <= plan.tol) | (st.refined >= plan.refine)
+    closed = (br.b - br.a <= br.tol) | (st.refined >= plan.refine)
     st.status[(st.status == REFINE) & closed] = ENDS
     st.status[(st.status == ENDS) & ~closed] = REFINE
 
@@ -542,7 +555,7 @@ def _bisection(inp: SearchInputs, st: _State, plan: _Plan, rule: Rule, attacks: 
     """The rounds of ``method="bisection"`` until no (point, r) is active."""
     caps = inp.caps
     while True:
-        br = _bracket(st)
+        br = _effective_tol(st, _bracket(st), plan, inp.options.num_samples)
         _advance(st, br, caps, plan)
         if not bool(st.active.any()):
             return
