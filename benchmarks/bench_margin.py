@@ -227,8 +227,14 @@ def strength(args, model, x, r, res) -> dict[str, int]:
     opts = MarginOptions(tol=args.tol, num_samples=args.samples)
     _, _, rows = budget(opts, res.max_radius, start_radius(opts, res.max_radius), 1)
     delta = strong(x[idx], eps=0.9 * res.upper[idx].to(x.dtype)).delta
-    dec = decide(Sampler(model, x.device), encode(model, x[idx], delta), idx.clone(),
-                 torch.tensor([r], dtype=torch.float64), Rule.sequential(args.samples, 0.05 / rows), args.seed + 7)
+    dec = decide(
+        Sampler(model, x.device),
+        encode(model, x[idx], delta),
+        idx.clone(),
+        torch.tensor([r], dtype=torch.float64),
+        Rule.sequential(args.samples, 0.05 / rows),
+        args.seed + 7,
+    )
     broken = int((dec.decision[:, 0] == BROKEN).sum())
     print(f"strength: {args.strong_steps} steps x {args.strong_restarts} restarts at 0.9 x margin_upper break "
           f"{broken} of {idx.numel()} points")  # fmt: skip
