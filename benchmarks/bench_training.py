@@ -6,7 +6,8 @@
   Bernoulli, batch 128, lr 1e-3) and on the digits demo's recipe (64-128-128-8, Gaussian std 0.2, batch 64, lr 2e-3,
   with the test ELBO reached); each Lipschitz model also with PyTorch's ``orthogonal`` parametrization differentiated
   on every forward (vaefast 0.2's layers; its epoch time extrapolated from ``--old-steps`` steps where it would take
-  minutes). Seconds per epoch are the fastest epoch of each run; all in one process, one intra-op thread.
+  minutes). The models take turns epoch by epoch (the ratio is the median over rounds of the ratio within a round)
+  and seconds per epoch are the fastest epoch, as the machine is shared; one process, one intra-op thread.
 
 Usage: ``OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_training.py [--beta] [--lipschitz]``
 Prints markdown tables (the ones in benchmarks/README.md, section "Training").
@@ -15,6 +16,7 @@ Prints markdown tables (the ones in benchmarks/README.md, section "Training").
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -78,32 +80,40 @@ def epoch_seconds(model: nn.Module, x: torch.Tensor, batch: int, lr: float, epoc
     return min(history.column("seconds")) * x.shape[0] / n
 
 
-def lipschitz_table(n: int, epochs: int, digits_epochs: int, old_steps: int) -> None:
-    """Seconds per epoch, ordinary vs Lipschitz (module docstring)."""
+def _rows(arch: dict) -> list[tuple[str, str, nn.Module]]:
+    """(kind, layers, model) of every row of a recipe: the ordinary model first."""
+    rows = []
+    for kind, lipschitz in KINDS.items():
+        for layers in ("vaefast", "torch orthogonal") if lipschitz else ("nn.Linear",):
+            model = VAE(VAEConfig(**arch, lipschitz=lipschitz), seed=0)
+            rows.append((kind, layers, torch_orthogonal(model) if layers == "torch orthogonal" else model))
+    return rows
+
+
+def lipschitz_table(n: int, rounds: int, digits_epochs: int, old_steps: int) -> None:
+    """Seconds per epoch, ordinary vs Lipschitz (module docstring). MNIST size: ``rounds`` rounds of one epoch per model
+    in turn (torch orthogonal: once, ``old_steps`` steps), the ratio to the ordinary model the median over rounds of
+    the ratio within a round; digits: ``digits_epochs`` epochs per model, the fastest epoch, and the test ELBO."""
     print("| recipe | model | layers | s / epoch | × ordinary | test ELBO |")
     print("|---|---|---|---:|---:|---:|")
     for recipe, (arch, batch, lr) in RECIPES.items():
+        rows = _rows(arch)
         if recipe.startswith("digits"):
-            x, test, rounds, steps = data.load("digits").x, data.load("digits", "test"), digits_epochs, None
+            x, test = data.load("digits").x, data.load("digits", "test")
+            times = [[epoch_seconds(model, x, batch, lr, digits_epochs, None)] for _, _, model in rows]
         else:
-            x, test, rounds, steps = (
-                torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
-                None,
-                epochs,
-                old_steps,
-            )
-        base = None
-        for kind, lipschitz in KINDS.items():
-            for layers in ("vaefast", "torch orthogonal") if lipschitz else ("nn.Linear",):
-                model = VAE(VAEConfig(**arch, lipschitz=lipschitz), seed=0)
-                old = layers == "torch orthogonal"
-                seconds = epoch_seconds(
-                    torch_orthogonal(model) if old else model, x, batch, lr, rounds, steps if old else None
-                )
-                base = seconds if base is None else base
-                elbo = "-" if test is None else f"{evaluate(model, test, dataset_size=len(x))['elbo']:.2f}"
-                note = f" (from {steps} steps)" if old and steps else ""
-                print(f"| {recipe} | {kind} | {layers} | {seconds:.2f}{note} | {seconds / base:.2f} | {elbo} |")
+            x, test = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)), None
+            times = [[] for _ in rows]
+            for r in range(rounds):
+                for i, (_, layers, model) in enumerate(rows):
+                    old = layers == "torch orthogonal"
+                    if not old or r == 0:
+                        times[i].append(epoch_seconds(model, x, batch, lr, 1, old_steps if old else None))
+        for (kind, layers, model), t in zip(rows, times, strict=True):
+            ratio = statistics.median(a / b for a, b in zip(t, times[0], strict=False))
+            elbo = "-" if test is None else f"{evaluate(model, test, dataset_size=len(x))['elbo']:.2f}"
+            note = f" (from {old_steps} steps)" if test is None and layers == "torch orthogonal" else ""
+            print(f"| {recipe} | {kind} | {layers} | {min(t):.2f}{note} | {ratio:.2f} | {elbo} |")
 
 
 def main() -> None:
@@ -114,13 +124,13 @@ def main() -> None:
     parser.add_argument("--likelihoods", nargs="+", default=["bernoulli", "gaussian"])
     parser.add_argument("--gaussian-std", type=float, default=0.1)
     parser.add_argument("--n", type=int, default=9000, help="--lipschitz: random MNIST-sized points")
-    parser.add_argument("--speed-epochs", type=int, default=3, help="--lipschitz: epochs timed on the MNIST size")
+    parser.add_argument("--rounds", type=int, default=4, help="--lipschitz: rounds of epochs on the MNIST size")
     parser.add_argument("--digits-epochs", type=int, default=40, help="--lipschitz: digits epochs (ELBO reached)")
     parser.add_argument("--old-steps", type=int, default=10, help="--lipschitz: steps timed for torch orthogonal")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.lipschitz:
-        lipschitz_table(args.n, args.speed_epochs, args.digits_epochs, args.old_steps)
+        lipschitz_table(args.n, args.rounds, args.digits_epochs, args.old_steps)
     if args.beta or not args.lipschitz:
         beta_table(args.epochs, args.likelihoods, args.gaussian_std)
 
