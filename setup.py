@@ -12,8 +12,8 @@ Environment switches (same spirit as torchvision / pytorch_scatter):
 
 Beside the extension the build writes ``vaefast/_build.json``: the torch (and CUDA) version it compiled against, which
 ``vaefast._extension`` compares with the running torch before loading ``_C`` (an extension built against another torch
-is not loaded: the reference implementations take over, with a warning that says how to rebuild). A change of torch
-also forces a rebuild here, where timestamps alone would keep the stale extension.
+release is not loaded: the reference implementations take over, with a warning that says how to rebuild). Any change
+of torch also forces a rebuild here, where timestamps alone would keep the stale extension.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Loads the compiled core ``vaefast._C``; without it vaefast runs on the pure-PyTorch reference.
 
-The extension is compiled against one torch: its C++ ABI changes between torch releases, so loading it into another
-torch fails with an undefined symbol at best. The build records what it compiled against in ``_build.json`` beside
-``_C`` (see setup.py); an extension recorded against another torch is not loaded, and the warning says how to rebuild.
+The extension is compiled against one torch: torch's C++ ABI changes between releases, so an extension loaded into
+another release may fail with an undefined symbol, or load and run against an ABI it was not built for. The build
+records what it compiled against in ``_build.json`` beside ``_C`` (see setup.py); an extension recorded against another
+major.minor release (or, with CUDA kernels, another CUDA version) is not loaded, and the warning says how to rebuild.
 """
 
 from __future__ import annotations

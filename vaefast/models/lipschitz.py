@@ -6,17 +6,17 @@ sorts each group of ``group`` consecutive features, a permutation on every linea
 network ``Scale(L) o W_k o GroupSort o ... o W_1`` is therefore L-Lipschitz, and ``vaefast.certify`` reads its
 constant exactly (``||W||_2 = 1`` up to rounding).
 
-**How the weight stays orthonormal, at the cost of an ordinary layer.** ``layer.weight`` is a
-``torch.nn.utils.parametrize`` parametrization (:class:`Orthonormal`) of the stored matrix ``V``
-(``layer.parametrizations.weight.original``): ``W = V`` when ``V`` is orthonormal to rounding (``max |V V^T - I| <=
-64 eps`` on the smaller side), else ``W = Q``, the orthonormal factor of ``V``'s QR decomposition with the signs that
-make ``diag(R) > 0`` (differentiable, and ``Q = V`` for an orthonormal ``V``). Whether ``V`` is orthonormal is checked
-once per change of ``V`` (its version counter, dtype and device), not per forward. Training (:func:`vaefast.train`)
-calls :func:`retract_` after every optimiser step, which replaces ``V`` by its ``Q`` once: the forward pass is then
-``W = V`` at no cost and the step is a projected one (the optimiser's update of ``V``, then the QR retraction back to
-the orthonormal matrices), where PyTorch's ``orthogonal`` parametrization differentiated a Householder product or a
-matrix exponential on every forward (about 60x an ordinary layer's training cost at 784x512). Model files of that
-parametrization load through :func:`upgrade_state_dict`.
+**How the weight stays orthonormal, cheaply.** ``layer.weight`` is a ``torch.nn.utils.parametrize`` parametrization
+(:class:`Orthonormal`) of the stored matrix ``V`` (``layer.parametrizations.weight.original``): ``W = V`` when ``V`` is
+orthonormal to rounding (``max |V V^T - I| <= 64 eps`` on the smaller side), else ``W = Q``, the orthonormal factor of
+``V``'s QR decomposition with the signs that make ``diag(R) > 0`` (differentiable, and ``Q = V`` for an orthonormal
+``V``). Whether ``V`` is orthonormal is checked once per change of ``V`` (the tensor, its version counter, dtype and
+device), not per forward. Training (:func:`vaefast.train`) calls :func:`retract_` after every optimiser step, which
+replaces ``V`` by its ``Q`` once: the forward pass is then ``W = V`` at no cost and the step is a projected one (the
+optimiser's update of ``V``, then the QR retraction back to the orthonormal matrices), where PyTorch's ``orthogonal``
+parametrization differentiated a Householder product or a matrix exponential on every forward (an MNIST-sized VAE
+with a 2-Lipschitz encoder: 64x the ordinary model's epoch time, 2.2x with the retraction;
+benchmarks/bench_training.py). Model files of that parametrization load through :func:`upgrade_state_dict`.
 """
 
 from __future__ import annotations
@@ -134,15 +134,16 @@ def is_orthonormal(v: torch.Tensor) -> bool:
 class Orthonormal(nn.Module):
     """The parametrization of :func:`orthonormal_linear`: ``W = V`` when ``V`` is orthonormal to rounding, else
     :func:`orthonormalize` ``(V)`` (module docstring). The answer of :func:`is_orthonormal` is kept for the ``V`` it
-    was computed on (same version counter, dtype and device): a changed ``V`` is checked again."""
+    was computed on (the same tensor, version counter, dtype and device): a changed or replaced ``V`` is checked
+    again."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._orthonormal: tuple[int, torch.dtype, torch.device] | None = None
+        self._orthonormal: tuple[int, int, torch.dtype, torch.device] | None = None
 
     @staticmethod
-    def _key(v: torch.Tensor) -> tuple[int, torch.dtype, torch.device]:
-        return v._version, v.dtype, v.device
+    def _key(v: torch.Tensor) -> tuple[int, int, torch.dtype, torch.device]:
+        return id(v), v._version, v.dtype, v.device
 
     def mark_orthonormal(self, v: torch.Tensor) -> None:
         """Record that ``v`` (the stored matrix, as it is now) is orthonormal, so forwards use it as it is.
