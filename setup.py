@@ -9,11 +9,17 @@ Environment switches (same spirit as torchvision / pytorch_scatter):
 - ``CUDA_HOME``         the toolkit; guessed from ``/usr/local/cuda`` when unset or wrong.
 - ``TORCH_CUDA_ARCH_LIST`` GPU architectures; defaults to the visible GPUs, else ``8.0;9.0+PTX``.
 - ``MAX_JOBS``          parallel compile jobs (ninja).
+
+Beside the extension the build writes ``vaefast/_build.json``: the torch (and CUDA) version it compiled against, which
+``vaefast._extension`` compares with the running torch before loading ``_C`` (an extension built against another torch
+release is not loaded: the reference implementations take over, with a warning that says how to rebuild). Any change
+of torch also forces a rebuild here, where timestamps alone would keep the stale extension.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import sys
@@ -22,6 +28,7 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+BUILD_INFO = "_build.json"  # beside vaefast/_C: what it was compiled against (read by vaefast/_extension.py)
 
 
 def _flag(name: str) -> bool:
@@ -56,6 +63,7 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    headers = sorted(glob.glob(os.path.join("csrc", "common", "*.h")))  # a changed header rebuilds the extension
 
     use_cuda = False
     if _flag("FORCE_CUDA") and not _flag("FORCE_ONLY_CPU") and torch.version.cuda is None:
@@ -93,6 +101,7 @@ def _extensions():
         ext = CUDAExtension(
             "vaefast._C",
             sources + cuda_sources,
+            depends=headers,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -103,6 +112,7 @@ def _extensions():
         ext = CppExtension(
             "vaefast._C",
             sources,
+            depends=headers,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
@@ -112,10 +122,47 @@ def _extensions():
     return [ext]
 
 
+def _build_info(ext) -> dict[str, str | None]:
+    """What ``ext`` is compiled against: the torch version, and torch's CUDA version when it has CUDA kernels."""
+    import torch
+
+    with_cuda = any(source.endswith(".cu") for source in ext.sources)
+    return {"torch": torch.__version__, "cuda": torch.version.cuda if with_cuda else None}
+
+
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension):  # ninja by default; no with_options(): setuptools 77.0 rejects its keyword
+        """torch's build_ext, recording the torch it compiled against beside the extension (``_build.json``) and
+        rebuilding when that record differs from the installed torch."""
+
+        def run(self) -> None:
+            records = []
+            for ext in self.extensions:
+                path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_INFO)
+                info = _build_info(ext)
+                try:
+                    with open(path) as f:
+                        self.force = self.force or json.load(f) != info
+                except (OSError, ValueError):
+                    self.force = True
+                records.append((path, info))
+            super().run()
+            for path, info in records:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(info, f)
+
+    return {"build_ext": BuildExt}
+
+
+def _license() -> dict[str, str]:
+    """MIT, in the form the running setuptools accepts: an SPDX ``license_expression`` from setuptools 77 on (PEP 639),
+    the ``license`` field before (``license`` is dynamic in pyproject.toml, so neither rejects the project)."""
+    import setuptools
+
+    return {"license_expression": "MIT"} if int(setuptools.__version__.split(".")[0]) >= 77 else {"license": "MIT"}
 
 
 setup(
@@ -123,5 +170,6 @@ setup(
     # VAEFAST_SKIP_BUILD=1: register the package only (the in-place build is done by scripts/bootstrap.sh).
     ext_modules=[] if _flag("VAEFAST_SKIP_BUILD") else _extensions(),
     cmdclass=_cmdclass(),
+    **_license(),
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -5,11 +5,11 @@ tests, skipped with their reason by tests/conftest.py where CUDA cannot run), an
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -61,36 +61,61 @@ def test_sphere_hits_cpu_cuda_equal(dtype):
     assert torch.equal(ops.sphere_hits(yt, c.cuda(), radii).cpu(), h_cpu)
 
 
-def test_import_without_extension_falls_back_and_warns(tmp_path):
-    """A copy of the package with the .so removed imports, warns once, and the reference gives the
-    same reparam bits and hit counts as the compiled ops of this process."""
-    pkg = tmp_path / "vaefast"
-    shutil.copytree(PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
-    out = tmp_path / "out.pt"
-    script = textwrap.dedent(
-        f"""
-        import warnings
-        import torch
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            import vaefast
-            from vaefast import ops
-        assert not vaefast.has_compiled_ops() and not vaefast.compiled_with_cuda()
-        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        assert len(msgs) == 1 and "compiled ops unavailable" in msgs[0], msgs
-        g = torch.Generator().manual_seed(3)
-        mu, logvar = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
-        y, c = torch.randint(-3, 4, (4, 20, 8), generator=g).float(), torch.zeros(4, 8)
-        torch.save({{"z": ops.reparam_sample(mu, logvar, 9, seed=5, offset=2),
-                     "hits": ops.sphere_hits(y, c, [2.0, 5.0, 7.0])}}, {str(out)!r})
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.load(out, weights_only=True)
+def _op_outputs() -> dict[str, torch.Tensor]:
+    """The three ops on fixed inputs (float64 Jacobian: the kernel and the reference agree to rounding there)."""
     g = torch.Generator().manual_seed(3)
     mu, logvar = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     y, c = torch.randint(-3, 4, (4, 20, 8), generator=g).float(), torch.zeros(4, 8)
-    assert torch.equal(got["z"], ops.reparam_sample(mu, logvar, 9, seed=5, offset=2))
-    assert torch.equal(got["hits"], ops.sphere_hits(y, c, [2.0, 5.0, 7.0]))
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    weights = [torch.randn(h, d, generator=g, dtype=torch.float64) for d, h in [(7, 9), (9, 6), (6, 3)]]
+    biases = [torch.randn(w.shape[0], generator=g, dtype=torch.float64) for w in weights]
+    return {
+        "z": ops.reparam_sample(mu, logvar, 9, seed=5, offset=2),
+        "hits": ops.sphere_hits(y, c, [2.0, 5.0, 7.0]),
+        "jac": ops.mlp_jacobian_frobenius(x, weights, biases, "tanh"),
+    }
+
+
+FALLBACK_SCRIPT = """
+import sys, warnings
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import vaefast
+    from vaefast import ops
+    sys.path.insert(0, sys.argv[2])
+    from test_build import _op_outputs
+assert not vaefast.has_compiled_ops() and not vaefast.compiled_with_cuda()
+msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(msgs) == 1, msgs
+print(msgs[0])
+torch.save(_op_outputs(), sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("case", ["no_extension", "other_torch"])
+def test_fallback_without_usable_extension_warns_and_matches_compiled(tmp_path, case):
+    """A copy of the package whose extension is absent (``no_extension``), or recorded as built against another torch
+    (``other_torch``: the .so is present but must not be loaded), imports with one warning that says why and how to
+    rebuild, and its pure-PyTorch reference gives the compiled ops' results: the same reparam bits and hit counts,
+    the same Jacobian norms to rounding."""
+    if case == "other_torch" and not BUILT:
+        pytest.skip("vaefast._C not built in this tree")
+    pkg = tmp_path / "vaefast"
+    hidden = ["_C*.so", "_C*.pyd"] if case == "no_extension" else []
+    shutil.copytree(PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns(*hidden, "_build.json", "__pycache__"))
+    if case == "other_torch":
+        (pkg / "_build.json").write_text(json.dumps({"torch": "2.0.0+cu117", "cuda": "11.7"}))
+    out = tmp_path / "out.pt"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = [sys.executable, "-c", FALLBACK_SCRIPT, str(out), os.path.dirname(__file__)]
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warning = proc.stdout.strip()
+    assert warning.startswith("vaefast: compiled ops unavailable") and "\n" not in warning, warning
+    if case == "other_torch":
+        assert f"built against torch 2.0.0+cu117, running torch {torch.__version__}" in warning, warning
+        assert "pip install --no-build-isolation" in warning, warning
+    got, expected = torch.load(out, weights_only=True), _op_outputs()
+    assert torch.equal(got["z"], expected["z"]) and torch.equal(got["hits"], expected["hits"])
+    torch.testing.assert_close(got["jac"], expected["jac"], rtol=1e-10, atol=0)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import vaefast
 from vaefast import analysis, plots, report, store
 
 SHAPE = (1, 4, 4)
@@ -366,9 +367,13 @@ def test_older_schema_is_refused_with_a_clear_error(db):
 def test_cli_report(db, tmp_path, capsys):
     from vaefast.cli import main
 
+    conn = store.connect(db, create=False)
+    store.set_meta(conn, {"vaefast_version": "0.1.0"})  # written by another version: one line says so
+    conn.close()
     assert main(["report", str(db), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "bound validity" in out and "bound exceeds box" in out and str(tmp_path / "rep" / "index.html") in out
+    assert out.splitlines()[0] == f"{db} was written by vaefast 0.1.0; this is vaefast {vaefast.__version__}"
 
 
 # ----------------------------------------------------------------------------------------------------------

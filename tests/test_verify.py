@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vaefast import store
+from vaefast import __version__, store
 from vaefast.cli import main
 from vaefast.data import load
 from vaefast.models import VAE, VAEConfig, save
@@ -134,7 +134,16 @@ def test_verify_catches_a_consistent_delta_that_does_not_break(swept):
 
 def test_verify_cli_all_confirmed_and_usage_errors(swept, capsys, tmp_path):
     assert main(["verify", str(swept), "--no-progress", "--sample", "3"]) == 0
-    assert "claims confirmed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "claims confirmed" in out and "written by" not in out
+    conn = store.connect(swept, create=False)
+    store.set_meta(conn, {"vaefast_version": "0.2.0"})
+    conn.close()
+    assert main(["verify", str(swept), "--no-progress", "--sample", "3"]) == 0
+    assert (
+        capsys.readouterr().out.splitlines()[0]
+        == f"{swept} was written by vaefast 0.2.0; this is vaefast {__version__}"
+    )
     assert main(["verify", str(tmp_path / "missing.db")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["verify", str(swept), "--factor", "0"]) == 2

@@ -18,8 +18,7 @@ import pkgutil
 from typing import Any
 
 from vaefast._extension import compiled_with_cuda, has_compiled_ops
-
-__version__ = "0.1.0"
+from vaefast._version import __version__
 
 # public name -> submodule that defines it
 _LAZY: dict[str, str] = {

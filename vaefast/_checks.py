@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
+from torch.nn.utils import parametrize
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -223,7 +224,9 @@ def eval_mode(model: object) -> Iterator[object]:
     """Run ``model`` in eval mode (dropout off, batch-norm on running statistics) and restore afterwards.
 
     Every submodule gets its own ``training`` flag back, so a caller's mixed modes survive. Objects that are not
-    ``nn.Module`` pass through unchanged.
+    ``nn.Module`` pass through unchanged. The weights are fixed meanwhile, so parametrized ones (e.g. orthonormal
+    layers) are computed once, on entry, and served from ``torch.nn.utils.parametrize.cached()`` to every forward:
+    the same values as computing them per forward.
 
     Args:
         model: the model (any object; only ``torch.nn.Module`` instances are switched).
@@ -237,10 +240,22 @@ def eval_mode(model: object) -> Iterator[object]:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield model
+        with parametrize.cached():
+            _compute_parametrized(model)
+            yield model
     finally:
         for m, training in modes:
             m.training = training
+
+
+@torch.no_grad()
+def _compute_parametrized(model: torch.nn.Module) -> None:
+    """Compute every parametrized tensor of ``model`` once, into ``parametrize.cached()``'s cache: outside autograd
+    (an analysis differentiates with respect to inputs only) and outside any ``torch.func`` transform."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in module.parametrizations:
+                getattr(module, name)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vaefast._version import __version__
 from vaefast.analysis import (
     COUNT_KEYS,
     SUMMARY_COLUMNS,
@@ -257,7 +258,8 @@ def _page(db: str | os.PathLike, data: SweepData, summary: Sequence[Mapping[str,
         "<h1>vaefast robustness report</h1>",
         f"<p>Database: <code>{html.escape(str(db))}</code>. {h['models']} models × {h['points']} points × "
         f"{len(h['radii'])} radii; {spec.get('num_samples', '?')} Monte-Carlo samples per estimate, confidence "
-        f"{spec.get('confidence', '?')}, seed {spec.get('seed', '?')}.</p>",
+        f"{spec.get('confidence', '?')}, seed {spec.get('seed', '?')}; written by vaefast "
+        f"{html.escape(data.meta.get('vaefast_version', '?'))}, reported by vaefast {__version__}.</p>",
         "<h2>Headline</h2>",
         *_published_html(h),
         f"<pre>{html.escape(format_headline(h))}</pre>",

@@ -39,6 +39,7 @@ from vaefast._chunks import index_batches, points_per_batch
 from vaefast._threads import resolve_threads
 from vaefast.data.base import DataSplit
 from vaefast.models.likelihoods import gaussian_kl, gaussian_log_density, repeat_per_sample
+from vaefast.models.lipschitz import retract_
 from vaefast.models.vae import sample_latent
 
 METRIC_COLUMNS = (
@@ -211,7 +212,8 @@ def train(
     restore_best: bool = True,
     num_threads: int | str | None = "auto",
 ) -> TrainingHistory:
-    """Train ``model`` with Adam on its own objective (``model.loss``), one epoch = one shuffled pass.
+    """Train ``model`` with Adam on its own objective (``model.loss``), one epoch = one shuffled pass; after every step
+    the orthonormal layers of a Lipschitz-constrained model are retracted (:func:`vaefast.models.lipschitz.retract_`).
 
     Per epoch, the train means (accumulated during the epoch) and validation means (:func:`evaluate`, fixed seed) of
     loss / ELBO / recon / KL / TC go to ``out/metrics.csv``; ``out/checkpoints/{last,best}`` hold the weights.
@@ -310,6 +312,7 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         terms.loss.backward()
         optimizer.step()
+        retract_(model)  # orthonormal layers: once per step, so the next forward uses the weights as they are
         for key, value in _terms_to_floats(terms).items():
             sums[key] += value * xb.shape[0]
     return {key: value / n for key, value in sums.items()}

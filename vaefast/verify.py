@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from vaefast import store
 from vaefast._checks import check_positive_int, check_probability, check_seed
+from vaefast._version import version_note
 from vaefast.rng import derive_seed, id_runs
 from vaefast.robustness import estimate_r_robustness
 from vaefast.sweep.inputs import load_stored_models
@@ -55,6 +56,7 @@ class VerifyReport:
         db: the database checked.
         rows: one ``verifications`` row per checked claim (also written to the database).
         confidence, factor, seed: the settings of the replay.
+        written_by: the vaefast version that wrote the database (its ``meta``), None if not recorded.
     """
 
     db: Path
@@ -62,6 +64,12 @@ class VerifyReport:
     confidence: float
     factor: int
     seed: int
+    written_by: str | None = None
+
+    @property
+    def version_note(self) -> str | None:
+        """One line when another vaefast version wrote the database (:func:`vaefast._version.version_note`)."""
+        return version_note(self.written_by, str(self.db))
 
     @property
     def checked(self) -> int:
@@ -134,13 +142,14 @@ def verify_sweep(
         rows = _select(store.read_table(conn, "results", blobs=True), sample, seed)
         info = store.model_info(conn)
         points = {p["pos"]: p["x"] for p in store.read_table(conn, "points", blobs=True)}
-        spec = json.loads(store.get_meta(conn).get("spec", "{}"))
+        meta = store.get_meta(conn)
+        spec = json.loads(meta.get("spec", "{}"))
         loaded = load_stored_models(info, sorted({r["model"] for r in rows}), models, device)
         checks = _replay(rows, loaded, info, points, spec, factor, confidence, seed, progress)
         store.write_verifications(conn, [{k: c[k] for k in store.VERIFY_COLUMNS} for c in checks])
     finally:
         conn.close()
-    return VerifyReport(Path(db), checks, confidence, factor, seed)
+    return VerifyReport(Path(db), checks, confidence, factor, seed, meta.get("vaefast_version"))
 
 
 def _select(rows: list[dict[str, Any]], sample: int | None, seed: int) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 Each module in ``SUBCOMMANDS`` exposes ``register(subparsers)``, which adds its parser and sets
 ``func=<handler(args) -> int>`` as the parser default. A ``ValueError``, ``TypeError`` or ``FileNotFoundError`` from
-a handler is printed as one line ``vaefast <command>: error: <message>`` on stderr, exit status 2 (argparse's own
+a handler, or a missing optional dependency (:class:`vaefast._extras.MissingExtraError`, naming the extra to install),
+is printed as one line ``vaefast <command>: error: <message>`` on stderr, exit status 2 (argparse's own
 usage errors exit 2 too); ``vaefast --version`` prints ``vaefast <version>``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from vaefast._extras import MissingExtraError
 
 SUBCOMMANDS: list[str] = ["sweep", "verify", "export", "report", "demo", "train", "info", "estimate", "margin"]
 
@@ -44,6 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as exc:
         print(f"vaefast {args.command}: error: {exc}", file=sys.stderr)
         return 2

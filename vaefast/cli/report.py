@@ -27,8 +27,13 @@ def run(args: argparse.Namespace) -> int:
         The exit status (0).
     """
     from vaefast import report
+    from vaefast._version import version_note
 
     page = report.write_report(args.db, args.out)
-    print(report.format_headline(report.headline(report.load(args.db))))
+    data = report.load(args.db)
+    note = version_note(data.meta.get("vaefast_version"), str(args.db))
+    if note:
+        print(note)
+    print(report.format_headline(report.headline(data)))
     print(f"report: {page}")
     return 0

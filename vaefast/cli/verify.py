@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         device=check_device("--device", args.device),
         progress=not args.no_progress,
     )
+    if rep.version_note:
+        print(rep.version_note)
     print(format_table(rep.summary(), ["model", "r", "kind", "checked", "confirmed", "fraction"]))
     print(
         f"evidence re-verified: {rep.confirmed} of {rep.checked} claims confirmed "

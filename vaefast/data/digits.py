@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vaefast._extras import require
 from vaefast.data.base import DataSplit
 
 TEST_FRACTION = 0.2
@@ -20,12 +21,11 @@ def load_digits(split: str = "train") -> DataSplit:
     Returns:
         A :class:`DataSplit` of float32 pixels / 16 ``[N, 1, 8, 8]`` with int64 labels, in the original order.
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sk_load_digits()
+    datasets = require("sklearn.datasets", "data", "the digits dataset")
+    model_selection = require("sklearn.model_selection", "data", "the digits dataset")
+    bunch = datasets.load_digits()
     index = np.arange(len(bunch.target))
-    train_idx, test_idx = train_test_split(
+    train_idx, test_idx = model_selection.train_test_split(
         index, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=bunch.target
     )
     idx = np.sort(train_idx if split == "train" else test_idx)

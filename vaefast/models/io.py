@@ -1,6 +1,7 @@
 """Model files: ``config.json`` (a :class:`VAEConfig`) + ``model.safetensors`` (the state dict).
 
-Loading never unpickles anything. A missing, unreadable, truncated or mismatched file raises
+Loading never unpickles anything; files of vaefast 0.2's orthonormal layers are converted on load
+(:func:`vaefast.models.lipschitz.upgrade_state_dict`). A missing, unreadable, truncated or mismatched file raises
 ``FileNotFoundError``/``ValueError`` naming the file.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from vaefast._checks import check_device
 from vaefast.models.config import VAEConfig
+from vaefast.models.lipschitz import upgrade_state_dict
 from vaefast.models.vae import VAE
 
 CONFIG_FILE = "config.json"
@@ -128,7 +130,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> VAE
     state = load_weights(directory / WEIGHTS_FILE, map_location)
     model = VAE(config, seed=None)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(upgrade_state_dict(state), strict=True)
     except RuntimeError as exc:
         raise ValueError(
             f"weights in {directory / WEIGHTS_FILE} do not match the architecture in {directory / CONFIG_FILE}: {exc}"
