@@ -92,6 +92,17 @@ def test_empty_radii(device):
     assert torch.equal(dist.cpu(), reference.sphere_distances(y, c))
 
 
+@needs_ops
+def test_the_compiled_op_takes_an_empty_batch(device):
+    """B = 0 (or S = 0) straight into the compiled op (the internal core skips the Python checks): empty counts of the
+    right shapes on every device, as the reference gives."""
+    radii = torch.tensor([1.0, 2.0], dtype=torch.float64, device=device)
+    for b, s in ((0, 5), (3, 0)):
+        y, c = torch.zeros(b, s, 4, device=device), torch.zeros(b, 4, device=device)
+        hits, dist = torch.ops.vaefast.sphere_hits(y, c, radii, True)
+        assert hits.shape == (b, 2) and dist.shape == (b, s) and int(hits.sum()) == 0
+
+
 def test_non_contiguous_inputs(device):
     y, c = _integer_data(6, 40, 30, 2)
     radii = torch.tensor([5.0, 8.0, 11.0])

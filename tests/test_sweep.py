@@ -316,6 +316,8 @@ def test_rank_device_is_the_local_gpu(monkeypatch):
     assert rank_device("cpu", local_rank=1, world_size=2) == torch.device("cpu")
     with pytest.raises(ValueError, match="LOCAL_RANK 2 would use cuda:2 but only 2 CUDA device"):
         rank_device("cuda", local_rank=2, world_size=4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a launcher that shows each rank only its own GPU
+    assert rank_device("cuda", local_rank=3, world_size=4) == torch.device("cuda", 0)
 
 
 # --- subprocesses: kill -9 + resume, torchrun ---------------------------------------------------------------

@@ -33,7 +33,7 @@ inline at::Tensor hits_from_distances(const at::Tensor& dist, const at::Tensor& 
   // idx = first k with sorted[k] >= dist: the distance counts for every sorted radius from idx on.
   const at::Tensor idx = at::searchsorted(sorted, dist.to(at::kDouble).reshape({-1}), /*out_int32=*/false,
                                           /*right=*/false)
-                             .reshape({B, -1});
+                             .reshape({B, dist.size(1)});  // not {B, -1}: B = 0 has no -1
   at::Tensor counts = at::zeros({B, K + 1}, dist.options().dtype(at::kLong));
   counts.scatter_add_(1, idx, at::ones_like(idx));
   const at::Tensor hits_sorted = counts.narrow(1, 0, K).cumsum(1);

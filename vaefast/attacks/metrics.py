@@ -158,9 +158,10 @@ def auddc(
     xs = (xin / sx).clamp(0, 1).T  # [B, L]
     ys = (yout / sy).clamp(0, 1).T
     b = xs.shape[0]
-    xs = torch.cat([torch.zeros(b, 1, dtype=xs.dtype), xs, torch.ones(b, 1, dtype=xs.dtype)], 1)
-    ys = torch.cat([torch.ones(b, 1, dtype=ys.dtype), ys, torch.full((b, 1), 2.0, dtype=ys.dtype)], 1)
-    order = torch.argsort(xs + 1e-12 * torch.arange(xs.shape[1]), dim=1)  # stable; (1, ·) last
+    like = dict(dtype=xs.dtype, device=xs.device)
+    xs = torch.cat([torch.zeros(b, 1, **like), xs, torch.ones(b, 1, **like)], 1)
+    ys = torch.cat([torch.ones(b, 1, **like), ys, torch.full((b, 1), 2.0, **like)], 1)
+    order = torch.argsort(xs + 1e-12 * torch.arange(xs.shape[1], **like), dim=1)  # stable; (1, ·) last
     xs, ys = xs.gather(1, order), ys.gather(1, order)
     ys = torch.cummin(ys, dim=1).values
     return torch.trapezoid(ys, xs, dim=1)

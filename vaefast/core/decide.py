@@ -165,8 +165,8 @@ def decide(
     samples = torch.zeros(n, k, dtype=torch.int64, device=dev)
     decision = torch.zeros(n, k, dtype=torch.int8, device=dev)
     frozen = torch.zeros(n, k, dtype=torch.bool, device=dev)
-    need = (torch.ones(n, k, dtype=torch.bool) if required is None else required).to(dev)
-    stops = (torch.full((n, k), FUTILE, dtype=torch.int8) if stops is None else stops).to(dev)
+    need = torch.ones(n, k, dtype=torch.bool, device=dev) if required is None else required.to(dev)
+    stops = torch.full((n, k), FUTILE, dtype=torch.int8, device=dev) if stops is None else stops.to(dev)
     running = torch.arange(n, device=dev)
     done = 0
     for total in rule.schedule:

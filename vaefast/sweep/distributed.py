@@ -133,7 +133,8 @@ def _picklable(exc: Exception) -> Exception:
 
 def rank_device(device: str | torch.device, local_rank: int, world_size: int) -> torch.device:
     """The device of one process: a plain ``cuda`` (or ``auto`` on a GPU machine) under ``torchrun`` is the rank's
-    own GPU ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` is kept.
+    own GPU ``cuda:LOCAL_RANK``; where a launcher shows each process only its own GPU (one visible device, e.g.
+    ``CUDA_VISIBLE_DEVICES`` set per rank) it is ``cuda:0``; an explicit ``cuda:N`` is kept.
 
     Args:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
@@ -151,7 +152,9 @@ def rank_device(device: str | torch.device, local_rank: int, world_size: int) ->
     resolved = check_device("device", device)
     if resolved.type == "cuda" and resolved.index is None and world_size > 1:
         count = torch.cuda.device_count()
-        if local_rank >= count:
+        if count == 1:  # the launcher shows this process only its own GPU
+            local_rank = 0
+        elif local_rank >= count:
             raise ValueError(
                 f"device {device}: LOCAL_RANK {local_rank} would use cuda:{local_rank} but only {count} CUDA "
                 f"device(s) are visible (start at most {count} processes per machine)"
