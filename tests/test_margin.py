@@ -337,3 +337,53 @@ def test_bad_inputs(digits_vae, digits):
         numerical_margin(model, torch.randn(2, 5, dtype=torch.float64), R, **LG)
     with pytest.raises(ValueError, match="max_radius"):
         numerical_margin(digits_vae, digits[1].x[:2], 1.5, max_radius=100.0)
+
+
+def test_host_synchronisations_per_round_do_not_grow_with_the_points(digits_vae, digits):
+    """A round of the search is one batched attack per tier and one batched decision for every point and radius:
+    the reads of tensor values (each a host synchronisation on a GPU: bool, item, tolist, cpu, int/float, numpy,
+    nonzero) are the same, round by round, for 4 points and for 32. The points are copies of one point under one id,
+    so every copy's search takes the same rounds and only the batch size differs (the count includes CPU-side reads
+    of the search's bookkeeping, which is also independent of the number of points)."""
+    import vaefast.core.search as search_module
+    from vaefast.core.box import UNIT_BOX
+    from vaefast.margin import margins_validated
+    from vaefast.robustness import estimate_validated
+
+    names = ("__bool__", "item", "tolist", "cpu", "__int__", "__float__", "numpy", "__index__", "nonzero")
+    counter, marks = [0], []
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name):
+        def call(self, *args, **kwargs):
+            counter[0] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return call
+
+    update = search_module._update
+
+    def marked(*args, **kwargs):
+        marks.append(counter[0])
+        return update(*args, **kwargs)
+
+    per_round = {}
+    radii, options = torch.tensor([1.2, 1.5], dtype=torch.float64), MarginOptions(num_samples=300, steps=5, tol=0.05)
+    for b in (4, 4, 32):  # the first run fills the decision rule's caches of critical counts (CPU work)
+        x = digits[1].x[:1].repeat(b, 1, 1, 1)
+        ids = torch.zeros(b, dtype=torch.int64)
+        sampler = Sampler(digits_vae, x.device)
+        est = estimate_validated(digits_vae, x, None, radii, ids, 300, 0, 0.95, sampler)
+        clean = (est.decision, est.hits, torch.full_like(est.hits, 300))
+        counter[0], marks[:] = 0, []
+        try:
+            search_module._update = marked
+            for n in names:
+                setattr(torch.Tensor, n, counting(n))
+            margins_validated(digits_vae, x, encode(digits_vae, x), radii, ids, clean, options, UNIT_BOX, 0, sampler)
+        finally:
+            search_module._update = update
+            for n, f in originals.items():
+                setattr(torch.Tensor, n, f)
+        per_round[b] = [j - i for i, j in zip([0, *marks[:-1]], marks, strict=True)]
+    assert len(per_round[4]) >= 3 and per_round[32] == per_round[4], per_round

@@ -152,11 +152,16 @@ def _generator(seed: int, purpose: str, device: torch.device | str = "cpu") -> t
 
 def _terms_to_floats(terms: Any) -> dict[str, float]:
     """The :data:`TERMS` of a ``LossTerms`` as floats (NaN for absent ones)."""
-    out = {}
-    for key in TERMS:
-        value = getattr(terms, key)
-        out[key] = float("nan") if value is None else float(value.detach())
-    return out
+    return dict(zip(TERMS, _terms_vector(terms).tolist(), strict=True))
+
+
+def _terms_vector(terms: Any) -> torch.Tensor:
+    """The :data:`TERMS` of a ``LossTerms`` as one float64 vector on their device (NaN for absent ones): summed over
+    batches there and read once per epoch, not once per step (each read is a host synchronisation on a GPU)."""
+    loss = terms.loss.detach()
+    nan = torch.full((), math.nan, dtype=torch.float64, device=loss.device)
+    values = [nan if getattr(terms, k) is None else getattr(terms, k).detach().to(torch.float64) for k in TERMS]
+    return torch.stack(values)
 
 
 @torch.no_grad()
@@ -305,7 +310,7 @@ def _train_epoch(
     """One shuffled pass (``generators``: shuffle, noise); the point-weighted means of the batch terms."""
     shuffle_gen, noise_gen = generators
     n = x_train.shape[0]
-    sums = dict.fromkeys(TERMS, 0.0)
+    sums = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
     for idx in index_batches(n, batch_size, torch.randperm(n, generator=shuffle_gen)):
         xb = x_train[idx].to(device, non_blocking=True)
         terms = model.loss(xb, dataset_size=n, generator=noise_gen)
@@ -313,9 +318,8 @@ def _train_epoch(
         terms.loss.backward()
         optimizer.step()
         retract_(model)  # orthonormal layers: once per step, so the next forward uses the weights as they are
-        for key, value in _terms_to_floats(terms).items():
-            sums[key] += value * xb.shape[0]
-    return {key: value / n for key, value in sums.items()}
+        sums += _terms_vector(terms) * xb.shape[0]  # stays on the device: one read per epoch
+    return dict(zip(TERMS, (sums / n).tolist(), strict=True))
 
 
 def _epoch_row(

@@ -143,8 +143,9 @@ def random_start(
     Returns:
         ``delta[B, D]``.
     """
-    g = rng.normals(point_ids, 1, dim + 1, cfg.seed, "attack-start", sample_offset=restart, dtype=torch.float64)
-    g = g[:, 0].to(device)
+    g = rng.normals(
+        point_ids, 1, dim + 1, cfg.seed, "attack-start", sample_offset=restart, dtype=torch.float64, device=device
+    )[:, 0]  # drawn where the attack runs (no host-to-device copy)
     direction, u = g[:, :dim], torch.special.ndtr(g[:, dim])
     if cfg.constraint == "none":
         start = 1e-3 * direction / math.sqrt(dim)

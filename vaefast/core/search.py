@@ -375,23 +375,31 @@ def _proposals(st: _State, br: _Bracket, caps: torch.Tensor, plan: _Plan) -> tup
 
 
 def _merge(points: torch.Tensor, radii: torch.Tensor, sources: torch.Tensor, k: int, tol: float):
-    """Proposals of one point closer than ``tol / 4`` (sorted) become one row.
+    """Proposals of one point closer than ``tol / 4`` to the previous kept one (sorted) become one row: a greedy
+    pass over each point's sorted radii, vectorised over points (at most ``4`` proposals per point and round, so a
+    few passes).
 
     Returns:
         ``(points [N], radii [N], proposers [N, K] bool)``.
     """
-    new = torch.ones_like(points, dtype=torch.bool)
-    if points.numel() > 1:
-        keep_r = radii.clone()
-        for i in range(1, points.numel()):  # merge runs: compare with the run's first radius
-            same = bool(points[i] == points[i - 1]) and float(radii[i] - keep_r[i - 1]) < tol / 4
-            new[i] = not same
-            keep_r[i] = keep_r[i - 1] if same else radii[i]
-    row = torch.cumsum(new.to(torch.int64), 0) - 1
-    n = int(row[-1]) + 1 if row.numel() else 0
-    proposers = torch.zeros(n, k, dtype=torch.bool)
+    n = points.numel()
+    keep = torch.ones(n, dtype=torch.bool)
+    if n > 1:
+        same_point = torch.zeros(n, dtype=torch.bool)
+        same_point[1:] = points[1:] == points[:-1]
+        anchor = radii.clone()  # the radius of the kept row each proposal would join
+        for _ in range(n):  # converges in (proposals per point) passes; stops when nothing changes
+            prev = torch.cat([anchor[:1], anchor[:-1]])
+            join = same_point & (radii - prev < tol / 4)
+            new_anchor = torch.where(join, prev, radii)
+            if torch.equal(new_anchor, anchor):
+                break
+            anchor = new_anchor
+        keep = ~(same_point & (radii - torch.cat([anchor[:1], anchor[:-1]]) < tol / 4))
+    row = torch.cumsum(keep.to(torch.int64), 0) - 1
+    proposers = torch.zeros(int(keep.sum()), k, dtype=torch.bool)
     proposers[row, sources] = True
-    return points[new], radii[new], proposers
+    return points[keep], radii[keep], proposers
 
 
 # --- attacking and deciding rows -----------------------------------------------------------------------------------
