@@ -49,3 +49,30 @@ def test_gpu_check_script_is_valid_bash_and_needs_an_out_dir():
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     res = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "usage: scripts/gpu_check.sh OUT_DIR" in res.stderr
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_budget_and_always_reports(tmp_path, monkeypatch):
+    """The steps' timeouts add up to at most 7 minutes; every step is recorded in summary.json as it ends, a step that
+    fails (a benchmark that crashes) is recorded with its output and the next one still runs, and the verdicts say
+    why a target was not run."""
+    check = _gpu_check()
+    assert sum(check.TIMEOUTS.values()) == check.BUDGET <= 7 * 60
+    crash = tmp_path / "benchmarks"
+    crash.mkdir()
+    (crash / "bench_gpu.py").write_text("import sys; print('boom'); sys.exit(3)\n")
+    monkeypatch.setattr(check, "ROOT", tmp_path)  # benchmarks from tmp_path: one crashes, the other is absent
+    status = check.main([str(tmp_path / "out"), "--skip-build", "--skip-tests"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    steps = summary["steps"]
+    assert status == 1 and not summary["ok"]
+    assert steps["bench_gpu"]["status"] == 3 and "boom" in steps["bench_gpu"]["tail"]
+    assert "not in this tree" in steps["bench_scale"]["skipped"]
+    assert all(v["verdict"] == "not run" for v in summary["verdicts"].values())
+    assert {"environment", "wheels", "bench_gpu", "bench_scale", "verdicts", "done"} <= set(steps)
