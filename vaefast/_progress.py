@@ -31,14 +31,19 @@ class _LogLine:
     def update(self, n: int = 1) -> None:
         self.n += n
 
-    def set_postfix_str(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
+    def set_postfix_str(self, text: str = "", *_args: Any, **_kwargs: Any) -> None:
+        self.postfix = text
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             seconds = time.perf_counter() - self.start
-            print(f"{self.desc}: {self.n} {self.unit}{'s' if self.n != 1 else ''} in {seconds:.1f} s", file=sys.stderr)
+            tail = f" ({self.postfix})" if getattr(self, "postfix", "") else ""
+            print(f"{self.desc}: {self.n} {self.unit}{'s' if self.n != 1 else ''} in {seconds:.1f} s{tail}",
+                  file=sys.stderr)  # fmt: skip
 
 
 def progress_bar(
@@ -48,6 +53,7 @@ def progress_bar(
     unit: str = "it",
     total: int | None = None,
     enabled: bool = True,
+    leave: bool = True,
 ) -> Any:
     """A progress display for one stage.
 
@@ -57,9 +63,10 @@ def progress_bar(
         unit: what is counted.
         total: the expected count (for the bar).
         enabled: False gives a silent tqdm (``disable=True``).
+        leave: keep the bar on the terminal when done (inner bars: False).
 
     Returns:
-        A tqdm bar (terminal, or disabled) or a one-line logger; both have ``update``, ``close``,
+        A tqdm bar (terminal, or disabled) or a one-line logger; both have ``update``, ``close``, ``set_postfix``,
         ``set_postfix_str`` and iterate over ``iterable``.
     """
     from tqdm.auto import tqdm
@@ -67,5 +74,5 @@ def progress_bar(
     if not enabled or sys.stderr is None:
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=True)
     if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
     return _LogLine(iterable, desc, unit)

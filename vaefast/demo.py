@@ -503,7 +503,7 @@ def _stages(out: Path, config: DemoConfig, device: Any, progress: bool, log: Log
 
 
 def run_demo(
-    out: str | Path | None = None, config: DemoConfig | None = None, *, progress: bool = True, log: Log = _quiet
+    out: str | Path | None = None, config: DemoConfig | None = None, *, progress: bool = False, log: Log = _quiet
 ) -> DemoResult:
     """Train (or reuse) the demo models on the dataset, sweep them, replay the evidence and write the report.
 

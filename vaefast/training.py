@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributions import ContinuousBernoulli
-from tqdm.auto import tqdm
 
 from vaefast import rng
 from vaefast._checks import (
@@ -36,6 +35,7 @@ from vaefast._checks import (
     model_device_dtype,
 )
 from vaefast._chunks import index_batches, points_per_batch
+from vaefast._progress import progress_bar
 from vaefast._threads import resolve_threads
 from vaefast.data.base import DataSplit
 from vaefast.models.likelihoods import gaussian_kl, gaussian_log_density, repeat_per_sample
@@ -213,7 +213,7 @@ def train(
     device: str | torch.device = "cpu",
     out: str | Path | None = None,
     patience: int | None = None,
-    progress: bool = True,
+    progress: bool = False,
     restore_best: bool = True,
     num_threads: int | str | None = "auto",
 ) -> TrainingHistory:
@@ -237,7 +237,7 @@ def train(
         out: the run folder (None: nothing written); the final weights go to ``out`` (``config.json`` +
             ``model.safetensors``).
         patience: stop after this many epochs without a better validation ELBO (None: never).
-        progress: a tqdm bar over epochs.
+        progress: progress over epochs (a bar on a terminal, one line in a log).
         restore_best: load the best epoch's weights at the end.
         num_threads: torch intra-op threads while training (restored afterwards); ``"auto"`` uses 1 for conv-free
             models on CPU (several times faster for these small GEMMs on a busy machine).
@@ -345,7 +345,7 @@ def _train_loop(
     generators = (_generator(seed, "shuffle"), _generator(seed, "noise", device))
     history, best_state, folder = TrainingHistory(out=out_dir), None, _RunFolder(out_dir)
     start = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=not progress)
+    bar = progress_bar(range(1, epochs + 1), desc="train", unit="epoch", total=epochs, enabled=progress)
     try:
         for epoch in bar:
             t0 = time.perf_counter()

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vaefast import store
 from vaefast._checks import check_positive_int, check_probability, check_seed
+from vaefast._progress import progress_bar
 from vaefast._version import version_note
 from vaefast.rng import derive_seed, id_runs
 from vaefast.robustness import estimate_r_robustness
@@ -170,7 +170,9 @@ def _replay(rows, models, info, points, spec, factor, confidence, seed, progress
     for row in rows:
         groups.setdefault((row["model"], row["r"]), []).append(row)
     checks: list[dict[str, Any]] = []
-    for (name, r), group in tqdm(groups.items(), desc="verify", unit="group", disable=not progress):
+    for (name, r), group in progress_bar(
+        groups.items(), desc="verify", unit="group", total=len(groups), enabled=progress
+    ):
         model = models[name]
         shape = info[name]["input_shape"]
         for kind in KINDS:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from vaefast import rng
 from vaefast._checks import check_choice, check_positive_float, check_positive_int, check_seed
+from vaefast._progress import progress_bar
 from vaefast.attacks.projections import project
 
 NORMS = ("L2", "Linf")
@@ -266,7 +266,7 @@ def optimise(
     if cfg.optimizer == "lbfgsb":
         return _optimise_lbfgsb(objective, x, eps, lo, hi, cfg, point_ids, desc)
     best = _Best.empty(x)
-    bar = tqdm(total=cfg.restarts * cfg.steps, desc=desc, disable=not cfg.progress, leave=False)
+    bar = progress_bar(total=cfg.restarts * cfg.steps, desc=desc, unit="step", enabled=cfg.progress, leave=False)
     for restart in range(cfg.restarts):
         delta, scale = _start(cfg, x, eps, lo, hi, point_ids, restart, init, init_step_scale)
         _ascend(objective, x, delta, scale * default_step(cfg, eps, x[0].numel()), lo, hi, eps, cfg, restart, best, bar)
@@ -330,7 +330,7 @@ def _optimise_lbfgsb(objective: Objective, x, eps, lo, hi, cfg: LoopConfig, poin
     b, dim = x.shape[0], x[0].numel()
     best_delta = torch.zeros(b, dim, dtype=x.dtype, device=x.device)
     best_val = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-    bar = tqdm(total=b * cfg.restarts, desc=desc, disable=not cfg.progress, leave=False)
+    bar = progress_bar(total=b * cfg.restarts, desc=desc, unit="run", enabled=cfg.progress, leave=False)
     for i in range(b):
         sl = slice(i, i + 1)
         lo_i = None if lo is None else lo[sl]

@@ -259,7 +259,7 @@ def _run_peer(plan: SweepPlan, dist: DistContext, todo: Sequence[WorkUnit]) -> i
 
 
 def execute(
-    plan: SweepPlan, dist: DistContext | None = None, *, resume: bool = False, progress: bool = True
+    plan: SweepPlan, dist: DistContext | None = None, *, resume: bool = False, progress: bool = False
 ) -> SweepResult:
     """Run (or resume) a planned sweep in this process; under ``torchrun`` every process calls it.
 
@@ -296,7 +296,7 @@ def run_sweep(
     *,
     spec: SweepSpec | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     device: str | torch.device = "cpu",
     **spec_fields: Any,
 ) -> SweepResult:
