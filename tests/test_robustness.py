@@ -481,3 +481,23 @@ def test_a_reused_estimate_must_describe_the_same_model_points_and_delta(linear_
             margin_bound(model, points, 1.0, estimate=estimate)
     with pytest.raises(ValueError, match="estimate was computed for another model"):
         numerical_margin(other, x, 1.0, estimate=est, steps=2, progress=False)
+
+
+def test_results_print_a_short_table_with_their_counts(linear_vae: LinearGaussianVAE) -> None:
+    """repr: the counts and the first rows, never raw tensors; summary(): every row, as the command line prints."""
+    from vaefast.margin import numerical_margin
+
+    x = _x(8)
+    est = estimate_r_robustness(linear_vae, x, [0.7, 1.0], num_samples=500)
+    results = [
+        est,
+        margin_bound(linear_vae, x, 1.0, estimate=est),
+        numerical_margin(linear_vae, x, [0.7, 1.0], box=None, max_radius=2.0, estimate=est, mode="mean", steps=5),
+        is_r_robust(linear_vae, x, 1.0),
+    ]
+    for res in results:
+        text = repr(res)
+        assert text.startswith(type(res).__name__) and "tensor(" not in text and "more rows" in text
+        assert len(text.splitlines()) <= 8 and res.counts()
+        assert len(res.summary().splitlines()) == 2 + len(res.to_rows())
+    assert "robust" in repr(est) and "undecided" in repr(results[2])

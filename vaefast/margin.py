@@ -39,7 +39,7 @@ __all__ = ["NumericalMargin", "numerical_margin"]
 CLEAN_NAMES = {1: "robust", -1: "not robust", 0: "undecided"}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class NumericalMargin(ResultMixin):
     """Numerical margins with their evidence, per point (``[B]`` for one radius r, ``[B, K]`` for a list of radii).
 
@@ -85,6 +85,16 @@ class NumericalMargin(ResultMixin):
         "margin", "lower", "upper", "bracketed", "p_hat_delta", "hits_delta", "samples_delta", "ci_low_delta",
         "ci_high_delta", "clean",
     )  # fmt: skip
+    _SHOW = ("point", "r", "clean", "lower", "margin", "upper", "p_hat_delta", "samples_delta", "rows")
+
+    def counts(self) -> dict[str, int]:
+        """Items robust with evidence (comparable), not robust, undecided and unbracketed."""
+        c, br = self.clean, self.bracketed
+        return {
+            "radii": len(self.radii), "robust with evidence": int(((c == 1) & br).sum()),
+            "not robust": int((c == -1).sum()), "undecided": int((c == 0).sum()),
+            "unbracketed": int(((c == 1) & ~br).sum()),
+        }  # fmt: skip
 
     @property
     def radii(self) -> list[float]:

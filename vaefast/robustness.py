@@ -43,6 +43,8 @@ from vaefast.core.options import AUTOCAST_MODES, DEFAULT_CONFIDENCE, DEFAULT_NUM
 from vaefast.core.sampling import Sampler
 from vaefast.stats import clopper_pearson, clopper_pearson_one_sided
 
+_DECISION_NAMES = {1: "robust", -1: "not robust", 0: "undecided"}
+
 __all__ = [
     "RRobustnessResult",
     "RobustnessDecision",
@@ -56,7 +58,7 @@ __all__ = [
 
 
 # --- results ---------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class RRobustnessResult(ResultMixin):
     """Monte-Carlo r-robustness of ``B`` points at ``K`` radii from ``S = num_samples`` samples each.
 
@@ -90,12 +92,20 @@ class RRobustnessResult(ResultMixin):
     point_index: torch.Tensor
     source: str | None = None
 
+    _SHOW = ("point", "r", "hits", "num_samples", "p_hat", "ci_low", "ci_high", "decision", "r_star")
+
+    def counts(self) -> dict[str, int]:
+        """Items (point, radius) decided robust, not robust and undecided at ``confidence``."""
+        d = self.decision
+        return {"radii": int(self.radii.shape[0]), "robust": int((d == 1).sum()), "not robust": int((d == -1).sum()),
+                "undecided": int((d == 0).sum())}  # fmt: skip
+
     def to_rows(self) -> list[dict[str, Any]]:
         """Plain-Python rows.
 
         Returns:
             One dict per (point, radius), points outer: ``point, r, hits, num_samples, p_hat, ci_low, ci_high,
-            robust, r_star``.
+            robust, decision, r_star``.
         """
         rows = []
         for b in range(len(self)):
@@ -110,13 +120,14 @@ class RRobustnessResult(ResultMixin):
                         "ci_low": float(self.ci_low[b, k]),
                         "ci_high": float(self.ci_high[b, k]),
                         "robust": bool(self.robust[b, k]),
+                        "decision": _DECISION_NAMES[int(self.decision[b, k])],
                         "r_star": float(self.r_star[b]),
                     }
                 )
         return rows
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class RobustnessDecision(ResultMixin):
     """Outcome of the sequential test of ``p_r(x, delta) > 1/2`` for ``B`` points.
 
@@ -140,6 +151,14 @@ class RobustnessDecision(ResultMixin):
     confidence: float
     point_index: torch.Tensor
 
+    _SHOW = ("point", "r", "robust", "decided", "samples_used", "hits", "p_hat")
+
+    def counts(self) -> dict[str, int]:
+        """Points decided robust, decided not robust and undecided."""
+        decided = self.decided
+        return {"decided robust": int((decided & self.robust).sum()), "decided not robust":
+                int((decided & ~self.robust).sum()), "undecided": int((~decided).sum())}  # fmt: skip
+
     def to_rows(self) -> list[dict[str, Any]]:
         """Plain-Python rows.
 
@@ -160,7 +179,7 @@ class RobustnessDecision(ResultMixin):
         ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class MarginBound(ResultMixin):
     """First-order lower bounds on the margin ``R^r_X(x)`` of ``B`` points and their components.
 
@@ -211,6 +230,12 @@ class MarginBound(ResultMixin):
         "jac_frobenius", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "p_low", "hits", "decision",
         "certified", "saturated",
     )  # fmt: skip
+    _SHOW = ("point", "r", "p_hat", "p_low", "certified", "sigma_min", "jac_frobenius", "bound", "whitened_bound")
+
+    def counts(self) -> dict[str, int]:
+        """Points certified (decided robust), not robust and undecided."""
+        d = self.decision
+        return {"certified": int((d == 1).sum()), "not robust": int((d == -1).sum()), "undecided": int((d == 0).sum())}
 
     def to_rows(self) -> list[dict[str, Any]]:
         """Plain-Python rows.
