@@ -186,7 +186,7 @@ def test_result_serialisation(linear_vae: LinearGaussianVAE) -> None:
     res = estimate_r_robustness(linear_vae, _x(3), [0.5, 1.0], num_samples=50, seed=0, point_offset=10)
     rows = res.to_rows()
     assert len(rows) == 6 and rows[0]["point"] == 10 and rows[1]["r"] == 1.0
-    assert all(isinstance(v, (int, float, bool)) for row in rows for v in row.values())
+    assert all(isinstance(v, (int, float, bool, str)) for row in rows for v in row.values())
     json.dumps(res.to_dict())
     mb = margin_bound(linear_vae, _x(3), 1.0, num_samples=50)
     assert len(mb.to_rows()) == 3
