@@ -33,12 +33,14 @@ from vaefast._checks import (
     analysis,
     as_radii,
     check_analysis_inputs,
+    check_choice,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_seed,
 )
 from vaefast._chunks import chunk_sizes, spans
+from vaefast._memory import check_max_memory
 from vaefast._results import ResultMixin
 from vaefast.rng import id_runs
 from vaefast.stats import (
@@ -172,21 +174,32 @@ class RobustnessDecision(ResultMixin):
 class MarginBound(ResultMixin):
     """First-order lower bounds on the margin ``R^r_X(x)`` of ``B`` points and their components.
 
-    With ``q = Phi^-1(p_hat)`` (``p_hat = p_hat_r(x, 0)``) and ``sigma_min = min_i sigma(x)_i``:
+    With ``q = Phi^-1(p_hat)`` (``p_hat = p_hat_r(x, 0)``) and ``sigma_min = min_i sigma(x)_i``. The Jacobian norms
+    are exact (``jac_method`` "fused" or "exact") or randomized (:func:`vaefast.jacobian.jacobian_norms`): then
+    ``jac_frobenius`` is an estimate, and ``jac_frobenius_upper``, ``jac_spectral`` and ``jac_whitened_spectral`` are
+    upper confidence limits that hold together with probability ``>= jac_confidence`` (equal to the exact norms
+    otherwise).
 
     Attributes:
-        bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_F`` (the paper's bound).
-        certified_bound: ``[B]`` ``sigma_min Phi^-1(ci_low) / ||J_mu(x)||_F`` (0 where ``ci_low <= 1/2``).
-        spectral_bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_2``.
-        whitened_bound: ``[B]`` ``q / ||diag(sigma(x))^-1 J_mu(x)||_2``.
+        bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_F`` (the paper's bound; with a randomized ``||J||_F`` an estimate
+            of it).
+        certified_bound: ``[B]`` ``sigma_min Phi^-1(ci_low) / jac_frobenius_upper`` (0 where ``ci_low <= 1/2``):
+            with the one-sided ``ci_low`` at level ``(1 - confidence) / 2`` and ``jac_confidence = (1 + confidence) /
+            2``, both parts hold together with probability ``>= confidence`` (still a first-order bound).
+        spectral_bound: ``[B]`` ``sigma_min q / jac_spectral``.
+        whitened_bound: ``[B]`` ``q / jac_whitened_spectral``.
         latent_margin: ``[B]`` ``sigma_min q``.
         sigma_min: ``[B]`` the smallest encoder standard deviation.
-        jac_frobenius, jac_spectral: ``[B]`` ``||J_mu(x)||_F`` and ``||J_mu(x)||_2``.
-        jac_whitened_spectral: ``[B]`` ``||diag(sigma(x))^-1 J_mu(x)||_2``.
+        jac_frobenius: ``[B]`` ``||J_mu(x)||_F``, exact or estimated.
+        jac_frobenius_upper: ``[B]`` its upper confidence limit (= ``jac_frobenius`` when exact).
+        jac_spectral: ``[B]`` ``||J_mu(x)||_2``, exact or its upper confidence limit.
+        jac_whitened_spectral: ``[B]`` ``||diag(sigma(x))^-1 J_mu(x)||_2``, exact or its upper confidence limit.
         p_hat, ci_low, hits: ``[B]`` the clean estimate the bounds use.
         certified: ``[B]`` ``p_hat > 1/2`` (all bounds are 0 elsewhere).
         saturated: ``[B]`` ``p_hat = 1``, where ``q`` uses the half-count rule ``p_hat -> 1 - 1/(2S)``.
         r, num_samples, confidence: the settings; ``point_index``: the global point ids.
+        jac_method: "fused", "exact" or "randomized".
+        jac_confidence: the probability that the Jacobian limits hold (1.0 when exact).
     """
 
     bound: torch.Tensor
@@ -196,6 +209,7 @@ class MarginBound(ResultMixin):
     latent_margin: torch.Tensor
     sigma_min: torch.Tensor
     jac_frobenius: torch.Tensor
+    jac_frobenius_upper: torch.Tensor
     jac_spectral: torch.Tensor
     jac_whitened_spectral: torch.Tensor
     p_hat: torch.Tensor
@@ -207,21 +221,25 @@ class MarginBound(ResultMixin):
     num_samples: int
     confidence: float
     point_index: torch.Tensor
+    jac_method: str = "exact"
+    jac_confidence: float = 1.0
 
     _PER_POINT = (
         "bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "sigma_min",
-        "jac_frobenius", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "hits", "certified", "saturated",
+        "jac_frobenius", "jac_frobenius_upper", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "hits",
+        "certified", "saturated",
     )  # fmt: skip
 
     def to_rows(self) -> list[dict[str, Any]]:
         """Plain-Python rows.
 
         Returns:
-            One dict per point: ``point, r, num_samples`` and every per-point attribute.
+            One dict per point: ``point, r, num_samples, jac_method, jac_confidence`` and every per-point attribute.
         """
         rows = []
         for b in range(len(self)):
             row: dict[str, Any] = {"point": int(self.point_index[b]), "r": self.r, "num_samples": self.num_samples}
+            row.update(jac_method=self.jac_method, jac_confidence=self.jac_confidence)
             for name in self._PER_POINT:
                 row[name] = getattr(self, name)[b].item()
             rows.append(row)
@@ -658,23 +676,27 @@ def column_for(
     )
 
 
-def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per point (float64, CPU): ``sigma_min``, ``||J_mu||_F``, ``||J_mu||_2`` and ``||diag(sigma)^-1 J_mu||_2``."""
-    from vaefast.jacobian import jacobian_frobenius, jacobian_spectral
+def _encoder_geometry(
+    model: Any, x: torch.Tensor, jacobian: str, confidence: float, seed: int, point_offset: int, max_memory: int | None
+) -> tuple[dict[str, torch.Tensor], str, float]:
+    """Per point (float64, CPU): ``sigma_min`` and the Jacobian norms the bounds use (:func:`vaefast.jacobian.
+    jacobian_norms`: exact, or randomized with upper limits at ``confidence``), the norms' method and confidence."""
+    from vaefast.jacobian import jacobian_norms
 
     with torch.no_grad():
         sigma = torch.exp(0.5 * _encode(model, x)[1])
-    encoder = model.mean_encoder()
-
-    def cpu64(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(torch.float64).cpu()
-
-    return {
-        "sigma_min": cpu64(sigma).min(dim=1).values,
-        "jac_frobenius": cpu64(jacobian_frobenius(encoder, x)),
-        "jac_spectral": cpu64(jacobian_spectral(encoder, x)),
-        "jac_whitened_spectral": cpu64(jacobian_spectral(encoder, x, row_scale=1.0 / sigma)),
+    norms = jacobian_norms(
+        model.mean_encoder(), x, 1.0 / sigma, method=jacobian, confidence=confidence, seed=seed,
+        point_offset=point_offset, max_memory=max_memory,
+    )  # fmt: skip
+    geometry = {
+        "sigma_min": sigma.detach().to(torch.float64).cpu().min(dim=1).values,
+        "jac_frobenius": norms.frobenius,
+        "jac_frobenius_upper": norms.frobenius_upper,
+        "jac_spectral": norms.spectral_upper,
+        "jac_whitened_spectral": norms.whitened_spectral_upper,
     }
+    return geometry, norms.method, norms.confidence
 
 
 def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -689,7 +711,7 @@ def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[s
     latent_margin = sigma_min * q
     return {
         "bound": _ratio(latent_margin, fro),
-        "certified_bound": _ratio(sigma_min * q_low, fro),
+        "certified_bound": _ratio(sigma_min * q_low, geometry["jac_frobenius_upper"]),
         "spectral_bound": _ratio(latent_margin, geometry["jac_spectral"]),
         "whitened_bound": _ratio(q, geometry["jac_whitened_spectral"]),
         "latent_margin": latent_margin,
@@ -714,15 +736,24 @@ def margin_bound(
     max_batch_elements: int | None = None,
     estimate: RRobustnessResult | None = None,
     autocast: str | None = None,
+    *,
+    jacobian: str = "auto",
+    max_memory: int | None = None,
 ) -> MarginBound:
     """First-order lower bounds on the input-space margin ``R^r_X(x)`` from ``p_hat = p_hat_r(x, 0)``.
 
     - ``latent_margin = sigma_min * Phi^-1(p_hat)``, ``sigma_min = min_i sigma(x)_i``;
     - ``bound = latent_margin / ||J_mu(x)||_F`` (the paper's bound);
-    - ``spectral_bound = latent_margin / ||J_mu(x)||_2`` (>= bound);
-    - ``whitened_bound = Phi^-1(p_hat) / ||diag(sigma(x))^-1 J_mu(x)||_2`` (>= spectral_bound);
-    - ``certified_bound = sigma_min * Phi^-1(ci_low) / ||J||_F`` with the two-sided Clopper–Pearson lower limit
-      ``ci_low`` (the p-part then holds with that confidence; still a first-order bound); 0 when ``ci_low <= 1/2``.
+    - ``spectral_bound = latent_margin / ||J_mu(x)||_2`` (>= bound when exact);
+    - ``whitened_bound = Phi^-1(p_hat) / ||diag(sigma(x))^-1 J_mu(x)||_2`` (>= spectral_bound when exact);
+    - ``certified_bound = sigma_min * Phi^-1(ci_low) / U_F`` with the two-sided Clopper–Pearson lower limit
+      ``ci_low`` and ``U_F`` the upper confidence limit of ``||J||_F`` at ``(1 + confidence) / 2`` (``||J||_F``
+      itself when exact): both hold together with probability ``>= confidence``; still a first-order bound; 0 when
+      ``ci_low <= 1/2``.
+
+    With a randomized Jacobian (``jacobian="randomized"``, or "auto" at a large latent size) ``bound`` uses the
+    unbiased estimate of ``||J||_F^2`` and the spectral and whitened bounds the norms' upper confidence limits (never
+    the Lanczos estimate, which is low): :class:`MarginBound` says which.
 
     Where ``p_hat <= 1/2`` there is no certificate: ``certified = False`` and all bounds are 0. ``p_hat = 1`` would
     make ``Phi^-1`` infinite although only ``p >= ci_low`` is known; there the point bounds use the half-count rule
@@ -738,12 +769,20 @@ def margin_bound(
             sweep), reused instead of sampling again; ``num_samples``, ``seed`` and ``confidence`` are then its own.
         autocast: the decoder precision of the clean estimate when it is computed here (see
             :func:`estimate_r_robustness`); the encoder geometry is always in full precision.
+        jacobian: "auto" (exact for an MLP the fused op reads or a latent size ``d <= 128``, else randomized),
+            "exact" or "randomized" (:func:`vaefast.jacobian.jacobian_norms`; its random numbers are keyed by
+            ``seed`` and the global point ids ``point_offset + b``).
+        max_memory: the memory budget of the Jacobian in bytes (None: the device's default).
 
     Returns:
         A :class:`MarginBound`.
     """
+    from vaefast.jacobian import NORM_METHODS
+
     r = check_positive_float("r", r)
+    check_choice("jacobian", jacobian, NORM_METHODS)
     x, _, _ = check_analysis_inputs(model, x, requires=("mean_encoder",))
+    max_memory = check_max_memory(max_memory, x.device)
     if estimate is None:
         est = estimate_r_robustness(
             model, x, r, num_samples=num_samples, seed=seed, confidence=confidence,
@@ -751,10 +790,14 @@ def margin_bound(
         )  # fmt: skip
     else:
         est = column_for(estimate, r, x, model=model)
+    jac_conf = (1.0 + est.confidence) / 2
+    geometry, method, jac_conf = _encoder_geometry(model, x, jacobian, jac_conf, seed, point_offset, max_memory)
     return MarginBound(
-        **_bounds(est, _encoder_geometry(model, x)),
+        **_bounds(est, geometry),
         r=r,
         num_samples=est.num_samples,
         confidence=est.confidence,
         point_index=est.point_index,
+        jac_method=method,
+        jac_confidence=jac_conf,
     )
