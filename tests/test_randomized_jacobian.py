@@ -233,3 +233,5 @@ def test_margin_bound_states_estimates_and_upper_limits():
     assert row["jac_method"] == "randomized" and "jac_frobenius_upper" in row
     with pytest.raises(ValueError, match="jacobian must be one of"):
         margin_bound(model, x, 2.0, jacobian="power")
+    with pytest.raises(ValueError, match="max_memory=100 bytes is too small"):  # before the estimate is drawn
+        margin_bound(model, x, 2.0, jacobian="randomized", max_memory=100)

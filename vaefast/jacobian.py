@@ -10,8 +10,9 @@ Exact ways to the norms:
   point comes from one J.
 
 Randomized (:func:`jacobian_norms` with ``method="randomized"``, chosen by ``"auto"`` when ``d`` exceeds
-:data:`AUTO_EXACT_MAX_DIM`), from Jacobian-vector products (``J u``, forward mode) and vector-Jacobian products
-(``J^T c``) only; the limits are :mod:`vaefast.matrix_bounds`:
+:data:`AUTO_EXACT_MAX_DIM`), from vector-Jacobian products (``J^T c``, backward passes) and Jacobian-vector products
+(``J u``: double backward through the recorded backward pass, else forward mode; every ``J u`` is checked by the
+adjoint identity ``<J u, c> = ||J^T c||^2``) only; the limits are :mod:`vaefast.matrix_bounds`:
 
 - spectral norms: ``k`` Lanczos steps on ``A = J J^T`` (and on ``A_s = diag(s) J J^T diag(s)`` for the whitened norm)
   from a random start; the largest Ritz value ``theta`` is a sure lower bound of ``||J||_2^2`` and ``theta / (1 -
@@ -54,6 +55,7 @@ from vaefast.reference import activation_of
 __all__ = [
     "AUTO_EXACT_MAX_DIM",
     "JacobianNorms",
+    "check_jacobian_memory",
     "MLPSpec",
     "encoder_jacobian",
     "jacobian_frobenius",
@@ -168,11 +170,17 @@ def _points_per_chunk(num_points: int, bytes_per_point: int, budget: int, chunk_
     return min(num_points, rows_that_fit(bytes_per_point, budget, what))
 
 
+# Working set of one row, in multiples of activation_bytes (which counts module outputs only, not the intermediates
+# of functional ops inside modules): measured on diffusers' AutoencoderKL (3x64x64), a VJP row peaks at about 2.5x
+# and a row of the randomized path (forward graph kept, the backward recorded for double backward) at about 4x.
+VJP_ROW_FACTOR = 3
+RANDOMIZED_ROW_FACTOR = 5
+
+
 def _vjp_row_limit(fn: Callable, x: torch.Tensor, budget: int) -> int:
-    """Rows of one batched VJP call (a forward and a backward pass of that many inputs) that fit ``budget`` bytes: a
-    row costs about ``2 * activation_bytes(fn, x[:1])`` (the forward's intermediates, kept for the backward, and as
-    much again during it) plus its input-sized gradient."""
-    row = 2 * activation_bytes(fn, x[:1]) + 2 * x[0].numel() * x.element_size()
+    """Rows of one batched VJP call (a forward and a backward pass of that many inputs) that fit ``budget`` bytes:
+    ``VJP_ROW_FACTOR * activation_bytes(fn, x[:1])`` plus the input-sized gradient per row."""
+    row = VJP_ROW_FACTOR * activation_bytes(fn, x[:1]) + 2 * x[0].numel() * x.element_size()
     return rows_that_fit(row, budget, "one row of the encoder's Jacobian (a forward and a backward pass)")
 
 
@@ -487,14 +495,15 @@ class JacobianNorms(ResultMixin):
     point_index: torch.Tensor
 
 
-def _exact_norms(fn: Callable, x: torch.Tensor, row_scale: torch.Tensor | None, budget: int) -> dict:
-    """Every norm from one explicit J per point (``||J||_F`` by the fused op for a recognised MLP)."""
+def _exact_norms(fn: Callable, x: torch.Tensor, row_scale: torch.Tensor | None, step: int, budget: int) -> dict:
+    """Every norm from one explicit J per point, ``step`` points at a time (``||J||_F`` by the fused op for a
+    recognised MLP)."""
     spec = mlp_spec(fn)
     xf = _fused_input(spec, x) if spec is not None else None
     n = x.shape[0]
     fro = torch.empty(n, dtype=torch.float64, device=x.device)
     spectral, whitened = torch.empty_like(fro), torch.full_like(fro, math.nan)
-    for start, jac in _explicit_jacobians(fn, x, None, budget):
+    for start, jac in _explicit_jacobians(fn, x, step, budget):
         sl = slice(start, start + jac.shape[0])
         fro[sl] = jac.double().flatten(1).norm(dim=1)
         spectral[sl] = _top_singular(jac)
@@ -704,14 +713,18 @@ def _randomized_sums(
     return {k: v.cpu() for k, v in sums.items()}
 
 
+def _randomized_point_bytes(fn: Callable, x: torch.Tensor, d: int, whitened: bool, cfg: _Randomized) -> int:
+    """The working set of one point in the randomized path: its rows (two with the whitened operator) of
+    ``RANDOMIZED_ROW_FACTOR * activation_bytes`` plus input- and latent-sized float64 vectors."""
+    row = RANDOMIZED_ROW_FACTOR * activation_bytes(fn, x[:1]) + 4 * x[0].numel() * 8
+    return (1 + whitened) * (row + (2 * cfg.steps + cfg.num_probes) * d * 8)
+
+
 def _randomized_norms(
-    fn: Callable, x: torch.Tensor, row_scale: torch.Tensor | None, cfg: _Randomized, point_offset: int, budget: int
+    fn: Callable, x: torch.Tensor, row_scale: torch.Tensor | None, cfg: _Randomized, point_offset: int, step: int
 ) -> dict:
-    """The randomized estimates and limits of every point, in chunks of points that fit ``budget``."""
-    d, dim = _output_dim(fn, x), x[0].numel()
-    copies = 2 if row_scale is not None else 1
-    row = 3 * activation_bytes(fn, x[:1]) + 4 * dim * 8 + (2 * cfg.steps + cfg.num_probes) * d * 8
-    step = _points_per_chunk(x.shape[0], copies * row, budget, None, "one point's randomized Jacobian norms")
+    """The randomized estimates and limits of every point, ``step`` points at a time."""
+    d = _output_dim(fn, x)
     chunks = []
     for start in range(0, x.shape[0], step):
         xb = x[start : start + step]
@@ -720,7 +733,7 @@ def _randomized_norms(
         try:
             chunks.append(_randomized_sums(fn, xb, scale, ids, cfg))
         except _NoForwardProducts:  # no J u: spectral limits from the Frobenius limit instead, for every chunk
-            return _randomized_norms(fn, x, row_scale, dataclasses.replace(cfg, steps=0), point_offset, budget)
+            return _randomized_norms(fn, x, row_scale, dataclasses.replace(cfg, steps=0), point_offset, step)
     sums = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     lim = _limits(sums, row_scale is not None, d, cfg, cfg.steps)
     nan = torch.full_like(lim["fro"], math.nan)
@@ -743,6 +756,52 @@ def _norm_method(method: str, fn: Callable, x: torch.Tensor, d: int) -> str:
     if (spec is not None and _fused_input(spec, x) is not None) or d <= AUTO_EXACT_MAX_DIM:
         return "exact"
     return "randomized"
+
+
+def _plan(fn: Callable, x: torch.Tensor, d: int, method: str, whitened: bool, cfg: _Randomized, budget: int):
+    """``("exact" | "randomized", points per chunk)``; a point that does not fit ``budget`` is a
+    :class:`vaefast._memory.MemoryBudgetError` (raised before any work)."""
+    kind = _norm_method(method, fn, x, d)
+    if kind == "exact":
+        spec = mlp_spec(fn)
+        if spec is None or _fused_input(spec, x) is None:
+            _vjp_row_limit(fn, x, budget)
+        per_point = 3 * d * x[0].numel() * 8
+        return kind, _points_per_chunk(x.shape[0], per_point, budget, None, "one point's explicit Jacobian")
+    per_point = _randomized_point_bytes(fn, x, d, whitened, cfg)
+    return kind, _points_per_chunk(x.shape[0], per_point, budget, None, "one point's randomized Jacobian norms")
+
+
+def _settings(confidence: float, num_probes: int | None, lanczos_steps: int | None, seed: int) -> _Randomized:
+    confidence = check_probability("confidence", confidence)
+    probes = RANDOMIZED_NUM_PROBES if num_probes is None else check_positive_int("num_probes", num_probes)
+    steps = RANDOMIZED_LANCZOS_STEPS if lanczos_steps is None else check_positive_int("lanczos_steps", lanczos_steps)
+    return _Randomized(probes, steps, 1.0 - confidence, check_seed("seed", seed))
+
+
+def check_jacobian_memory(
+    fn: Callable, x: torch.Tensor, *, method: str = "auto", whitened: bool = True, max_memory: int | None = None
+) -> str:
+    """Check, before any work, that :func:`jacobian_norms` fits one point into ``max_memory`` (one forward pass of
+    one row measures it).
+
+    Args:
+        fn: the mean encoder.
+        x: the points.
+        method: as :func:`jacobian_norms`.
+        whitened: a ``row_scale`` will be given.
+        max_memory: the budget in bytes (None: the device's default).
+
+    Returns:
+        The method :func:`jacobian_norms` will use ("exact" or "randomized").
+
+    Raises:
+        MemoryBudgetError: not even one point fits (a ``ValueError`` naming ``max_memory``).
+    """
+    x = _check_fn_inputs(fn, x)
+    budget = check_max_memory(max_memory, x.device)
+    with torch.no_grad(), eval_mode(fn):
+        return _plan(fn, x, _output_dim(fn, x), method, whitened, _settings(0.95, None, None, 0), budget)[0]
 
 
 def jacobian_norms(
@@ -784,19 +843,16 @@ def jacobian_norms(
         A :class:`JacobianNorms` (float64 tensors on the CPU).
     """
     x = _check_fn_inputs(fn, x)
-    confidence = check_probability("confidence", confidence)
-    seed, point_offset = check_seed("seed", seed), check_seed("point_offset", point_offset)
-    probes = RANDOMIZED_NUM_PROBES if num_probes is None else check_positive_int("num_probes", num_probes)
-    steps = RANDOMIZED_LANCZOS_STEPS if lanczos_steps is None else check_positive_int("lanczos_steps", lanczos_steps)
+    cfg, point_offset = _settings(confidence, num_probes, lanczos_steps, seed), check_seed("point_offset", point_offset)
     budget = check_max_memory(max_memory, x.device)
     with torch.no_grad(), eval_mode(fn):
         d = _output_dim(fn, x)
         row_scale = _check_row_scale(row_scale, x, d)
-        if _norm_method(method, fn, x, d) == "exact":
-            out, conf, probes, steps = _exact_norms(fn, x, row_scale, budget), 1.0, 0, 0
+        kind, step = _plan(fn, x, d, method, row_scale is not None, cfg, budget)
+        if kind == "exact":
+            out, conf, probes, steps = _exact_norms(fn, x, row_scale, step, budget), 1.0, 0, 0
         else:
-            cfg = _Randomized(probes, steps, 1.0 - confidence, seed)
-            out, conf = _randomized_norms(fn, x, row_scale, cfg, point_offset, budget), confidence
+            out, conf, probes = _randomized_norms(fn, x, row_scale, cfg, point_offset, step), confidence, cfg.num_probes
             steps = out.pop("lanczos_steps")
     tensors = {k: v.detach().cpu().double() for k, v in out.items() if isinstance(v, torch.Tensor)}
     return JacobianNorms(

@@ -777,12 +777,13 @@ def margin_bound(
     Returns:
         A :class:`MarginBound`.
     """
-    from vaefast.jacobian import NORM_METHODS
+    from vaefast.jacobian import NORM_METHODS, check_jacobian_memory
 
     r = check_positive_float("r", r)
     check_choice("jacobian", jacobian, NORM_METHODS)
     x, _, _ = check_analysis_inputs(model, x, requires=("mean_encoder",))
     max_memory = check_max_memory(max_memory, x.device)
+    check_jacobian_memory(model.mean_encoder(), x, method=jacobian, max_memory=max_memory)  # before any work
     if estimate is None:
         est = estimate_r_robustness(
             model, x, r, num_samples=num_samples, seed=seed, confidence=confidence,
