@@ -102,10 +102,11 @@ class ListVAE(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(1)
-        self.enc = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 32), nn.ReLU())
-        self.mu, self.var = nn.Linear(32, 5), nn.Linear(32, 5)
-        self.dec = nn.Sequential(nn.Linear(5, 2 * 6 * 6), nn.Tanh(), nn.Unflatten(1, (2, 6, 6)))
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.enc = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 32), nn.ReLU())
+            self.mu, self.var = nn.Linear(32, 5), nn.Linear(32, 5)
+            self.dec = nn.Sequential(nn.Linear(5, 2 * 6 * 6), nn.Tanh(), nn.Unflatten(1, (2, 6, 6)))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = self.enc(x)

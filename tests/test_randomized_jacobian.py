@@ -25,6 +25,10 @@ from vaefast.testing import LinearGaussianVAE
 FALSE_ALARM = 1e-3
 
 
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def _max_misses(n: int, alpha: float) -> int:
     return int(stats.binom.ppf(1 - FALSE_ALARM, n, alpha))
 
@@ -109,8 +113,8 @@ def test_randomized_limits_cover_linear_encoders(name, steps):
     independent trials (few Lanczos steps and 4 probes: the limits must carry all the uncertainty)."""
     enc = _linear(LINEAR_SPECTRA[name], 60, seed=3)
     n, confidence = 240, 0.8
-    x = torch.randn(n, 60, dtype=torch.float64)
-    scale = torch.rand(n, 48, dtype=torch.float64) + 0.2
+    x = torch.randn(n, 60, dtype=torch.float64, generator=_gen(10))
+    scale = torch.rand(n, 48, dtype=torch.float64, generator=_gen(11)) + 0.2
     rand = jacobian_norms(enc, x, scale, method="randomized", confidence=confidence, num_probes=4, lanczos_steps=steps)
     exact = jacobian_norms(enc, x, scale, method="exact")
     assert rand.method == "randomized" and exact.method == "exact" and exact.confidence == 1.0
@@ -123,19 +127,20 @@ def test_randomized_limits_cover_linear_encoders(name, steps):
 
 
 def _conv_encoder() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ELU(), nn.Flatten(),
-        nn.Linear(64, 40),
-    ).double()  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ELU(), nn.Flatten(),
+            nn.Linear(64, 40),
+        ).double()  # fmt: skip
 
 
 def test_randomized_limits_cover_a_conv_encoder():
     """A nonlinear encoder: J differs per point; exact J per point is the oracle."""
     enc = _conv_encoder()
     n, confidence = 120, 0.8
-    x = torch.randn(n, 1, 8, 8, dtype=torch.float64)
-    scale = torch.rand(n, 40, dtype=torch.float64) + 0.5
+    x = torch.randn(n, 1, 8, 8, dtype=torch.float64, generator=_gen(12))
+    scale = torch.rand(n, 40, dtype=torch.float64, generator=_gen(13)) + 0.5
     rand = jacobian_norms(enc, x, scale, method="randomized", confidence=confidence, num_probes=6, lanczos_steps=4)
     exact = jacobian_norms(enc, x, scale, method="exact")
     misses = int(_misses(rand, exact).sum())
@@ -150,7 +155,7 @@ def test_randomized_limits_cover_a_conv_encoder():
 
 def test_randomized_is_keyed_by_point_id_and_seed():
     enc = _conv_encoder()
-    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64, generator=_gen(14))
     kw = {"method": "randomized", "num_probes": 3, "lanczos_steps": 3}
     whole = jacobian_norms(enc, x, seed=5, **kw)
     tail = jacobian_norms(enc, x[2:], seed=5, point_offset=2, max_memory=60_000, **kw)  # smaller chunks too
@@ -190,8 +195,8 @@ class _NoHigherOrder(nn.Module):
 def test_randomized_without_jvp_falls_back_to_frobenius_limits():
     enc = _NoHigherOrder()
     n = 60
-    x = 0.1 * torch.randn(n, 40, dtype=torch.float64)
-    scale = torch.rand(n, 30, dtype=torch.float64) + 0.5
+    x = 0.1 * torch.randn(n, 40, dtype=torch.float64, generator=_gen(15))
+    scale = torch.rand(n, 30, dtype=torch.float64, generator=_gen(16)) + 0.5
     rand = jacobian_norms(enc, x, scale, method="randomized", confidence=0.8, num_probes=8)
     exact = jacobian_norms(enc, x, scale, method="exact")
     assert rand.lanczos_steps == 0
@@ -201,7 +206,7 @@ def test_randomized_without_jvp_falls_back_to_frobenius_limits():
 
 def test_jacobian_norms_bad_arguments():
     enc = _conv_encoder()
-    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=_gen(17))
     with pytest.raises(ValueError, match="method must be one of"):
         jacobian_norms(enc, x, method="hutchinson")
     with pytest.raises(ValueError, match="confidence"):
@@ -219,7 +224,7 @@ def test_jacobian_norms_bad_arguments():
 # --- the bound with a randomized Jacobian --------------------------------------------------------------------------
 def test_margin_bound_states_estimates_and_upper_limits():
     model = LinearGaussianVAE(input_dim=20, latent_dim=6, sigma=0.3, seed=2)
-    x = torch.rand(5, 20, dtype=torch.float64)
+    x = torch.rand(5, 20, dtype=torch.float64, generator=_gen(18))
     exact = margin_bound(model, x, 2.0, num_samples=400, seed=1)
     rand = margin_bound(model, x, 2.0, num_samples=400, seed=1, jacobian="randomized")
     assert exact.jac_method in ("fused", "exact") and exact.jac_confidence == 1.0

@@ -500,17 +500,19 @@ def _exact_norms(fn: Callable, x: torch.Tensor, row_scale: torch.Tensor | None, 
     recognised MLP)."""
     spec = mlp_spec(fn)
     xf = _fused_input(spec, x) if spec is not None else None
-    n = x.shape[0]
-    fro = torch.empty(n, dtype=torch.float64, device=x.device)
-    spectral, whitened = torch.empty_like(fro), torch.full_like(fro, math.nan)
+    spectral = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    whitened = torch.full_like(spectral, math.nan)
+    if xf is None:
+        fro = torch.empty_like(spectral)
+    else:
+        fro = mlp_jacobian_frobenius(xf, spec.weights, spec.biases, spec.activation, spec.activation_param).double()
     for start, jac in _explicit_jacobians(fn, x, step, budget):
-        sl = slice(start, start + jac.shape[0])
-        fro[sl] = jac.double().flatten(1).norm(dim=1)
+        sl, jac = slice(start, start + jac.shape[0]), jac.double()
+        if xf is None:
+            fro[sl] = jac.flatten(1).norm(dim=1)
         spectral[sl] = _top_singular(jac)
         if row_scale is not None:
-            whitened[sl] = _top_singular(row_scale[sl].double().unsqueeze(-1) * jac.double())
-    if xf is not None:
-        fro = mlp_jacobian_frobenius(xf, spec.weights, spec.biases, spec.activation, spec.activation_param).double()
+            whitened[sl] = _top_singular(row_scale[sl].double().unsqueeze(-1) * jac)
     return {
         "frobenius": fro, "frobenius_lower": fro, "frobenius_upper": fro, "spectral": spectral,
         "spectral_upper": spectral, "whitened_spectral": whitened, "whitened_spectral_upper": whitened,
