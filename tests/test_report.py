@@ -31,11 +31,11 @@ N_GROUPS = len(MODELS) * len(RADII)
 UNIT = "{}|pos=0:" + str(N_POINTS)  # one unit per model holds every radius
 
 
-def _points() -> list[dict]:
+def _points(shape: tuple[int, ...] = SHAPE) -> list[dict]:
     rng = np.random.default_rng(0)
     return [
         {"pos": p, "dataset": "synthetic", "split": "test", "idx": p, "label": p % 3,
-         "x": store.to_blob(rng.uniform(0, 1, SHAPE))}
+         "x": store.to_blob(rng.uniform(0, 1, shape))}
         for p in range(N_POINTS)
     ]  # fmt: skip
 
@@ -73,6 +73,7 @@ def _result(name: str, mi: int, r: float, point: dict, rng) -> dict:
         "max_radius": box, "margin": margin, "margin_lower": max(margin - 0.01, 0.0), "bracketed": int(pos != 1),
         "margin_upper": None if pos == 1 else margin + 0.01 * (pos > 0), "clean_decision": 1 if certified else -1,
         "p_low": 0.86 if certified else 0.26, "jac_whitened_spectral": 2.0, "cert_reason": None,
+        "jac_frobenius_upper": 3.0 / (mi + 1), "jac_method": "fused", "jac_confidence": 1.0,
         "margin_evals": 12, "cert_global": 0.3 * bound if certified else None,
         "cert_local": 0.6 * bound if certified and mi % 2 == 0 else None,
     }  # fmt: skip
@@ -105,18 +106,18 @@ def _verification_row(v: dict) -> dict:
             "confidence": 0.95, "reason": None, "checked_at": "2024-01-01", **v}  # fmt: skip
 
 
-def _model_rows() -> list[dict]:
+def _model_rows(shape: tuple[int, ...] = SHAPE) -> list[dict]:
     return [
         {"name": n, "source": "<memory>", "config": json.dumps({"hidden": [16]}), "beta": b, "objective": o,
-         "latent_dim": 2, "input_shape": json.dumps(list(SHAPE)), "likelihood": lik, "weights_sha256": "0"}
+         "latent_dim": 2, "input_shape": json.dumps(list(shape)), "likelihood": lik, "weights_sha256": "0"}
         for n, (b, o, lik) in MODELS.items()
     ]  # fmt: skip
 
 
-def _tables(verifications: bool = True) -> dict[str, list[dict]]:
-    """Every table of the synthetic sweep as rows."""
+def _tables(verifications: bool = True, shape: tuple[int, ...] = SHAPE) -> dict[str, list[dict]]:
+    """Every table of the synthetic sweep as rows (points of ``shape``)."""
     rng = np.random.default_rng(1)
-    points = _points()
+    points = _points(shape)
     results, curves, units = [], [], []
     for mi, name in enumerate(MODELS):
         for r in RADII:
@@ -128,13 +129,13 @@ def _tables(verifications: bool = True) -> dict[str, list[dict]]:
                 results.append(_result(name, mi, r, p, rng))
                 curves.extend(_curves(name, r, p["pos"], MODELS[name][2] == "gaussian"))
     ver = [_verification_row(v) for v in VERIFICATIONS] if verifications else []
-    return {"models": _model_rows(), "points": points, "results": results, "curves": curves, "units": units,
+    return {"models": _model_rows(shape), "points": points, "results": results, "curves": curves, "units": units,
             "verifications": ver}  # fmt: skip
 
 
-def sweep_data(verifications: bool = True) -> analysis.SweepData:
+def sweep_data(verifications: bool = True, shape: tuple[int, ...] = SHAPE) -> analysis.SweepData:
     """The synthetic sweep as :class:`analysis.SweepData`, the way :func:`analysis.load` returns it."""
-    t = _tables(verifications)
+    t = _tables(verifications, shape)
     models = {}
     for m in t["models"]:
         models[m["name"]] = {**m, "config": json.loads(m["config"]), "input_shape": tuple(json.loads(m["input_shape"]))}
@@ -301,6 +302,21 @@ def test_examples_use_evidence_rows_only(tmp_path, monkeypatch):
     for r in data.results:
         r["delta"] = None
     assert plots.plot_examples(data, tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "drawn"),
+    [((3, 64, 64), (64, 64, 3)), ((4, 8, 8), (8, 35)), ((1, 16, 16), (16, 16)), ((64,), (8, 8)), ((10,), (1, 10))],
+)
+def test_examples_draw_any_image_size_and_channel_count(tmp_path, shape, drawn):
+    """RGB as colour, other channel counts side by side, square vectors as squares: every panel is a readable map."""
+    data = sweep_data(shape=shape)
+    assert plots.plot_examples(data, tmp_path / "ex.png") is not None
+    x = store.from_blob(data.points[0]["x"]).reshape(-1)
+    img, cmap = plots._image(x, shape)
+    assert img.shape == drawn and (cmap is None) == (len(drawn) == 3)
+    assert plots._signed_image(x, shape).shape == (drawn[:2] if len(drawn) == 3 else drawn)
+    np.testing.assert_allclose(np.nansum(plots._image(x, shape)[0]), np.clip(x, 0, 1).sum())
 
 
 def test_bound_plot_marks_capped(tmp_path, monkeypatch):

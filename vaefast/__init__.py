@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     # encoder Jacobians
     "jacobian_frobenius": "vaefast.jacobian",
     "jacobian_spectral": "vaefast.jacobian",
+    "jacobian_norms": "vaefast.jacobian",
     "encoder_jacobian": "vaefast.jacobian",
     # models, data, training
     "VAE": "vaefast.models",

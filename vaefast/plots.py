@@ -365,22 +365,46 @@ def plot_degradation_vs_margin(data: SweepData, path: Path) -> Path | None:
 # figure 3: evidence examples
 
 
-def _image(vec: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, str | None]:
+def _tiles(img: np.ndarray) -> np.ndarray:
+    """Channels ``[C, H, W]`` side by side as one ``[H, C W + C - 1]`` map (NaN columns between them)."""
+    c, h, _ = img.shape
+    gap = np.full((h, 1), np.nan)
+    return np.concatenate([part for k in range(c) for part in ((img[k],) if k == 0 else (gap, img[k]))], axis=1)
+
+
+def _as_map(vec: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """An input as a 2-d map (or ``[H, W, 3]`` RGB): ``(1, H, W)`` and ``(H, W)`` as they are, ``(3, H, W)`` as RGB,
+    any other channel count as the channels side by side, a vector of square length as a square, else a strip."""
     shape = tuple(shape)
-    if len(shape) == 3 and shape[0] in (1, 3):
+    if len(shape) == 3:
         img = vec.reshape(shape)
-        return (img[0], "gray") if shape[0] == 1 else (np.clip(img.transpose(1, 2, 0), 0, 1), None)
+        if shape[0] == 1:
+            return img[0]
+        return img.transpose(1, 2, 0) if shape[0] == 3 else _tiles(img)
     if len(shape) == 2:
-        return vec.reshape(shape), "gray"
-    return vec.reshape(1, -1), "gray"
+        return vec.reshape(shape)
+    side = math.isqrt(vec.size)
+    return vec.reshape(side, side) if side * side == vec.size and side > 1 else vec.reshape(1, -1)
+
+
+def _image(vec: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, str | None]:
+    """The map of :func:`_as_map` and its colour map (None for RGB, clipped to [0, 1])."""
+    img = _as_map(vec, shape)
+    return (np.clip(img, 0, 1), None) if img.ndim == 3 else (img, "gray")
 
 
 def _signed_image(vec: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """A signed 2-d map of δ (the channel mean for colour images)."""
+    """A signed 2-d map of δ (the channel mean for colour images, channels side by side for other counts)."""
     shape = tuple(shape)
-    if len(shape) == 3 and shape[0] in (1, 3):
+    if len(shape) == 3 and shape[0] == 3:
         return vec.reshape(shape).mean(axis=0)
-    return vec.reshape(shape) if len(shape) == 2 else vec.reshape(1, -1)
+    return _as_map(vec, shape)
+
+
+def _panel_aspect(shape: Sequence[int]) -> float:
+    """Width / height of the map an input is drawn as (1 for square images)."""
+    img = _as_map(np.zeros(int(np.prod(shape))), shape)
+    return img.shape[1] / img.shape[0]
 
 
 def _pick_examples(data: SweepData) -> list[Mapping[str, Any]]:
@@ -562,7 +586,10 @@ def plot_examples(data: SweepData, path: Path, models: ModelsArg | None = None) 
         return None
     recon, unavailable = example_reconstructions(data, examples, models)
     points = {p["pos"]: p for p in data.points}
-    fig, axes = plt.subplots(len(examples), 5, figsize=(11.5, 2.6 * len(examples)), squeeze=False)
+    aspect = min(max(_panel_aspect(data.models[r["model"]]["input_shape"]) for r in examples), 4.0)
+    width = 11.5 * max(1.0, aspect**0.5)
+    fig, axes = plt.subplots(len(examples), 5, figsize=(width, 2.6 * len(examples) / min(aspect, 1.0) ** 0.5),
+                             squeeze=False)  # fmt: skip
     for i, row in enumerate(examples):
         point = points[row["pos"]]
         why = unavailable.get(row["model"], "")

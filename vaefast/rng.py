@@ -16,7 +16,8 @@ processes, draws its numbers here:
 
 Streams of :func:`normals` in use (the Monte-Carlo estimators draw the reparameterisation noise on ``seed`` itself):
 ``"attack-noise"`` (the max-damage attack's common random numbers), ``"attack-start"`` (random starts of every
-restart), ``"elbo-noise"`` (the output attack's ELBO target), ``"hutchinson"`` (Jacobian probes).
+restart), ``"elbo-noise"`` (the output attack's ELBO target), ``"hutchinson"`` (Jacobian probes), ``"lanczos"``
+(the random starts of the randomized Jacobian norms' Lanczos runs).
 
 Identities of :func:`derive_seed` in use: ``("vae", "init")`` and ``("vae", "elbo")`` (models), ``("training",
 purpose)`` for purpose in shuffle / noise / evaluate / iwae, ``("data", "split")`` and ``("data", "shapes")``,

@@ -29,12 +29,14 @@ from vaefast._checks import (
     analysis,
     as_radii,
     check_analysis_inputs,
+    check_choice,
     check_positive_float,
     check_positive_int,
     check_probability,
     check_seed,
 )
 from vaefast._chunks import spans
+from vaefast._memory import check_max_memory
 from vaefast._progress import progress_bar
 from vaefast._results import ResultMixin
 from vaefast.core.decide import ROBUST, Rule, clean_decision, decide
@@ -183,18 +185,28 @@ class RobustnessDecision(ResultMixin):
 class MarginBound(ResultMixin):
     """First-order lower bounds on the margin ``R^r_X(x)`` of ``B`` points and their components.
 
-    With ``q = Phi^-1(p_hat)`` (``p_hat = p_hat_r(x, 0)``) and ``sigma_min = min_i sigma(x)_i``:
+    With ``q = Phi^-1(p_hat)`` (``p_hat = p_hat_r(x, 0)``) and ``sigma_min = min_i sigma(x)_i``. The Jacobian norms
+    are exact (``jac_method`` "fused" or "exact") or randomized (:func:`vaefast.jacobian.jacobian_norms`): then
+    ``jac_frobenius`` is an estimate, and ``jac_frobenius_upper``, ``jac_spectral`` and ``jac_whitened_spectral`` are
+    upper confidence limits that hold together with probability ``>= jac_confidence`` (equal to the exact norms
+    otherwise).
 
     Attributes:
-        bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_F`` (the paper's bound).
-        certified_bound: ``[B]`` ``sigma_min Phi^-1(p_low) / ||J_mu(x)||_F`` with ``p_low`` the one-sided
-            Clopper–Pearson lower limit at ``confidence`` (positive exactly where ``certified``).
-        spectral_bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_2``.
-        whitened_bound: ``[B]`` ``q / ||diag(sigma(x))^-1 J_mu(x)||_2``.
+        bound: ``[B]`` ``sigma_min q / ||J_mu(x)||_F`` (the paper's bound; with a randomized ``||J||_F`` an estimate
+            of it).
+        certified_bound: ``[B]`` ``sigma_min Phi^-1(p_low) / jac_frobenius_upper`` with exact norms (``p_low``
+            the one-sided Clopper–Pearson lower limit at ``confidence``: positive exactly where ``certified``); with
+            randomized norms ``ci_low`` (one-sided at ``(1 - confidence) / 2``) in place of ``p_low`` and
+            ``jac_confidence = (1 + confidence) / 2``, so both parts hold together with probability
+            ``>= confidence``. Still a first-order bound.
+        spectral_bound: ``[B]`` ``sigma_min q / jac_spectral``.
+        whitened_bound: ``[B]`` ``q / jac_whitened_spectral``.
         latent_margin: ``[B]`` ``sigma_min q``.
         sigma_min: ``[B]`` the smallest encoder standard deviation.
-        jac_frobenius, jac_spectral: ``[B]`` ``||J_mu(x)||_F`` and ``||J_mu(x)||_2``.
-        jac_whitened_spectral: ``[B]`` ``||diag(sigma(x))^-1 J_mu(x)||_2``.
+        jac_frobenius: ``[B]`` ``||J_mu(x)||_F``, exact or estimated.
+        jac_frobenius_upper: ``[B]`` its upper confidence limit (= ``jac_frobenius`` when exact).
+        jac_spectral: ``[B]`` ``||J_mu(x)||_2``, exact or its upper confidence limit.
+        jac_whitened_spectral: ``[B]`` ``||diag(sigma(x))^-1 J_mu(x)||_2``, exact or its upper confidence limit.
         p_hat, ci_low, hits: ``[B]`` the clean estimate the bounds use (``ci_low``: its two-sided interval's).
         p_low: ``[B]`` the one-sided Clopper–Pearson lower limit of ``p_r(x, 0)`` at ``confidence``.
         decision: ``[B]`` int8, the three-way clean decision (1 robust, -1 not robust, 0 undecided).
@@ -202,6 +214,8 @@ class MarginBound(ResultMixin):
             margin and the certificates. All bounds are 0 elsewhere (undecided points are never compared).
         saturated: ``[B]`` ``p_hat = 1``, where ``q`` uses the half-count rule ``p_hat -> 1 - 1/(2S)``.
         r, num_samples, confidence: the settings; ``point_index``: the global point ids.
+        jac_method: "fused", "exact" or "randomized".
+        jac_confidence: the probability that the Jacobian limits hold (1.0 when exact).
     """
 
     bound: torch.Tensor
@@ -211,6 +225,7 @@ class MarginBound(ResultMixin):
     latent_margin: torch.Tensor
     sigma_min: torch.Tensor
     jac_frobenius: torch.Tensor
+    jac_frobenius_upper: torch.Tensor
     jac_spectral: torch.Tensor
     jac_whitened_spectral: torch.Tensor
     p_hat: torch.Tensor
@@ -224,10 +239,13 @@ class MarginBound(ResultMixin):
     num_samples: int
     confidence: float
     point_index: torch.Tensor
+    jac_method: str = "exact"
+    jac_confidence: float = 1.0
 
     _PER_POINT = (
         "bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "sigma_min",
-        "jac_frobenius", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "p_low", "hits", "decision",
+        "jac_frobenius", "jac_frobenius_upper", "jac_spectral", "jac_whitened_spectral", "p_hat", "ci_low", "p_low",
+        "hits", "decision",
         "certified", "saturated",
     )  # fmt: skip
     _SHOW = ("point", "r", "p_hat", "p_low", "certified", "sigma_min", "jac_frobenius", "bound", "whitened_bound")
@@ -241,11 +259,12 @@ class MarginBound(ResultMixin):
         """Plain-Python rows.
 
         Returns:
-            One dict per point: ``point, r, num_samples`` and every per-point attribute.
+            One dict per point: ``point, r, num_samples, jac_method, jac_confidence`` and every per-point attribute.
         """
         rows = []
         for b in range(len(self)):
             row: dict[str, Any] = {"point": int(self.point_index[b]), "r": self.r, "num_samples": self.num_samples}
+            row.update(jac_method=self.jac_method, jac_confidence=self.jac_confidence)
             for name in self._PER_POINT:
                 row[name] = getattr(self, name)[b].item()
             rows.append(row)
@@ -541,27 +560,32 @@ def column_for(
     )
 
 
-def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per point (float64, CPU): ``sigma_min``, ``||J_mu||_F``, ``||J_mu||_2`` and ``||diag(sigma)^-1 J_mu||_2``."""
-    from vaefast.jacobian import jacobian_frobenius, jacobian_spectral
+def _encoder_geometry(
+    model: Any, x: torch.Tensor, jacobian: str, confidence: float, seed: int, point_offset: int, max_memory: int | None
+) -> tuple[dict[str, torch.Tensor], str, float]:
+    """Per point (float64, CPU): ``sigma_min`` and the Jacobian norms the bounds use (:func:`vaefast.jacobian.
+    jacobian_norms`: exact, or randomized with upper limits at ``confidence``), the norms' method and confidence."""
+    from vaefast.jacobian import jacobian_norms
 
     sigma = torch.exp(0.5 * posterior(model, x)[1])
-    encoder = model.mean_encoder()
-
-    def cpu64(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(torch.float64).cpu()
-
-    return {
-        "sigma_min": cpu64(sigma).min(dim=1).values,
-        "jac_frobenius": cpu64(jacobian_frobenius(encoder, x)),
-        "jac_spectral": cpu64(jacobian_spectral(encoder, x)),
-        "jac_whitened_spectral": cpu64(jacobian_spectral(encoder, x, row_scale=1.0 / sigma)),
+    norms = jacobian_norms(
+        model.mean_encoder(), x, 1.0 / sigma, method=jacobian, confidence=confidence, seed=seed,
+        point_offset=point_offset, max_memory=max_memory,
+    )  # fmt: skip
+    geometry = {
+        "sigma_min": sigma.detach().to(torch.float64).cpu().min(dim=1).values,
+        "jac_frobenius": norms.frobenius,
+        "jac_frobenius_upper": norms.frobenius_upper,
+        "jac_spectral": norms.spectral_upper,
+        "jac_whitened_spectral": norms.whitened_spectral_upper,
     }
+    return geometry, norms.method, norms.confidence
 
 
-def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry: 0 unless the
-    clean point is decided robust."""
+def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor], exact: bool = True) -> dict[str, torch.Tensor]:
+    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry (``exact``: the
+    Jacobian norms are exact, so the certified bound's p-part takes the whole confidence): 0 unless the clean point
+    is decided robust."""
     hits, p_hat, ci_low = est.hits[:, 0], est.p_hat[:, 0], est.ci_low[:, 0]
     s = est.num_samples
     decision = est.decision[:, 0]
@@ -569,12 +593,13 @@ def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[s
     p_low = clopper_pearson_one_sided(hits, s, 1.0 - est.confidence)[0]
     p_eff = torch.where(saturated, torch.full_like(p_hat, 1.0 - 0.5 / s), p_hat)
     q = torch.from_numpy(sps.norm.ppf(p_eff.numpy())).where(certified, torch.zeros_like(p_hat))
-    q_low = torch.from_numpy(sps.norm.ppf(p_low.numpy())).where(certified, torch.zeros_like(p_low))
+    p_part = p_low if exact else ci_low  # randomized norms: half the error rate each (MarginBound's docstring)
+    q_low = torch.from_numpy(sps.norm.ppf(p_part.numpy())).where(certified & (p_part > 0.5), torch.zeros_like(p_low))
     sigma_min, fro = geometry["sigma_min"], geometry["jac_frobenius"]
     latent_margin = sigma_min * q
     return {
         "bound": _ratio(latent_margin, fro),
-        "certified_bound": _ratio(sigma_min * q_low, fro),
+        "certified_bound": _ratio(sigma_min * q_low, geometry["jac_frobenius_upper"]),
         "spectral_bound": _ratio(latent_margin, geometry["jac_spectral"]),
         "whitened_bound": _ratio(q, geometry["jac_whitened_spectral"]),
         "latent_margin": latent_margin,
@@ -601,15 +626,23 @@ def margin_bound(
     max_memory: int | None = None,
     estimate: RRobustnessResult | None = None,
     autocast: str | None = None,
+    *,
+    jacobian: str = "auto",
 ) -> MarginBound:
     """First-order lower bounds on the input-space margin ``R^r_X(x)`` from ``p_hat = p_hat_r(x, 0)``.
 
     - ``latent_margin = sigma_min * Phi^-1(p_hat)``, ``sigma_min = min_i sigma(x)_i``;
     - ``bound = latent_margin / ||J_mu(x)||_F`` (the paper's bound);
-    - ``spectral_bound = latent_margin / ||J_mu(x)||_2`` (>= bound);
-    - ``whitened_bound = Phi^-1(p_hat) / ||diag(sigma(x))^-1 J_mu(x)||_2`` (>= spectral_bound);
+    - ``spectral_bound = latent_margin / ||J_mu(x)||_2`` (>= bound when exact);
+    - ``whitened_bound = Phi^-1(p_hat) / ||diag(sigma(x))^-1 J_mu(x)||_2`` (>= spectral_bound when exact);
     - ``certified_bound = sigma_min * Phi^-1(p_low) / ||J||_F`` with the one-sided Clopper–Pearson lower limit
-      ``p_low`` at ``confidence`` (the p-part then holds with that confidence; still a first-order bound).
+      ``p_low`` at ``confidence`` when the norms are exact; with randomized norms ``ci_low`` (one-sided at
+      ``(1 - confidence) / 2``) and ``U_F``, the upper confidence limit of ``||J||_F`` at ``(1 + confidence) / 2``:
+      both hold together with probability ``>= confidence``; still a first-order bound.
+
+    With a randomized Jacobian (``jacobian="randomized"``, or "auto" at a large latent size) ``bound`` uses the
+    unbiased estimate of ``||J||_F^2`` and the spectral and whitened bounds the norms' upper confidence limits (never
+    the Lanczos estimate, which is low): :class:`MarginBound` says which.
 
     The clean point is decided three-way from the estimate (``decision``); only a point decided robust
     (``p_low > 1/2``) is ``certified`` and gets bounds, elsewhere all bounds are 0. ``p_hat = 1`` would
@@ -620,18 +653,26 @@ def margin_bound(
         model: a protocol model with ``mean_encoder`` (run in eval mode; the caller's modes are restored).
         x: ``[B, *input_shape]`` on the model's device.
         r: the reconstruction radius.
-        num_samples, seed, confidence, point_offset, max_memory: of the clean estimate
-            (:func:`estimate_r_robustness`).
+        num_samples, seed, confidence, point_offset: of the clean estimate (:func:`estimate_r_robustness`).
         estimate: an :class:`RRobustnessResult` already computed for these points at radius ``r`` (e.g. by a
             sweep), reused instead of sampling again; ``num_samples``, ``seed`` and ``confidence`` are then its own.
         autocast: the decoder precision of the clean estimate when it is computed here (see
             :func:`estimate_r_robustness`); the encoder geometry is always in full precision.
+        jacobian: "auto" (exact for an MLP the fused op reads or a latent size ``d <= 128``, else randomized),
+            "exact" or "randomized" (:func:`vaefast.jacobian.jacobian_norms`; its random numbers are keyed by
+            ``seed`` and the global point ids ``point_offset + b``).
+        max_memory: the memory budget in bytes of the estimate and the Jacobian (None: the device's default).
 
     Returns:
         A :class:`MarginBound`.
     """
+    from vaefast.jacobian import NORM_METHODS, check_jacobian_memory
+
     r = check_positive_float("r", r)
+    check_choice("jacobian", jacobian, NORM_METHODS)
     x, _, _ = check_analysis_inputs(model, x, requires=("mean_encoder",))
+    max_memory = check_max_memory(max_memory, x.device)
+    check_jacobian_memory(model.mean_encoder(), x, method=jacobian, max_memory=max_memory)  # before any work
     if estimate is None:
         est = estimate_r_robustness(
             model, x, r, num_samples=num_samples, seed=seed, confidence=confidence,
@@ -639,16 +680,22 @@ def margin_bound(
         )  # fmt: skip
     else:
         est = column_for(estimate, r, x, model=model)
+    jac_conf = (1.0 + est.confidence) / 2
+    geometry, method, jac_conf = _encoder_geometry(model, x, jacobian, jac_conf, seed, point_offset, max_memory)
     return MarginBound(
-        **_bounds(est, _encoder_geometry(model, x)),
+        **_bounds(est, geometry, exact=method != "randomized"),
         r=r,
         num_samples=est.num_samples,
         confidence=est.confidence,
         point_index=est.point_index,
+        jac_method=method,
+        jac_confidence=jac_conf,
     )
 
 
-def bounds_from(model: Any, x: torch.Tensor, estimate: RRobustnessResult) -> list[MarginBound]:
+def bounds_from(
+    model: Any, x: torch.Tensor, estimate: RRobustnessResult, jacobian: str = "auto", seed: int = 0
+) -> list[MarginBound]:
     """:func:`margin_bound` at every radius of ``estimate`` on validated inputs, the encoder's geometry computed once
     (it does not depend on r): the internal core's entry (the sweep's bound stage).
 
@@ -656,21 +703,27 @@ def bounds_from(model: Any, x: torch.Tensor, estimate: RRobustnessResult) -> lis
         model: a protocol model with ``mean_encoder`` in eval mode.
         x: validated points on the model's device.
         estimate: their clean estimate.
+        jacobian: the Jacobian norms' method (:func:`margin_bound`).
+        seed: keys a randomized Jacobian's probes (with the points' global ids).
 
     Returns:
         One :class:`MarginBound` per radius of the estimate, in its order.
     """
-    geometry = _encoder_geometry(model, x)
+    offset = int(estimate.point_index[0])
+    jac_conf = (1.0 + estimate.confidence) / 2
+    geometry, method, jac_conf = _encoder_geometry(model, x, jacobian, jac_conf, seed, offset, None)
     out = []
     for r in estimate.radii.tolist():
         col = column_for(estimate, r, x)
         out.append(
             MarginBound(
-                **_bounds(col, geometry),
+                **_bounds(col, geometry, exact=method != "randomized"),
                 r=r,
                 num_samples=col.num_samples,
                 confidence=col.confidence,
                 point_index=col.point_index,
+                jac_method=method,
+                jac_confidence=jac_conf,
             )  # fmt: skip
         )
     return out

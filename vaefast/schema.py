@@ -15,7 +15,8 @@ from typing import Any
 SCHEMA_VERSION = "5"
 # 3: recon_clean / recon_adv dropped (recomputed by the report); 4: cert_global, cert_local; 5: units hold every radius
 # (no r), the three-way clean decision (clean_decision, p_low), three margin numbers (margin = the estimate,
-# margin_lower, margin_upper = the evidence), jac_whitened_spectral, cert_reason
+# margin_lower, margin_upper = the evidence), jac_whitened_spectral, jac_frobenius_upper, jac_method, jac_confidence,
+# cert_reason
 
 TEXT, INTEGER, REAL, BLOB = "TEXT", "INTEGER", "REAL", "BLOB"
 
@@ -216,9 +217,12 @@ RESULTS = Table(
         ("whitened_bound", REAL, "the whitened bound Φ⁻¹(p̂) / ‖diag(σ)⁻¹ J‖₂"),
         ("latent_margin", REAL, "the margin in latent space min σ · Φ⁻¹(p̂)"),
         ("sigma_min", REAL, "the smallest encoder standard deviation"),
-        ("jac_frobenius", REAL, "‖J_μ(x)‖_F"),
-        ("jac_spectral", REAL, "‖J_μ(x)‖₂"),
-        ("jac_whitened_spectral", REAL, "‖diag(σ(x))⁻¹ J_μ(x)‖₂"),
+        ("jac_frobenius", REAL, "‖J_μ(x)‖_F (an unbiased estimate when randomized)"),
+        ("jac_spectral", REAL, "‖J_μ(x)‖₂ (an upper confidence limit when randomized)"),
+        ("jac_whitened_spectral", REAL, "‖diag(σ(x))⁻¹ J_μ(x)‖₂ (an upper confidence limit when randomized)"),
+        ("jac_frobenius_upper", REAL, "upper confidence limit of ‖J_μ(x)‖_F (= jac_frobenius when exact)"),
+        ("jac_method", TEXT, "how the Jacobian norms were computed: fused, exact or randomized"),
+        ("jac_confidence", REAL, "the probability that the Jacobian limits hold together (1 when exact)"),
         ("cert_global", REAL, "sound certified radius from global Lipschitz constants (NULL: refused)"),
         ("cert_local", REAL, "sound certified radius from Lipschitz constants over the ball (NULL: refused)"),
         ("cert_reason", TEXT, "why a certificate was refused (NULL when both exist)"),

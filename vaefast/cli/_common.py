@@ -1,5 +1,5 @@
 """Pieces shared by several subcommands: model + points and CSV output (``estimate``, ``margin``), the sweep
-options and their mapping onto :func:`vaefast.sweep.run_sweep` (``sweep``, ``demo``), ``--model NAME=RUN_DIR``."""
+options and their mapping onto :func:`vaefast.sweep.run_sweep` (``sweep``, ``demo``), ``--model NAME=SOURCE``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ def add_model_and_points_options(p: argparse.ArgumentParser) -> None:
     Args:
         p: the subcommand's parser.
     """
-    p.add_argument("run", help="model folder (written by 'vaefast train' or vaefast.models.save)")
+    p.add_argument(
+        "run",
+        help="the model: a folder written by 'vaefast train' (or vaefast.models.save), diffusers:PATH (a local "
+        "AutoencoderKL folder) or module:function (a Python function returning the model)",
+    )
     p.add_argument("--data", default="digits", help="dataset name for vaefast.data.load (default: digits)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--root", default=None, help="dataset folder for file-based datasets")
@@ -52,7 +56,7 @@ def load_model_and_points(args: argparse.Namespace) -> tuple[torch.nn.Module, to
     check_positive_int("--points", args.points)
     check_positive_int("--start", args.start, minimum=0)
     device = check_device("--device", args.device)
-    model = models.load(args.run, map_location=device).eval()
+    model = models.load_source(args.run, map_location=device).eval()
     split = data.load(args.data, split=args.split, root=args.root)
     n_total = split.x.shape[0]
     where = f"{args.data}/{args.split}"
@@ -83,20 +87,21 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 
 def model_arg(text: str) -> tuple[str, str]:
-    """``--model NAME=RUN_DIR`` (or ``RUN_DIR`` alone, named by its folder) as ``(name, run folder)``.
+    """``--model NAME=SOURCE`` (or ``SOURCE`` alone, named by its folder) as ``(name, source)``; a source is a run
+    folder, ``diffusers:PATH`` or ``module:function`` (:func:`vaefast.models.load_source`).
 
     Args:
         text: the option's value.
 
     Returns:
-        The name and the folder.
+        The name and the source.
     """
     name, sep, path = text.partition("=")
     if not sep:
         path = name
-        name = os.path.basename(os.path.normpath(name))
+        name = os.path.basename(os.path.normpath(name.removeprefix("diffusers:")))
     if not name or not path:
-        raise argparse.ArgumentTypeError(f"--model expects NAME=RUN_DIR or RUN_DIR, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--model expects NAME=SOURCE or SOURCE, got {text!r}")
     return name, path
 
 

@@ -63,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=model_arg,
         action="append",
         required=True,
-        help="NAME=RUN_DIR (repeat); RUN_DIR alone is named by its folder",
+        help="NAME=SOURCE (repeat): a run folder, diffusers:PATH (a local AutoencoderKL folder) or module:function "
+        "(a Python function returning the model); SOURCE alone is named by its folder",
     )
     p.add_argument("--data", default="digits", help="dataset name for vaefast.data.load (default digits)")
     p.add_argument("--split", default="test")

@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=model_arg,
         action="append",
         default=[],
-        help="NAME=RUN_DIR: load model NAME from RUN_DIR instead of its stored source (repeat)",
+        help="NAME=SOURCE: load model NAME from SOURCE (run folder, diffusers:PATH, module:function) instead of its "
+        "stored source (repeat)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -208,11 +208,14 @@ def _load_one(name: object, m: object, device: torch.device) -> tuple[nn.Module,
     if isinstance(m, nn.Module):
         model, source = place(m, device), "<memory>"
     elif isinstance(m, (str, os.PathLike)):
-        from vaefast.models import load
+        from vaefast.models import load_source
 
-        model, source = load(m, map_location=device), str(m)
+        model, source = load_source(m, map_location=device), os.fspath(m)
     else:
-        raise TypeError(f"models[{name!r}] must be an nn.Module or a run folder, got {type(m).__name__}")
+        raise TypeError(
+            f"models[{name!r}] must be an nn.Module or a source (run folder, diffusers:PATH, module:function), got "
+            f"{type(m).__name__}"
+        )
     try:
         check_model(model, requires=("log_likelihood",))
     except TypeError as exc:
@@ -224,12 +227,14 @@ def load_models(models: ModelsArg, device: str | torch.device = "cpu") -> tuple[
     """Resolve the models of a sweep to modules on ``device`` (moved once, here).
 
     Args:
-        models: ``{name: nn.Module or run folder}``, or run folders (named by folder).
+        models: ``{name: nn.Module or source}``, or sources (named by folder); a source is a run folder,
+            ``diffusers:PATH`` (an ``AutoencoderKL`` folder) or ``module:function``
+            (:func:`vaefast.models.load_source`).
         device: where the models run (:func:`vaefast._checks.check_device`); an in-memory module elsewhere is
             copied there, the caller's own module stays where it is.
 
     Returns:
-        ``({name: model}, {name: source})``, the source being the run folder or ``"<memory>"``.
+        ``({name: model}, {name: source})``, the source being the source string or ``"<memory>"``.
     """
     device = indexed_device(device)
     if isinstance(models, (str, os.PathLike)):

@@ -22,7 +22,7 @@ Row = dict[str, Any]
 
 _BOUNDS = (
     "bound", "certified_bound", "spectral_bound", "whitened_bound", "latent_margin", "sigma_min", "jac_frobenius",
-    "jac_spectral", "jac_whitened_spectral",
+    "jac_spectral", "jac_whitened_spectral", "jac_frobenius_upper",
 )  # fmt: skip
 
 
@@ -69,6 +69,8 @@ def _clean_columns(out: UnitOutcome, b: int, k: int) -> Row:
         "certified": int(bool(mb.certified[b])),
         "r_star": float(est.r_star[b]),
         **{name: float(getattr(mb, name)[b]) for name in _BOUNDS},
+        "jac_method": mb.jac_method,
+        "jac_confidence": float(mb.jac_confidence),
         "cert_global": None if cert.global_ is None else float(cert.global_[b, k]),
         "cert_local": None if cert.local is None else float(cert.local[b, k]),
         "cert_reason": cert.reason,
