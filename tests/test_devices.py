@@ -51,6 +51,17 @@ CPU_SIDE: dict[str, int] = {
     "reference.py:reparam_eps:arange": 3,
     "rng.py:normals:as_tensor": 1,
     "jacobian.py:_hutchinson:arange": 1,  # the probes' point ids key the generator
+    "jacobian.py:jacobian_norms:arange": 1,
+    "jacobian.py:_randomized_norms:arange": 1,
+    "jacobian.py:_randomized_sums:zeros": 1,  # a count with no Lanczos steps; the sums come back to the CPU
+    "jacobian.py:_limits:tensor": 1,  # the norms' limits are returned on the CPU
+    # an adapter's constant latent scale and shift: made on the CPU, moved to the wrapped model's device
+    "models/ecosystem.py:_diffusion_latents:full": 2,
+    "models/ecosystem.py:_diffusion_latents:tensor": 2,
+    "models/ecosystem.py:from_diffusers:ones": 1,
+    "models/ecosystem.py:from_diffusers:zeros": 1,
+    "models/ecosystem.py:from_encode_decode:ones": 1,
+    "models/ecosystem.py:from_encode_decode:zeros": 1,
     # weights made on the CPU, moved with the module (.to(device)); order-dependent generators are CPU generators
     "models/likelihoods.py:__init__:zeros": 1,
     "models/lipschitz.py:__init__:tensor": 1,
