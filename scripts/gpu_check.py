@@ -176,16 +176,24 @@ def _junit(xml: Path) -> dict[str, int]:
     return counts
 
 
+def _bench_args(step: str, gpu: bool, small: bool) -> list[str]:
+    """Each benchmark's options: its device, and sizes that fit its step's timeout."""
+    if step == "bench_gpu":
+        return ([] if gpu else ["--device", "cpu"]) + (["--small"] if small or not gpu else [])
+    models = ["mlp-8x8", "conv-64"] if small or not gpu else ["mlp-8x8", "mlp-784", "conv-64", "kl-64", "sd-v1-256"]
+    return ["--device", "cuda" if gpu else "cpu", "--points", "2", "--samples", "64", "--timeout", "20", "--models",
+            *models]  # fmt: skip
+
+
 def benchmarks(check: Check, gpu: bool, small: bool) -> None:
     """bench_gpu.py and (when present) bench_scale.py, each writing its JSON as it measures."""
-    device = [] if gpu else ["--device", "cpu"]
     for step, script in (("bench_gpu", "bench_gpu.py"), ("bench_scale", "bench_scale.py")):
         path = ROOT / "benchmarks" / script
         if not path.exists():
             check.record(step, skipped=f"benchmarks/{script} is not in this tree")
             continue
         out = check.out / f"{step}.json"
-        cmd = [sys.executable, str(path), "--json", str(out), *device, *(["--small"] if small or not gpu else [])]
+        cmd = [sys.executable, str(path), "--json", str(out), *_bench_args(step, gpu, small)]
         rc, tail = check.run(step, cmd, TIMEOUTS[step], dict(os.environ, PYTHONPATH=str(ROOT)))
         results = json.loads(out.read_text()) if out.exists() else None
         check.record(step, status=rc, timed_out=rc == 124, results=results, tail=None if rc == 0 else tail)
