@@ -41,6 +41,7 @@ _LAZY: dict[str, str] = {
     "estimate_r_robustness": "vaefast.robustness",
     "margin_bound": "vaefast.robustness",
     "is_r_robust": "vaefast.robustness",
+    "auto_radii": "vaefast.sweep.inputs",
     # attacks and margins
     "MaxDamageAttack": "vaefast.attacks",
     "LatentAttack": "vaefast.attacks",

@@ -96,6 +96,19 @@ class RRobustnessResult(ResultMixin):
 
     _SHOW = ("point", "r", "hits", "num_samples", "p_hat", "ci_low", "ci_high", "decision", "r_star")
 
+    def r_star_quantiles(self, quantiles: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[float, float]:
+        """Quantiles of the points' smallest robust radii r*: a point is r-robust exactly when r exceeds its r*, so
+        the interesting radii lie between the quartiles (``vaefast.auto_radii`` picks a study's radii this way).
+
+        Args:
+            quantiles: in [0, 1].
+
+        Returns:
+            ``{q: quantile of r*}``.
+        """
+        q = torch.tensor([float(v) for v in quantiles], dtype=torch.float64)
+        return dict(zip([float(v) for v in quantiles], torch.quantile(self.r_star.double(), q).tolist(), strict=True))
+
     def counts(self) -> dict[str, int]:
         """Items (point, radius) decided robust, not robust and undecided at ``confidence``."""
         d = self.decision

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from vaefast.cli._common import add_model_and_points_options, load_model_and_points, write_csv
+from vaefast.core.options import DEFAULT_NUM_SAMPLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_and_points_options(p)
     p.add_argument("--r", type=float, nargs="+", action="extend", required=True, help="radii (repeatable)")
-    p.add_argument("--samples", type=int, default=1000, help="Monte-Carlo samples per point (default 1000)")
+    p.add_argument(
+        "--samples", type=int, default=DEFAULT_NUM_SAMPLES, help="Monte-Carlo samples per point (default %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--confidence", type=float, default=0.95, help="Clopper–Pearson confidence (default 0.95)")
     p.add_argument("--bound", action="store_true", help="also compute the margin bounds (one per radius)")

@@ -18,6 +18,7 @@ from torch import nn
 from vaefast import store
 from vaefast._checks import check_device, check_model, check_positive_int, check_tensor, model_input_shape
 from vaefast.core.box import UNIT_BOX, Box, as_box
+from vaefast.core.options import DEFAULT_NUM_SAMPLES
 from vaefast.rng import derive_seed
 
 AUTO_R_QUANTILES = (0.25, 0.5, 0.75, 0.95)
@@ -293,7 +294,7 @@ def check_point_shape(models: Mapping[str, nn.Module], x: torch.Tensor) -> None:
     """Refuse points whose shape is not every model's input shape.
 
     Args:
-        models: ``{name: model}``.
+        models: ``{name: model}`` (or one model).
         x: the points ``[P, *input_shape]``.
     """
     for name, m in models.items():
@@ -346,12 +347,13 @@ def on_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def auto_radii(
     models: Mapping[str, nn.Module],
     x: torch.Tensor,
-    num_samples: int = 500,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     seed: int = 0,
     quantiles: Sequence[float] = AUTO_R_QUANTILES,
     above: float = AUTO_R_ABOVE,
 ) -> list[float]:
-    """Radii r for a sweep from the smallest robust radii ``r*(x)`` of the points, pooled over the models.
+    """Radii r for a study (a sweep's ``radii="auto"``) from the smallest robust radii ``r*(x)`` of the points, pooled
+    over the models (``vaefast.auto_radii``).
 
     A point is r-robust exactly when ``r > r*(x)`` (up to Monte-Carlo noise), so a radius below most ``r*`` leaves
     most points uncertified (margin 0) and one far above them makes every reconstruction ball cover the decoder's
@@ -359,7 +361,7 @@ def auto_radii(
     to 3 significant digits: every model is studied on both sides of its typical ``r*``.
 
     Args:
-        models: ``{name: model}``.
+        models: ``{name: model}`` (or one model).
         x: the swept points ``[P, *input_shape]``.
         num_samples: Monte-Carlo samples of the pilot estimate of ``r*``.
         seed: base seed (the pilot's stream is derived from it and each model's name).
@@ -371,6 +373,8 @@ def auto_radii(
     """
     from vaefast.robustness import estimate_r_robustness
 
+    if isinstance(models, nn.Module):
+        models = {"model": models}
     pooled = []
     for name, model in models.items():
         pilot = derive_seed(seed, "auto-radii", name)
