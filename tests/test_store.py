@@ -137,3 +137,13 @@ def test_export_csv_json(tmp_path):
     assert "delta" not in js[0] and js[1]["p_hat"] == pytest.approx(0.51)
     assert js[0]["seconds_per_point"] == pytest.approx(0.25)
     assert float(rows[1]["margin"]) == pytest.approx(0.1)
+
+
+def test_the_results_database_page_is_the_schema():
+    """docs/results-database.md is generated from the one row schema: regenerate it when a column changes."""
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "results-database.md"
+    assert page.read_text() == schema.markdown(), (
+        "regenerate: python -c 'import vaefast.schema as s; print(s.markdown())'"
+    )

@@ -320,3 +320,23 @@ def describe() -> str:
         :meth:`Table.describe` of every table, as it appears in :mod:`vaefast.store`'s docstring.
     """
     return "\n".join(t.describe() for t in TABLES.values())
+
+
+def markdown() -> str:
+    """The schema as a Markdown page (``docs/results-database.md`` is this text; a test keeps them equal).
+
+    Returns:
+        A heading and one section per table: what a row is, its key and a table of its columns.
+    """
+    lines = [
+        "# The results database",
+        "",
+        f"A sweep writes one SQLite file (schema {SCHEMA_VERSION}). This page is generated from `vaefast/schema.py`, the "
+        'one definition of every table and column (`python -c "import vaefast.schema as s; print(s.markdown())"`). '
+        "Blobs are little-endian float32 arrays of shape `models.input_shape`; NULL is a missing value.",
+    ]
+    for t in TABLES.values():
+        lines += ["", f"## `{t.name}`", "", f"{t.doc} Key: `{', '.join(t.key)}`.", "", "| column | type | meaning |",
+                  "|---|---|---|"]  # fmt: skip
+        lines += [f"| `{c.name}` | {c.type} | {c.doc.replace('|', '/')} |" for c in t.columns]
+    return "\n".join(lines) + "\n"
