@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from vaefast.certify import certify
+from vaefast.certification import certify
 from vaefast.data import load
 from vaefast.margin import numerical_margin
 from vaefast.models import VAE, VAEConfig

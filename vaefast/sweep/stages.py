@@ -7,8 +7,9 @@ estimate → bound → margin → evidence → curves, all on one block of point
 - **margin**: the numerical margin by batched bisection from that same clean-point decision, with its evidence —
   the δ that broke r-robustness at the margin and the p̂ the search saw there (:class:`NumericalMargin`);
 - **evidence**: what that δ does to the model's likelihood (:class:`Evidence`);
-- **certify**: sound certified radii from that same estimate, with global and (MLP encoders) local Lipschitz
-  constants (:class:`~vaefast.certify.Certificate`; None where the encoder cannot be read as supported layers);
+- **certify**: sound certified radii from that same estimate (its hits, through the one-sided Clopper–Pearson
+  limit at the spec's confidence), with global and local constants (:class:`~vaefast.certification.Certificate`;
+  None, with the refusal's reason, where the encoder has an op without a sound rule);
 - **curves**: p̂_r and the likelihood degradation under the max-damage attack with ‖δ‖ ≤ eps, every budget
   (:class:`CurvePoint`), at the spec's curve radii.
 
@@ -28,7 +29,7 @@ from vaefast._checks import analysis
 from vaefast.attacks.base import max_perturbation
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
-from vaefast.certify import Certificate, certify
+from vaefast.certification import Certificate, CertificationRefused, EncoderCertifier, certificate_from_estimate
 from vaefast.margin import NumericalMargin, numerical_margin
 from vaefast.rng import derive_seed
 from vaefast.robustness import MarginBound, RRobustnessResult, estimate_r_robustness, margin_bound
@@ -159,18 +160,18 @@ def evidence(model: nn.Module, x: torch.Tensor, nm: NumericalMargin, spec: Sweep
 
 @dataclass
 class Certificates:
-    """The sound certificates of a unit's points: ``global_`` and ``local`` (each None where unsupported)."""
+    """The sound certificates of a unit's points: ``global_`` and ``local`` (each None where refused), and ``reason``:
+    the refusals' messages (``"<method>: <why>"``, joined by ``"; "``), or None when both exist."""
 
     global_: Certificate | None
     local: Certificate | None
-
-
-CERTIFY_ITERATIONS = 12  # bisection halvings of the certified radius (the lower end: sound at any precision)
+    reason: str | None = None
 
 
 def certificates(model: nn.Module, x: torch.Tensor, unit: WorkUnit, est: RRobustnessResult) -> Certificates:
-    """The certify stage: :func:`vaefast.certify.certify` from the estimate ``est`` (its Clopper–Pearson lower limit),
-    globally and locally; a method the encoder does not support gives None.
+    """The certify stage: :func:`vaefast.certification.certificate_from_estimate` from the estimate ``est`` (its hits,
+    at its confidence), globally and locally, with the model's cached
+    :class:`~vaefast.certification.EncoderCertifier`; a refused method gives None and its reason.
 
     Args:
         model: a protocol model.
@@ -181,13 +182,19 @@ def certificates(model: nn.Module, x: torch.Tensor, unit: WorkUnit, est: RRobust
     Returns:
         The certificates.
     """
-    found = []
+    try:
+        certifier = EncoderCertifier.for_model(model, x)
+    except CertificationRefused as exc:  # the encoder cannot be traced or has an op without a rule
+        return Certificates(None, None, str(exc))
+    found: dict[str, Certificate | None] = {}
+    reasons = []
     for method in ("global", "local"):
         try:
-            found.append(certify(model, x, unit.r, method=method, estimate=est, iterations=CERTIFY_ITERATIONS))
-        except TypeError:  # the encoder is not made of supported layers (or not an MLP, for "local")
-            found.append(None)
-    return Certificates(*found)
+            found[method] = certificate_from_estimate(certifier, x, est, method, est.confidence)
+        except CertificationRefused as exc:  # no rule for this method (e.g. max pooling has no local one)
+            found[method] = None
+            reasons.append(f"{method}: {exc}")
+    return Certificates(found["global"], found["local"], "; ".join(reasons) or None)
 
 
 @dataclass

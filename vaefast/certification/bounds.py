@@ -1,0 +1,445 @@
+"""Lipschitz constants of a traced encoder's whitened mean map ``x -> diag(w) mu(x)`` and of ``x -> log sigma(x) =
+logvar(x) / 2``, globally or over the ball ``||x' - x|| <= R``.
+
+**Global** (:meth:`EncoderBounds.global_mean`, :meth:`EncoderBounds.global_log_sigma`). Every node gets ``(L, E)``
+with ``||v(x') - v(x)|| <= L ||x' - x|| + E`` from its inputs' by its rule (:mod:`.rules`); a chain of affine ops is
+also bounded by the exact float64 norm of its materialised matrix when that is small (``min`` of the two). The
+output head is read backwards from the output: scalar multiples and elementwise functions commute with the diagonal
+whitening ``diag(w)`` (they contribute ``|c|`` and ``sup |phi'|``), then the affine ops before them form a block
+``A`` whose Jacobian ``J_A`` is materialised once, so that per point ``L_w = factor ||diag(w) J_A||_2 L(cut)``
+(``cut`` the node the block reads): the whitening applies whatever the head is made of, and exactly where the head
+ends in an affine map. The bound is ``min`` of that and ``max(w) L(mu)``.
+
+**Local** (:meth:`EncoderBounds.local`). Over the ball of radius R around x:
+
+1. intervals of every node: exact for nodes affine in x (``v(x) +- R ||row_i(d v / d x)||_2``, the row norms
+   computed once per model by pushing the identity basis through the affine ops), then each rule's interval map;
+2. an interval Jacobian propagated backwards from the outputs (seeds ``diag(w)`` at mu and ``I / 2`` at logvar) in
+   centre-radius form through every rule (exact transposes for affine ops, the derivative ranges of elementwise ones
+   on their input intervals, selections for sort / max); at x it encloses ``d out / d x (x')`` for every x' in the
+   ball, so ``sup ||J(x')||_2 <= min(||C||_2 + ||R||_2, || |C| + R ||_2)`` bounds the constant on the ball (mean
+   value theorem; the functions are piecewise smooth, the ranges cover both sides of every kink);
+3. the local constant is the ``min`` of that and the global one. A ball in which a function with a jump (softplus'
+   threshold) may jump falls back to the global constants with their jump term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vaefast._memory import default_max_memory, rows_that_fit
+from vaefast.certification.calls import CertificationRefused
+from vaefast.certification.norms import MATERIALISE_LIMIT, row_scaled_norms, spectral_norm
+from vaefast.certification.rules import Affine, Bounds, Concat, ConstantLike, Elementwise, Jac, Rule, Sum
+from vaefast.certification.trace import Graph
+
+__all__ = ["EncoderBounds", "Head", "backward", "lipschitz_constant"]
+
+EXACT_NORM_OPS = (
+    "linear",
+    "mm",
+    "matmul",
+    "addmm",
+    "batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "mul",
+    "div",
+    "neg",
+    "add",
+    "sub",
+    "rsub",
+)  # fmt: skip  (ops whose own norm bound is their norm)
+ISOMETRIES = ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose")
+
+
+def _packet(rule: Rule) -> str:
+    return rule.call.op.overloadpacket.__name__
+
+
+def _refusal(graph: Graph, index: int, exc: CertificationRefused) -> CertificationRefused:
+    return CertificationRefused(f"certify: {exc} ({graph.nodes[index].location})")
+
+
+def backward(graph: Graph, seeds: dict[int, Jac], bounds: list[Bounds | None] | None, stop: int = 0) -> dict[int, Jac]:
+    """Interval Jacobians ``d out / d v`` of every node ``v`` reached, backwards from ``seeds`` (node -> rows).
+
+    Args:
+        graph: the graph.
+        seeds: ``{node: (centre, radius)}`` ``[N, rows, *shape]``.
+        bounds: every node's interval (needed by nonlinear rules), or None for affine parts only.
+        stop: the node where propagation ends (its Jacobian is returned, not propagated).
+
+    Returns:
+        ``{node: (centre, radius)}`` of the nodes where propagation ended (``stop``, and x).
+    """
+    acc = dict(seeds)
+    for node in reversed(graph.nodes[stop + 1 :]):
+        jac = acc.pop(node.index, None)
+        if jac is None:
+            continue
+        parts = node.rule.backward(jac, [bounds[i] for i in node.inputs] if bounds is not None else [])
+        for i, part in zip(node.inputs, parts, strict=True):
+            if part is not None:
+                old = acc.get(i)
+                acc[i] = part if old is None else (old[0] + part[0], old[1] + part[1])
+    return acc
+
+
+@dataclass
+class Head:
+    """An output read backwards (module docstring): ``out = (commuting ops) o (affine block) o cut``.
+
+    Attributes:
+        factor: product of the commuting ops' constants (``|c|``, ``sup |phi'|``).
+        top: the block's last node (the output itself when nothing commutes).
+        cut: the node the block reads.
+        jacobian: ``d top / d cut`` ``[numel(top), numel(cut)]`` (None: too large to materialise).
+    """
+
+    factor: float
+    top: int
+    cut: int
+    jacobian: torch.Tensor | None
+
+
+def _head(graph: Graph, out: int) -> Head:
+    factor, i = 1.0, out
+    while i != 0:  # the commuting ops at the top: scalars and elementwise functions
+        rule = graph.nodes[i].rule
+        if isinstance(rule, Affine) and rule.scalar is not None:
+            factor *= abs(rule.scalar)
+        elif isinstance(rule, Elementwise):
+            factor *= rule.act.sup_derivative
+        else:
+            break
+        i = graph.nodes[i].inputs[0]
+    cut, _ = _region(graph, i)
+    if cut is None:  # the affine block reads several nonlinear nodes: whiten the top itself
+        cut = i
+    return Head(factor, i, cut, _region_jacobian(graph, i, cut))
+
+
+def _region(graph: Graph, top: int) -> tuple[int | None, list[int]]:
+    """The affine ops (affine, sum, concat) that ``top`` is computed by from one node ``cut``: ``(cut, ops)``, or
+    ``(None, ops)`` when they read several nonlinear nodes. ``top`` itself not affine: ``(top, [])``."""
+    stack, seen, frontier, ops = [top], set(), set(), []
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        rule = graph.nodes[i].rule
+        if i == 0 or not isinstance(rule, (Affine, Sum, Concat, ConstantLike)):
+            frontier.add(i)
+        elif not isinstance(rule, ConstantLike):
+            ops.append(i)
+            stack.extend(graph.nodes[i].inputs)
+    if len(frontier) > 1:
+        return None, ops
+    return (frontier.pop() if frontier else 0), ops
+
+
+def _region_jacobian(graph: Graph, top: int, cut: int) -> torch.Tensor | None:
+    """``d top / d cut`` ``[numel(top), numel(cut)]`` through affine ops (None when too large)."""
+    d, n = math.prod(graph.nodes[top].shape), math.prod(graph.nodes[cut].shape)
+    if d * n > MATERIALISE_LIMIT:
+        return None
+    eye = torch.eye(d, dtype=torch.float64, device=_device(graph)).reshape(1, d, *graph.nodes[top].shape)
+    jac = backward(graph, {top: (eye, torch.zeros_like(eye))}, None, stop=cut).get(cut)
+    return torch.zeros(d, n, dtype=torch.float64, device=eye.device) if jac is None else jac[0].reshape(d, n)
+
+
+def _device(graph: Graph) -> torch.device:
+    for node in graph.nodes[1:]:
+        return node.rule.ctx.device if hasattr(node.rule, "ctx") else torch.device("cpu")
+    return torch.device("cpu")
+
+
+def _region_norm(graph: Graph, index: int) -> tuple[int, float] | None:
+    """``(cut, exact norm of d index / d cut)`` when node ``index`` ends a region of affine ops read from one node
+    whose own bounds may be loose (several ops, a sum or concatenation, or a loosely bounded op), and it is small."""
+    users = graph.users[index]
+    ends = index in graph.outputs or any(not isinstance(graph.nodes[u].rule, (Affine, Sum, Concat)) for u in users)
+    if not ends:
+        return None
+    cut, ops = _region(graph, index)
+    exact_ops = [i for i in ops if isinstance(graph.nodes[i].rule, Affine) and (
+        graph.nodes[i].rule.scalar is not None or _packet(graph.nodes[i].rule) in EXACT_NORM_OPS)]  # fmt: skip
+    if cut is None or (len(ops) - len(exact_ops) == 0 and len(exact_ops) - _isometries(graph, exact_ops) <= 1):
+        return None
+    jac = _region_jacobian(graph, index, cut)
+    return None if jac is None else (cut, spectral_norm(jac))
+
+
+def _isometries(graph: Graph, ops: list[int]) -> int:
+    return sum(_packet(graph.nodes[i].rule) in ISOMETRIES or graph.nodes[i].rule.scalar is not None for i in ops)
+
+
+class EncoderBounds:
+    """Global and local constants of one traced encoder (module docstring); per-model work is cached."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.mu, self.logvar = (graph.outputs * 2)[:2]  # an encoder's (mu, logvar); any graph's first output twice
+        self._constants: list[tuple[float, float]] | CertificationRefused | None = None
+        self._heads: dict[int, Head] = {}
+        self._row_norms: dict[int, torch.Tensor] | None = None
+
+    # --- global ---------------------------------------------------------------------------------------------------
+    def node_constants(self) -> list[tuple[float, float]]:
+        """``(L, E)`` of every node (module docstring), computed once.
+
+        Raises:
+            CertificationRefused: an op without a global rule (named with where it sits).
+        """
+        if isinstance(self._constants, CertificationRefused):
+            raise self._constants
+        if self._constants is None:
+            try:
+                self._constants = self._propagate()
+            except CertificationRefused as exc:
+                self._constants = exc
+                raise
+        return self._constants
+
+    def _propagate(self) -> list[tuple[float, float]]:
+        out: list[tuple[float, float]] = [(1.0, 0.0)]
+        for node in self.graph.nodes[1:]:
+            try:
+                lv, e = node.rule.lipschitz([out[i] for i in node.inputs])
+            except CertificationRefused as exc:
+                raise _refusal(self.graph, node.index, exc) from None
+            if isinstance(node.rule, (Affine, Sum, Concat)):
+                found = _region_norm(self.graph, node.index)
+                if found is not None:
+                    cut, exact = found
+                    lv, e = min(lv, exact * out[cut][0]), min(e, exact * out[cut][1])
+            out.append((lv, e))
+        return out
+
+    def head(self, out: int) -> Head:
+        """The head of output node ``out`` (cached)."""
+        if out not in self._heads:
+            self._heads[out] = _head(self.graph, out)
+        return self._heads[out]
+
+    def global_mean(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_w, E_w)`` ``[B]`` of ``x -> diag(w_b) mu(x)`` per point.
+
+        Args:
+            w: ``[B, d]`` the whitening ``1 / sigma(x_b)``.
+
+        Returns:
+            Two float64 tensors ``[B]``.
+        """
+        constants = self.node_constants()
+        w = w.double()
+        top = w.max(dim=1).values
+        lv, e = constants[self.mu]
+        plain = top * lv
+        head = self.head(self.mu)
+        if head.jacobian is not None:
+            lc = constants[head.cut][0]
+            plain = torch.minimum(plain, head.factor * row_scaled_norms(head.jacobian, w) * lc)
+        return plain, top * e
+
+    def global_output(self, out: int) -> tuple[float, float]:
+        """``(L, E)`` of output node ``out`` (the propagated constant, or the head's exact block norm if less)."""
+        constants = self.node_constants()
+        lv, e = constants[out]
+        head = self.head(out)
+        if head.jacobian is not None:
+            lv = min(lv, head.factor * spectral_norm(head.jacobian) * constants[head.cut][0])
+        return lv, e
+
+    def global_log_sigma(self) -> tuple[float, float]:
+        """``(L_s, E_s)`` of ``x -> log sigma(x) = logvar(x) / 2``."""
+        lv, e = self.global_output(self.logvar)
+        return lv / 2, e / 2
+
+    # --- local ----------------------------------------------------------------------------------------------------
+    def affine_nodes(self) -> set[int]:
+        """The nodes that are affine functions of x (x itself, constants, affine ops of affine nodes)."""
+        out = {0}
+        for node in self.graph.nodes[1:]:
+            rule = node.rule
+            if isinstance(rule, ConstantLike) or (
+                isinstance(rule, (Affine, Sum, Concat)) and all(i in out for i in node.inputs)
+            ):
+                out.add(node.index)
+        return out
+
+    def row_norms(self) -> dict[int, torch.Tensor]:
+        """``||row_i(d v / d x)||_2`` of every affine node ``v`` read by a nonlinear op (computed once).
+
+        Returns:
+            ``{node: [*shape]}`` (float64).
+        """
+        if self._row_norms is None:
+            self._row_norms = _row_norms(self.graph, self.affine_nodes())
+        return self._row_norms
+
+    def local(self, values: list[torch.Tensor], w: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Constants over the balls ``||x' - x_b|| <= radius[b, m]`` (module docstring).
+
+        Args:
+            values: every node's value at the points (:meth:`Graph.run`), ``[B, *shape]``.
+            w: ``[B, d]`` the whitening ``1 / sigma(x_b)``.
+            radius: ``[B, M]`` ball radii.
+
+        Returns:
+            ``(L_w, E_w, L_s, E_s)``, each ``[B, M]`` float64: ``||diag(w_b)(mu(x') - mu(x_b))|| <= L_w R + E_w``
+            and ``||log sigma(x') - log sigma(x_b)|| <= L_s R + E_s`` on the ball.
+        """
+        b, m = radius.shape
+        try:
+            gw, ge = self.global_mean(w)
+            gs, gse = self.global_log_sigma()
+        except CertificationRefused:  # no global rule (exp, log): no fallback but infinity
+            gw, ge, gs, gse = torch.full((b,), math.inf, dtype=torch.float64, device=w.device), 0.0, math.inf, 0.0
+        gw, ge = gw.repeat_interleave(m), torch.as_tensor(ge, dtype=torch.float64).expand(b).repeat_interleave(m)
+        flat = radius.reshape(-1).double()
+        lw, ls, jumped = self._local_chunks(values, w.double().repeat_interleave(m, 0), flat, m)
+        lw = torch.where(jumped, gw, torch.minimum(lw, gw))
+        ls = torch.where(jumped, torch.full_like(ls, gs), ls.clamp_max(gs))
+        ew = torch.where(jumped, ge.to(lw.device), torch.zeros_like(lw))
+        es = torch.where(jumped, torch.full_like(ls, gse), torch.zeros_like(ls))
+        return tuple(t.reshape(b, m) for t in (lw, ew, ls, es))
+
+    def _local_chunks(self, values, w, radius, m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nodes = self.graph.nodes
+        rows = math.prod(nodes[self.mu].shape) + math.prod(nodes[self.logvar].shape)
+        numels = [math.prod(n.shape) for n in nodes]
+        per_ball = 8 * (4 * sum(numels) + 6 * rows * max(numels))
+        size = rows_that_fit(per_ball, default_max_memory(radius.device), "the local bound of one ball")
+        norms = self.row_norms()
+        out = []
+        for s in range(0, radius.shape[0], size):
+            centre = {i: values[i].repeat_interleave(m, 0)[s : s + size] for i in norms}
+            out.append(self._local_balls(centre, w[s : s + size], radius[s : s + size]))
+        return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
+
+    def _local_balls(self, centre: dict[int, torch.Tensor], w: torch.Tensor, radius: torch.Tensor):
+        bounds = self._ball_bounds(centre, radius)
+        nodes, (mu, lv) = self.graph.nodes, (self.mu, self.logvar)
+        d_mu, d_lv = math.prod(nodes[mu].shape), math.prod(nodes[lv].shape)
+        n, rows = radius.shape[0], d_mu + d_lv
+        eye = torch.eye(rows, dtype=torch.float64, device=radius.device)
+        scale = torch.cat([w, torch.full((n, d_lv), 0.5, dtype=w.dtype, device=w.device)], dim=1)  # [n, rows]
+        full = eye[None] * scale[:, :, None]  # [n, rows, rows]: diag(w) then I / 2
+        seeds: dict[int, Jac] = {}
+        for node, cols in ((mu, slice(0, d_mu)), (lv, slice(d_mu, rows))):
+            jc = full[:, :, cols].reshape(n, rows, *nodes[node].shape)
+            old = seeds.get(node)
+            seeds[node] = (jc, torch.zeros_like(jc)) if old is None else (old[0] + jc, old[1])
+        jac = backward(self.graph, seeds, bounds).get(0)
+        if jac is None:
+            zero = torch.zeros(n, dtype=torch.float64, device=radius.device)
+            return zero, zero, self._jumped(bounds, n)
+        jc, jr = jac[0].flatten(2), jac[1].flatten(2)
+        lw = _interval_norm(jc[:, :d_mu], jr[:, :d_mu])
+        ls = _interval_norm(jc[:, d_mu:], jr[:, d_mu:])
+        lw, ls = torch.nan_to_num(lw, nan=math.inf), torch.nan_to_num(ls, nan=math.inf)
+        return lw, ls, self._jumped(bounds, n)
+
+    def _ball_bounds(self, centre: dict[int, torch.Tensor], radius: torch.Tensor) -> list[Bounds | None]:
+        bounds: list[Bounds | None] = [None] * len(self.graph.nodes)
+        affine, norms = self.affine_nodes(), self.row_norms()
+        for node in self.graph.nodes:
+            i = node.index
+            if i in norms:
+                r = radius.reshape(-1, *[1] * len(node.shape)) * norms[i]
+                r = r + 1e-12 * (centre[i].abs() + r)
+                bounds[i] = (centre[i] - r, centre[i] + r)
+            elif i not in affine:
+                bounds[i] = node.rule.interval(*[bounds[j] for j in node.inputs])
+        return bounds
+
+    def _jumped(self, bounds: list[Bounds | None], n: int) -> torch.Tensor:
+        """Balls in which some function with a jump may jump."""
+        out = torch.zeros(n, dtype=torch.bool, device=self.graph_device)
+        for node in self.graph.nodes[1:]:
+            if isinstance(node.rule, Elementwise) and node.rule.act.jump > 0:
+                lo, hi = bounds[node.inputs[0]]
+                for k in node.rule.act.kinks:
+                    if k.values:
+                        out |= ((lo <= k.at) & (k.at <= hi)).flatten(1).any(1)
+        return out
+
+    @property
+    def graph_device(self) -> torch.device:
+        """The device of the graph's constants."""
+        return _device(self.graph)
+
+
+def _interval_norm(jc: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
+    """Per row block ``[N, rows, n]``: an upper bound of ``||J||_2`` over ``|J - jc| <= jr`` (module docstring)."""
+    return torch.minimum(_spectral(jc) + _spectral(jr), _spectral(jc.abs() + jr))
+
+
+def _spectral(m: torch.Tensor) -> torch.Tensor:
+    if m.shape[1] == 0:
+        return torch.zeros(m.shape[0], dtype=m.dtype, device=m.device)
+    gram = m @ m.transpose(1, 2) if m.shape[1] <= m.shape[2] else m.transpose(1, 2) @ m
+    return torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt() * (1 + 1e-6)
+
+
+def _row_norms(graph: Graph, affine: set[int]) -> dict[int, torch.Tensor]:
+    """Row norms of ``d v / d x`` for the affine nodes read by nonlinear ones (identity basis pushed in chunks)."""
+    needed = {i for i in affine if any(u not in affine for u in graph.users[i]) or i in graph.outputs}
+    n_in = math.prod(graph.nodes[0].shape)
+    device = _device(graph)
+    per_row = 8 * sum(math.prod(graph.nodes[i].shape) for i in affine)
+    size = rows_that_fit(per_row, default_max_memory(device), "one basis vector of the input")
+    sums = {i: torch.zeros(graph.nodes[i].shape, dtype=torch.float64, device=device) for i in needed}
+    order = sorted(affine)
+    for s in range(0, n_in, size):
+        c = min(size, n_in - s)
+        basis = torch.zeros(c, n_in, dtype=torch.float64, device=device)
+        basis[torch.arange(c), torch.arange(s, s + c)] = 1
+        vals = {0: basis.reshape(c, *graph.nodes[0].shape)}
+        for i in order[1:]:
+            rule = graph.nodes[i].rule
+            if isinstance(rule, ConstantLike):
+                vals[i] = torch.zeros(c, *graph.nodes[i].shape, dtype=torch.float64, device=device)
+                continue
+            ins = [vals[j] for j in graph.nodes[i].inputs]
+            vals[i] = rule.linear(ins[0]) if isinstance(rule, Affine) else rule.call(*ins)
+        for i in needed:
+            sums[i] += vals[i].pow(2).sum(0)
+    return {i: v.sqrt() for i, v in sums.items()}
+
+
+def lipschitz_constant(fn: object, owner: torch.nn.Module, example: torch.Tensor, output: int = 0) -> float:
+    """A sound global l2 Lipschitz constant of any traced function (e.g. a decoder ``z -> g(z)``, an encoder head).
+
+    Args:
+        fn: ``x -> tensor`` or a tuple of tensors (traced with ``torch.export``).
+        owner: the module whose parameters ``fn`` uses.
+        example: example inputs ``[B, ...]``.
+        output: which output.
+
+    Returns:
+        ``L`` with ``||fn(x') - fn(x)|| <= L ||x' - x||`` for all x, x' (plus the jump term, returned added when
+        nonzero as ``inf``: a discontinuous function has no Lipschitz constant).
+
+    Raises:
+        CertificationRefused: an op without a global rule.
+    """
+    from vaefast.certification.trace import trace_function
+
+    graph = trace_function(fn, owner, example, getattr(fn, "__qualname__", "the function"))
+    lv, e = EncoderBounds(graph).global_output(graph.outputs[output])
+    return lv if e == 0 else math.inf
