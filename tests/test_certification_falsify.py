@@ -414,9 +414,8 @@ def test_refusals_name_the_op_and_where_it_sits():
                        nn.Linear(2, 2)), (5,))  # fmt: skip
     certifier = EncoderCertifier.for_model(pooled, x)
     p = torch.full((2, 1), 0.9, dtype=D64)
-    assert bool((certifier.radii(x, p, "global").radius > 0).all())
-    with pytest.raises(CertificationRefused, match=r"max_pool1d.default at encoder.body.1 .*no local derivative"):
-        certifier.radii(x, p, "local")
+    glob = certifier.radii(x, p, "global").radius
+    assert bool((glob > 0).all()) and bool((certifier.radii(x, p, "local").radius >= glob).all())
     exp = vae(Heads(nn.Linear(5, 3), nn.Linear(3, 2), _Exp()), (5,))
     with pytest.raises(CertificationRefused, match="aten.exp.default .*no global Lipschitz constant"):
         EncoderCertifier.for_model(exp, x).radii(x, p, "global")

@@ -328,20 +328,23 @@ def test_the_certify_stage_gives_the_refusal_reason(linear_vae):
     model = _user_model(nn.LayerNorm(16))
     refused = certificates(model, x, None, estimate_r_robustness(model, x, [2.0], num_samples=100))
     assert refused.global_ is None and refused.local is None and "aten.layer_norm.default" in refused.reason
-    pooled = as_vae(_Pooled(), nn.Sequential(nn.Linear(3, 64), nn.Unflatten(1, (1, 8, 8))), likelihood="gaussian",
-                    decoder_output="mean")  # fmt: skip
-    partly = certificates(pooled, x, None, estimate_r_robustness(pooled, x, [2.0], num_samples=100))
-    assert partly.global_ is not None and partly.local is None and partly.reason.startswith("local: certify: ")
+    exp = as_vae(_Exp(), nn.Sequential(nn.Linear(3, 64), nn.Unflatten(1, (1, 8, 8))), likelihood="gaussian",
+                 decoder_output="mean")  # fmt: skip
+    partly = certificates(exp, x, None, estimate_r_robustness(exp, x, [2.0], num_samples=100))
+    assert partly.global_ is None and partly.local is not None and partly.reason.startswith("global: certify: ")
 
 
-class _Pooled(nn.Module):
+class _Exp(nn.Module):
+    """An encoder whose log-variance goes through exp (no global constant; a local one)."""
+
     def __init__(self):
         super().__init__()
         self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(18, 6)
 
     def forward(self, x):
         h = nn.functional.max_pool2d(torch.relu(self.conv(x)), 2).flatten(1)
-        return self.fc(h).chunk(2, dim=1)
+        mu, raw = self.fc(h).chunk(2, dim=1)
+        return mu, torch.log(torch.exp(raw) + 1)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -72,7 +72,9 @@ def _refusal(graph: Graph, index: int, exc: CertificationRefused) -> Certificati
     return CertificationRefused(f"certify: {exc} ({graph.nodes[index].location})")
 
 
-def backward(graph: Graph, seeds: dict[int, Jac], bounds: list[Bounds | None] | None, stop: int = 0) -> dict[int, Jac]:
+def backward(
+    graph: Graph, seeds: dict[int, Jac], bounds: list[Bounds | None] | None, stop: int = 0, on_cut=None
+) -> dict[int, Jac]:
     """Interval Jacobians ``d out / d v`` of every node ``v`` reached, backwards from ``seeds`` (node -> rows).
 
     Args:
@@ -80,6 +82,8 @@ def backward(graph: Graph, seeds: dict[int, Jac], bounds: list[Bounds | None] | 
         seeds: ``{node: (centre, radius)}`` ``[N, rows, *shape]``.
         bounds: every node's interval (needed by nonlinear rules), or None for affine parts only.
         stop: the node where propagation ends (its Jacobian is returned, not propagated).
+        on_cut: called as ``on_cut(node, jac)`` at every node all of the seeds' paths to x pass through (a cut
+            vertex: then ``d out / d x = jac . d node / d x``), x included.
 
     Returns:
         ``{node: (centre, radius)}`` of the nodes where propagation ended (``stop``, and x).
@@ -89,11 +93,15 @@ def backward(graph: Graph, seeds: dict[int, Jac], bounds: list[Bounds | None] | 
         jac = acc.pop(node.index, None)
         if jac is None:
             continue
+        if on_cut is not None and not acc:
+            on_cut(node.index, jac)
         parts = node.rule.backward(jac, [bounds[i] for i in node.inputs] if bounds is not None else [])
         for i, part in zip(node.inputs, parts, strict=True):
             if part is not None:
                 old = acc.get(i)
                 acc[i] = part if old is None else (old[0] + part[0], old[1] + part[1])
+    if on_cut is not None and list(acc) == [0]:
+        on_cut(0, acc[0])
     return acc
 
 
@@ -103,6 +111,7 @@ class Head:
 
     Attributes:
         factor: product of the commuting ops' constants (``|c|``, ``sup |phi'|``).
+        commuting: those ops (scalar multiples and elementwise functions between the block and the output).
         top: the block's last node (the output itself when nothing commutes).
         cut: the node the block reads.
         jacobian: ``d top / d cut`` ``[numel(top), numel(cut)]`` (None: too large to materialise).
@@ -112,10 +121,11 @@ class Head:
     top: int
     cut: int
     jacobian: torch.Tensor | None
+    commuting: tuple[int, ...] = ()
 
 
 def _head(graph: Graph, out: int) -> Head:
-    factor, i = 1.0, out
+    factor, i, commuting = 1.0, out, []
     while i != 0:  # the commuting ops at the top: scalars and elementwise functions
         rule = graph.nodes[i].rule
         if isinstance(rule, Affine) and rule.scalar is not None:
@@ -124,11 +134,12 @@ def _head(graph: Graph, out: int) -> Head:
             factor *= rule.act.sup_derivative
         else:
             break
+        commuting.append(i)
         i = graph.nodes[i].inputs[0]
     cut, _ = _region(graph, i)
     if cut is None:  # the affine block reads several nonlinear nodes: whiten the top itself
         cut = i
-    return Head(factor, i, cut, _region_jacobian(graph, i, cut))
+    return Head(factor, i, cut, _region_jacobian(graph, i, cut), tuple(commuting))
 
 
 def _region(graph: Graph, top: int) -> tuple[int | None, list[int]]:
@@ -333,26 +344,86 @@ class EncoderBounds:
 
     def _local_balls(self, centre: dict[int, torch.Tensor], w: torch.Tensor, radius: torch.Tensor):
         bounds = self._ball_bounds(centre, radius)
+        carry = self._carry(bounds, w)
+        lw, ls = self._carried(carry, bounds, w)
+        if all(node.rule.has_backward for node in self.graph.nodes[1:]):
+            iw, is_ = self._interval_jacobian(bounds, w, carry)
+            lw, ls = torch.minimum(lw, iw), torch.minimum(ls, is_)
+        lw, ls = torch.nan_to_num(lw, nan=math.inf), torch.nan_to_num(ls, nan=math.inf)
+        return lw, ls, self._jumped(bounds, w.shape[0])
+
+    def _interval_jacobian(self, bounds: list[Bounds | None], w: torch.Tensor, carry: list) -> tuple[torch.Tensor, ...]:
+        """The interval-Jacobian bound of both outputs on the balls (module docstring, step 2), combined at every cut
+        vertex v with the carry below it: ``sup ||J_top(v) diag(a_v) M_v|| <= ||J_top(v) diag(e_v)||_int L_v``."""
         nodes, (mu, lv) = self.graph.nodes, (self.mu, self.logvar)
         d_mu, d_lv = math.prod(nodes[mu].shape), math.prod(nodes[lv].shape)
-        n, rows = radius.shape[0], d_mu + d_lv
-        eye = torch.eye(rows, dtype=torch.float64, device=radius.device)
-        scale = torch.cat([w, torch.full((n, d_lv), 0.5, dtype=w.dtype, device=w.device)], dim=1)  # [n, rows]
-        full = eye[None] * scale[:, :, None]  # [n, rows, rows]: diag(w) then I / 2
+        n, rows = w.shape[0], d_mu + d_lv
+        scale = torch.cat([w, torch.full((n, d_lv), 0.5, dtype=w.dtype, device=w.device)], dim=1)
+        full = torch.eye(rows, dtype=w.dtype, device=w.device)[None] * scale[:, :, None]  # diag(w), then I / 2
         seeds: dict[int, Jac] = {}
         for node, cols in ((mu, slice(0, d_mu)), (lv, slice(d_mu, rows))):
             jc = full[:, :, cols].reshape(n, rows, *nodes[node].shape)
             old = seeds.get(node)
             seeds[node] = (jc, torch.zeros_like(jc)) if old is None else (old[0] + jc, old[1])
-        jac = backward(self.graph, seeds, bounds).get(0)
-        if jac is None:
-            zero = torch.zeros(n, dtype=torch.float64, device=radius.device)
-            return zero, zero, self._jumped(bounds, n)
-        jc, jr = jac[0].flatten(2), jac[1].flatten(2)
-        lw = _interval_norm(jc[:, :d_mu], jr[:, :d_mu])
-        ls = _interval_norm(jc[:, d_mu:], jr[:, d_mu:])
-        lw, ls = torch.nan_to_num(lw, nan=math.inf), torch.nan_to_num(ls, nan=math.inf)
-        return lw, ls, self._jumped(bounds, n)
+        best = [torch.full((n,), math.inf, dtype=w.dtype, device=w.device) for _ in range(2)]
+
+        def at_cut(index: int, jac: Jac) -> None:
+            if carry[index] is None:
+                return
+            e, lv = carry[index]
+            jc, jr = (jac[0] * e.unsqueeze(1)).flatten(2), (jac[1] * e.unsqueeze(1)).flatten(2)
+            for k, cols in enumerate((slice(0, d_mu), slice(d_mu, rows))):
+                best[k] = torch.minimum(best[k], _interval_norm(jc[:, cols], jr[:, cols]) * lv)
+
+        if not backward(self.graph, seeds, bounds, on_cut=at_cut):  # the outputs do not depend on x
+            return torch.zeros_like(best[0]), torch.zeros_like(best[1])
+        return best[0], best[1]
+
+    def _carry(self, bounds: list[Bounds | None], w: torch.Tensor) -> list:
+        """The diagonal carry ``(e, L)`` on the balls (:meth:`vaefast.certification.rules.Rule.carry`) of every node
+        up to the heads' cuts (None after them: the heads use their own block Jacobian)."""
+        n = w.shape[0]
+        carry = [(torch.ones(n, *self.graph.nodes[0].shape, dtype=w.dtype, device=w.device),
+                  torch.ones(n, dtype=w.dtype, device=w.device))]  # fmt: skip
+        needed = self._below_cuts()
+        for node in self.graph.nodes[1:]:
+            if node.index not in needed:
+                carry.append(None)
+                continue
+            carry.append(node.rule.carry([carry[i] for i in node.inputs], [bounds[i] for i in node.inputs]))
+        return carry
+
+    def _below_cuts(self) -> set[int]:
+        """The heads' cuts and every node they are computed from."""
+        stack, seen = [self.head(self.mu).cut, self.head(self.logvar).cut], set()
+        while stack:
+            i = stack.pop()
+            if i not in seen:
+                seen.add(i)
+                stack.extend(self.graph.nodes[i].inputs)
+        return seen
+
+    def _carried(self, carry: list, bounds: list[Bounds | None], w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The carry bound of both outputs on the balls: ``||diag(w') J_A diag(e_cut)|| L_cut`` per head, ``w'`` the
+        whitening times the commuting ops' local derivative bounds (module docstring)."""
+        n = w.shape[0]
+        out = []
+        for node, scale in ((self.mu, w), (self.logvar, torch.full_like(w[:, :1], 0.5))):
+            head = self.head(node)
+            if head.jacobian is None:
+                out.append(torch.full((n,), math.inf, dtype=w.dtype, device=w.device))
+                continue
+            scale = scale.expand(n, head.jacobian.shape[0])
+            for i in head.commuting:
+                rule = self.graph.nodes[i].rule
+                if isinstance(rule, Elementwise):
+                    lo, hi = rule.act.derivative_range(*bounds[self.graph.nodes[i].inputs[0]])
+                    scale = scale * torch.maximum(lo.abs(), hi.abs()).flatten(1)
+                else:
+                    scale = scale * abs(rule.scalar)
+            e, lv = carry[head.cut]
+            out.append(_spectral(scale[:, :, None] * head.jacobian[None] * e.flatten(1)[:, None, :]) * lv)
+        return out[0], out[1]
 
     def _ball_bounds(self, centre: dict[int, torch.Tensor], radius: torch.Tensor) -> list[Bounds | None]:
         bounds: list[Bounds | None] = [None] * len(self.graph.nodes)

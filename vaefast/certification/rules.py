@@ -36,12 +36,16 @@ import torch.nn.functional as F
 
 from vaefast.certification.activations import Activation, make_activation
 from vaefast.certification.calls import Call, CertificationRefused, Sym, Var, has_placeholder
-from vaefast.certification.norms import conv_norm, schur_norm, spectral_norm
+from vaefast.certification.norms import column_scaled_norms, conv_norm, schur_norm, spectral_norm
 
 __all__ = ["Context", "Rule", "build_rule"]
 
 ROUNDING = 1e-12  # relative widening of every affine interval (float64 rounding of the products)
+EXACT_CARRY = 256  # widest dense layer whose ||W diag(e)|| the carry computes per ball (else Schur's test on |W|)
 Bounds = tuple[torch.Tensor, torch.Tensor]  # (lo, hi) [N, *shape]
+Carry = tuple[
+    torch.Tensor, torch.Tensor
+]  # (e [N, *shape] >= 0, L [N]): d v / d x (x') = diag(a) M, |a| <= e, ||M|| <= L
 Jac = tuple[torch.Tensor, torch.Tensor]  # (centre, radius >= 0) [N, rows, *shape]
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,7 +77,7 @@ class Rule:
 
     call: Call
     name: str
-    local_refusal: str | None = None  # why the op has no local rule (None: it has one)
+    has_backward = True  # the interval Jacobian passes through it (else the local bound uses the carry alone)
 
     def forward(self, *values: torch.Tensor) -> torch.Tensor:
         """The op's value on points ``[N, *in_shape]``."""
@@ -91,18 +95,32 @@ class Rule:
         """Bounds of ``d input / d x`` rows' contributions from those of ``d output / d x`` (one per input)."""
         raise NotImplementedError
 
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        """The diagonal carry (forward): from ``d in / d x = diag(a) M`` with ``|a| <= e``, ``||M|| <= L`` for every
+        input, the same form for the output (a diagonal factor is carried to the next op, whose norm is then taken
+        with it: ``||W diag(e)||`` instead of ``||W|| max(e)``)."""
+        raise NotImplementedError
+
 
 class Affine(Rule):
-    """``T v + c`` (module docstring). ``scalar``: ``T = scalar * I`` (then the op commutes with diagonal maps)."""
+    """``T v + c`` (module docstring). Kinds of ``T`` the carry uses: ``scalar`` (``T = scalar I``), ``diagonal``
+    (``T = diag(t)``, ``|t|`` given), ``copy`` (every output copies one input or is 0: reshapes, selections, padding,
+    ``T diag(a) = diag(T a) T``), ``matrix`` (a dense ``T``: ``||T diag(e)||`` from ``T^T T``); else Schur's test on
+    ``|T| diag(e)``."""
 
     def __init__(self, call: Call, ctx: Context, linear: Linear, abs_linear: Linear | None = None, *,
                  norm: Callable[[], float] | None = None, scalar: float | None = None,
-                 transpose: Linear | None = None, abs_transpose: Linear | None = None) -> None:  # fmt: skip
+                 transpose: Linear | None = None, abs_transpose: Linear | None = None,
+                 diagonal: torch.Tensor | None = None, copy: bool = False,
+                 matrix: torch.Tensor | None = None) -> None:  # fmt: skip
         self.call, self.name, self.ctx = call, call.name, ctx
         self.linear, self.abs_linear = linear, abs_linear or linear
         self._norm_fn, self.scalar = norm, scalar
         self._transpose, self._abs_transpose = transpose, abs_transpose
+        self.diagonal, self.copy, self.matrix = diagonal, copy, matrix  # kinds of T for the carry (class doc)
         self._norm: float | None = None
+        self._gram: torch.Tensor | None = None
+        self._column_sums: torch.Tensor | None = None
 
     def norm(self) -> float:
         """A sound upper bound of ``||T||_2`` (the op's own bound and Schur's test on ``|T|``, whichever is less)."""
@@ -141,6 +159,32 @@ class Affine(Rule):
         r = self.transpose(_flat_rows(jr), True)
         return [(c.reshape(n, rows, *c.shape[1:]), r.reshape(n, rows, *r.shape[1:]))]
 
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        e, lv = inputs[0]
+        if self.scalar is not None:
+            return e * abs(self.scalar), lv
+        if self.diagonal is not None:
+            return e * self.diagonal, lv
+        if self.copy:
+            return self.abs_linear(e), lv * self.norm()
+        flat = e.flatten(1)
+        top = flat.amax(1)
+        if bool((flat == top[:, None]).all()):  # e constant per point (x itself, or after a copy of it)
+            scaled = top * self.norm()
+        elif self.matrix is not None and self.matrix.shape[1] <= EXACT_CARRY:
+            if self._gram is None:
+                self._gram = self.matrix.T @ self.matrix
+            scaled = column_scaled_norms(self._gram, flat)
+        else:
+            if self._column_sums is None:
+                ones = torch.ones(1, *self.ctx.out_shape, dtype=e.dtype, device=e.device)
+                self._column_sums = _vjp(self.abs_linear, ones, self.ctx.in_shapes[0])
+            rows = self.abs_linear(e).flatten(1).amax(1)
+            cols = (e * self._column_sums).flatten(1).amax(1)
+            scaled = torch.sqrt(rows * cols) * (1 + 1e-6)
+        scaled = torch.minimum(scaled, self.norm() * top)
+        return torch.ones(e.shape[0], *self.ctx.out_shape, dtype=e.dtype, device=e.device), lv * scaled
+
 
 class Elementwise(Rule):
     """``phi`` entrywise (:class:`~vaefast.certification.activations.Activation`)."""
@@ -164,6 +208,10 @@ class Elementwise(Rule):
         d_lo, d_hi = self.act.derivative_range(*bounds[0])
         dm, dr = ((d_lo + d_hi) / 2).unsqueeze(1), ((d_hi - d_lo) / 2).unsqueeze(1)
         return [(jc * dm, jc.abs() * dr + jr * (dm.abs() + dr))]
+
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        d_lo, d_hi = self.act.derivative_range(*bounds[0])
+        return inputs[0][0] * torch.maximum(d_lo.abs(), d_hi.abs()), inputs[0][1]
 
 
 class Sum(Rule):
@@ -191,6 +239,12 @@ class Sum(Rule):
         return [((c * jac[0]).sum_to_size(lead + s), (abs(c) * jac[1]).sum_to_size(lead + s))
                 for c, s in zip(self.coefs, self.ctx.in_shapes, strict=True)]  # fmt: skip
 
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        e0 = inputs[0][0]
+        total = sum(abs(c) * m * e.flatten(1).amax(1) * lv
+                    for c, m, (e, lv) in zip(self.coefs, self.repeats, inputs, strict=True))  # fmt: skip
+        return torch.ones(e0.shape[0], *self.ctx.out_shape, dtype=e0.dtype, device=e0.device), total
+
 
 class Concat(Rule):
     """``cat`` / ``stack`` of inputs that depend on x along a dimension other than the batch."""
@@ -216,6 +270,9 @@ class Concat(Rule):
         return [
             (c.reshape(n, rows, *c.shape[1:]), r.reshape(n, rows, *r.shape[1:])) for c, r in zip(gc, gr, strict=True)
         ]
+
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        return self.call(*[e for e, _ in inputs]), torch.stack([lv for _, lv in inputs]).pow(2).sum(0).sqrt()
 
 
 class SortValues(Rule):
@@ -249,6 +306,10 @@ class SortValues(Rule):
         r = (jc.abs() @ pr + jr @ (pc + pr)).squeeze(-2)
         return [(c.movedim(-1, self.dim + 1), r.movedim(-1, self.dim + 1))]
 
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        e, lv = inputs[0]  # P diag(a) M = diag(P a) P M with P a permutation of each group: the group's largest e
+        return e.amax(self.dim, keepdim=True).expand_as(e), lv
+
 
 class Extreme(Rule):
     """``max``/``min`` over dimensions ``dims`` (batched indices): 1-Lipschitz (disjoint groups), monotone."""
@@ -278,11 +339,16 @@ class Extreme(Rule):
                 jc, jr = jc.unsqueeze(d + 1), jr.unsqueeze(d + 1)
         return [(jc * pc, jc.abs() * pr + jr * (pc + pr))]
 
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        return self.call(inputs[0][0]), inputs[0][1]  # a selection of distinct inputs: the selected e, norm <= 1
+
 
 class MaxPool(Rule):
-    """Max pooling: ``sqrt(coverage)``-Lipschitz, monotone; no local rule."""
+    """Max pooling: ``sqrt(coverage)``-Lipschitz, monotone; its Jacobian selects one input per window (each input
+    in at most ``coverage`` windows), so the carry is the pooled ``e`` and ``sqrt(coverage) L``; no interval
+    Jacobian (the local bound uses the carry)."""
 
-    local_refusal = "max pooling has no local derivative rule (use method='global')"
+    has_backward = False
 
     def __init__(self, call: Call, coverage: int) -> None:
         self.call, self.name, self.coverage = call, call.name, coverage
@@ -295,12 +361,15 @@ class MaxPool(Rule):
         lo, hi = bounds[0]
         return self.call(lo), self.call(hi)
 
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        return self.call(inputs[0][0]), inputs[0][1] * math.sqrt(self.coverage)
+
 
 class ConstantLike(Rule):
     """An op whose value does not depend on x (``full_like``, ``zeros`` ...): Jacobian 0."""
 
-    def __init__(self, call: Call, n_inputs: int) -> None:
-        self.call, self.name, self.n_inputs = call, call.name, n_inputs
+    def __init__(self, call: Call, ctx: Context, n_inputs: int) -> None:
+        self.call, self.name, self.ctx, self.n_inputs = call, call.name, ctx, n_inputs
 
     def lipschitz(self, inputs: list[tuple[float, float]]) -> tuple[float, float]:
         return 0.0, 0.0
@@ -311,6 +380,10 @@ class ConstantLike(Rule):
 
     def backward(self, jac: Jac, bounds: list[Bounds]) -> list[Jac | None]:
         return [None] * self.n_inputs
+
+    def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
+        e0 = inputs[0][0]
+        return torch.zeros(e0.shape[0], *self.ctx.out_shape, dtype=e0.dtype, device=e0.device), inputs[0][1] * 0
 
 
 # --- the table ----------------------------------------------------------------------------------------------------
@@ -349,7 +422,7 @@ def _linear(call: Call, ctx: Context) -> Rule:
         raise _refuse(call, "with a weight that is not a matrix: no rule")
     a = w.abs()
     return Affine(call, ctx, lambda v: F.linear(v, w), lambda v: F.linear(v, a), norm=lambda: spectral_norm(w),
-                  transpose=lambda c: c @ w, abs_transpose=lambda c: c @ a)  # fmt: skip
+                  transpose=lambda c: c @ w, abs_transpose=lambda c: c @ a, matrix=w)  # fmt: skip
 
 
 def _matmul(call: Call, ctx: Context) -> Rule:
@@ -361,7 +434,7 @@ def _matmul(call: Call, ctx: Context) -> Rule:
     alpha = float(call.args.get("alpha", 1))
     wa, a = alpha * w, (alpha * w).abs()
     return Affine(call, ctx, lambda v: v @ wa, lambda v: v @ a, norm=lambda: spectral_norm(wa),
-                  transpose=lambda c: c @ wa.T, abs_transpose=lambda c: c @ a.T)  # fmt: skip
+                  transpose=lambda c: c @ wa.T, abs_transpose=lambda c: c @ a.T, matrix=wa.T)  # fmt: skip
 
 
 def _conv(call: Call, ctx: Context) -> Rule:
@@ -395,8 +468,9 @@ def _batch_norm(call: Call, ctx: Context) -> Rule:
     weight = _const(call, "weight")
     scale = (torch.ones_like(var) if weight is None else weight) / torch.sqrt(var + float(call.args["eps"]))
     view = scale.reshape(1, -1, *[1] * (len(ctx.in_shapes[0]) - 1))
-    return Affine(call, ctx, lambda v: v * view, lambda v: v * view.abs(), norm=lambda: float(scale.abs().max()),
-                  transpose=lambda c: c * view, abs_transpose=lambda c: c * view.abs())  # fmt: skip
+    a = view.abs()
+    return Affine(call, ctx, lambda v: v * view, lambda v: v * a, norm=lambda: float(a.max()),
+                  transpose=lambda c: c * view, abs_transpose=lambda c: c * a, diagonal=a[0])  # fmt: skip
 
 
 def _structural(call: Call, ctx: Context) -> Rule:
@@ -413,7 +487,7 @@ def _structural(call: Call, ctx: Context) -> Rule:
         start, end, step = call.args.get("start"), call.args.get("end"), call.args.get("step", 1)
         if start not in (None, 0) or step != 1 or not (end is None or isinstance(end, Sym) or end >= 2**62):
             raise _refuse(call, "selects points of the batch: no rule")
-    return Affine(call, ctx, call, call, norm=(lambda: 1.0) if op != "expand" else None)
+    return Affine(call, ctx, call, call, norm=(lambda: 1.0) if op != "expand" else None, copy=True)
 
 
 class Identity(Affine):
@@ -443,9 +517,9 @@ def _pad(call: Call, ctx: Context) -> Rule:
                                            "replication_pad1d", "replication_pad2d", "replication_pad3d"):  # fmt: skip
         mode = "copy"
     if mode != "constant":  # each padded entry copies one input entry: Schur's test is exact (sqrt of max copies)
-        return Affine(call, ctx, call, call)
+        return Affine(call, ctx, call, call, copy=True)
     linear = call.with_args(value=0.0) if "value" in call.args else call
-    return Affine(call, ctx, linear, linear, norm=lambda: 1.0)
+    return Affine(call, ctx, linear, linear, norm=lambda: 1.0, copy=True)
 
 
 def _reduce(call: Call, ctx: Context) -> Rule:
@@ -466,8 +540,10 @@ def _elementwise_scale(call: Call, ctx: Context, factor: object) -> Rule:
     if ctx.out_shape != ctx.in_shapes[0]:
         raise _refuse(call, "broadcasts its input that depends on x to a larger shape: no rule")
     f, a = factor.double(), factor.double().abs()
+    per_point = a[0] if a.dim() == len(ctx.in_shapes[0]) + 1 and a.shape[0] == 1 else a
+    diagonal = per_point.expand(ctx.in_shapes[0]) if per_point.dim() <= len(ctx.in_shapes[0]) else None
     return Affine(call, ctx, lambda v: v * f, lambda v: v * a, norm=lambda: float(a.max()),
-                  transpose=lambda c: c * f, abs_transpose=lambda c: c * a)  # fmt: skip
+                  transpose=lambda c: c * f, abs_transpose=lambda c: c * a, diagonal=diagonal)  # fmt: skip
 
 
 def _arithmetic(call: Call, ctx: Context) -> Rule:
@@ -540,7 +616,7 @@ def _constant_like(call: Call, ctx: Context) -> Rule:
         raise _refuse(call, "expands an input that depends on x to another's shape: no rule (use expand)")
     if isinstance(call.args.get("dtype"), torch.dtype) and call.args["dtype"].is_floating_point:
         call = call.with_args(dtype=torch.float64)
-    return ConstantLike(call, len(ctx.in_shapes))
+    return ConstantLike(call, ctx, len(ctx.in_shapes))
 
 
 _ACTIVATION_PARAMS: dict[str, Callable[[dict], tuple[str, dict]]] = {

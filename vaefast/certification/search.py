@@ -22,8 +22,8 @@ __all__ = ["R_MAX", "certified_p", "global_radii", "local_radii"]
 
 R_MAX = 1e6  # the largest radius reported (a constant encoder is certified everywhere)
 TV_LIMIT = math.sqrt(2 * math.log(4 / 3))  # t with sqrt(1 - exp(-t^2/2)) = 1/2: no radius beyond t / L_s
-CANDIDATES = 8  # radii evaluated per point and radius in each round of the local search
-ROUNDS = 5
+CANDIDATES = 4  # radii evaluated per point and radius in each round of the local search
+ROUNDS = 4
 RTOL = 1e-3
 
 Constants = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (L_w, E_w, L_s, E_s)
