@@ -292,3 +292,76 @@ def test_ops_acting_across_the_batch_or_without_rules_are_refused_by_name():
         with pytest.raises(CertificationRefused, match=message) as info:
             trace_function(module, module, x, "f")
         assert "\n" not in str(info.value)
+
+
+def test_column_scaled_norms_bound_the_exact_norm_closely():
+    from vaefast.certification.norms import column_scaled_norms
+
+    g = torch.Generator().manual_seed(3)
+    for out_f, in_f in ((7, 30), (40, 12), (64, 64)):
+        w = torch.randn(out_f, in_f, generator=g, dtype=D64)
+        scale = torch.rand(9, in_f, generator=g, dtype=D64) * (torch.rand(9, in_f, generator=g, dtype=D64) > 0.3)
+        scale[0] = 0
+        bound = column_scaled_norms(w.T @ w, scale)
+        exact = torch.linalg.matrix_norm(w[None] * scale[:, None, :], ord=2)
+        assert bool((bound >= exact).all()) and bool((bound <= exact * 1.05 + 1e-12).all())
+
+
+class _Mixed(nn.Module):
+    """Every kind of rule on one path: conv, batch norm, max pooling, GroupSort, residual add, concatenation."""
+
+    def __init__(self, pool: bool):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(2)
+        self.pool = nn.MaxPool2d(2) if pool else nn.AvgPool2d(2)
+        self.fc, self.skip = nn.Linear(8, 6), nn.Linear(16, 6)
+        self.mu, self.logvar = nn.Linear(12, 3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.pool(nn.functional.elu(self.bn(self.conv(x)), 2.0)).flatten(1)
+        h = GroupSort(2)(torch.tanh(self.fc(h))) + 0.5 * self.skip(x.flatten(1))
+        h = torch.cat([h, nn.functional.silu(h)], dim=1)
+        return self.mu(h), 2 * torch.tanh(self.logvar(h) / 2)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["avgpool", "maxpool"])
+def test_local_constants_bound_the_jacobian_on_the_ball(pool):
+    """The local constants (carry, interval Jacobian at every cut, global) bound ``||diag(w) J_mu(x')||_2`` and
+    ``||J_log_sigma(x')||_2`` at sampled points of the ball and where gradient ascent on those norms ends."""
+    from vaefast.certification import EncoderCertifier
+    from vaefast.models import as_vae
+
+    torch.manual_seed(5)
+    enc = _Mixed(pool).double().eval()
+    with torch.no_grad():
+        enc.bn.running_mean.normal_()
+        enc.bn.running_var.uniform_(0.5, 2)
+    model = as_vae(enc, nn.Sequential(nn.Linear(3, 16), nn.Unflatten(1, (1, 4, 4))).double(), likelihood="gaussian",
+                   decoder_output="mean")  # fmt: skip
+    x = torch.rand(2, 1, 4, 4, dtype=D64)
+    certifier = EncoderCertifier.for_model(model, x)
+    values = certifier.graph.run(x)
+    w = torch.exp(-0.5 * model.encode(x)[1]).detach()
+    radius = torch.tensor([[0.0, 0.02, 0.2]] * 2, dtype=D64)
+    lw, _, ls, _ = certifier.bounds.local(values, w, radius)
+
+    def norms(t, b):
+        jm = torch.func.jacrev(lambda s: model.encode(s[None])[0][0])(t).reshape(3, -1)
+        jl = torch.func.jacrev(lambda s: 0.5 * model.encode(s[None])[1][0])(t).reshape(3, -1)
+        return torch.linalg.matrix_norm(w[b][:, None] * jm, ord=2), torch.linalg.matrix_norm(jl, ord=2)
+
+    g = torch.Generator().manual_seed(6)
+    for b in range(2):
+        for m, rad in enumerate(radius[b].tolist()):
+            found = [norms(x[b], b)]
+            for k in range(2):
+                d = torch.randn(x[b].shape, generator=g, dtype=D64)
+                t = (x[b] + rad * torch.rand(1, generator=g, dtype=D64) * d / d.norm()).requires_grad_(True)
+                for _ in range(15 if rad > 0 else 0):
+                    (grad,) = torch.autograd.grad(norms(t, b)[k], t)
+                    with torch.no_grad():
+                        t += 0.2 * rad * grad / grad.norm().clamp_min(1e-12)
+                        t.copy_(x[b] + (t - x[b]) * (rad / (t - x[b]).norm().clamp_min(1e-300)).clamp(max=1))
+                found.append(norms(t.detach(), b))
+            assert max(float(f[0]) for f in found) <= float(lw[b, m]) * (1 + 1e-9), (b, rad)
+            assert max(float(f[1]) for f in found) <= float(ls[b, m]) * (1 + 1e-9), (b, rad)

@@ -371,7 +371,8 @@ class EncoderBounds:
             if carry[index] is None:
                 return
             e, lv = carry[index]
-            jc, jr = (jac[0] * e.unsqueeze(1)).flatten(2), (jac[1] * e.unsqueeze(1)).flatten(2)
+            jc, jr = jac if e is None else (jac[0] * e.unsqueeze(1), jac[1] * e.unsqueeze(1))
+            jc, jr = jc.flatten(2), jr.flatten(2)
             for k, cols in enumerate((slice(0, d_mu), slice(d_mu, rows))):
                 best[k] = torch.minimum(best[k], _interval_norm(jc[:, cols], jr[:, cols]) * lv)
 
@@ -383,8 +384,7 @@ class EncoderBounds:
         """The diagonal carry ``(e, L)`` on the balls (:meth:`vaefast.certification.rules.Rule.carry`) of every node
         up to the heads' cuts (None after them: the heads use their own block Jacobian)."""
         n = w.shape[0]
-        carry = [(torch.ones(n, *self.graph.nodes[0].shape, dtype=w.dtype, device=w.device),
-                  torch.ones(n, dtype=w.dtype, device=w.device))]  # fmt: skip
+        carry: list = [(None, torch.ones(n, dtype=w.dtype, device=w.device))]
         needed = self._below_cuts()
         for node in self.graph.nodes[1:]:
             if node.index not in needed:
@@ -422,7 +422,8 @@ class EncoderBounds:
                 else:
                     scale = scale * abs(rule.scalar)
             e, lv = carry[head.cut]
-            out.append(_spectral(scale[:, :, None] * head.jacobian[None] * e.flatten(1)[:, None, :]) * lv)
+            scaled = scale[:, :, None] * head.jacobian[None]
+            out.append(_spectral(scaled if e is None else scaled * e.flatten(1)[:, None, :]) * lv)
         return out[0], out[1]
 
     def _ball_bounds(self, centre: dict[int, torch.Tensor], radius: torch.Tensor) -> list[Bounds | None]:

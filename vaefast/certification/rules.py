@@ -98,7 +98,7 @@ class Rule:
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
         """The diagonal carry (forward): from ``d in / d x = diag(a) M`` with ``|a| <= e``, ``||M|| <= L`` for every
         input, the same form for the output (a diagonal factor is carried to the next op, whose norm is then taken
-        with it: ``||W diag(e)||`` instead of ``||W|| max(e)``)."""
+        with it: ``||W diag(e)||`` instead of ``||W|| max(e)``). ``e = None`` stands for all ones."""
         raise NotImplementedError
 
 
@@ -162,16 +162,15 @@ class Affine(Rule):
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
         e, lv = inputs[0]
         if self.scalar is not None:
-            return e * abs(self.scalar), lv
+            return (None, lv * abs(self.scalar)) if e is None else (e * abs(self.scalar), lv)
         if self.diagonal is not None:
-            return e * self.diagonal, lv
+            return (self.diagonal.expand(lv.shape[0], *self.diagonal.shape) if e is None else e * self.diagonal), lv
+        if e is None:  # ||T diag(1)|| = ||T||; a copy of ones is at most one
+            return None, lv * self.norm()
         if self.copy:
             return self.abs_linear(e), lv * self.norm()
         flat = e.flatten(1)
-        top = flat.amax(1)
-        if bool((flat == top[:, None]).all()):  # e constant per point (x itself, or after a copy of it)
-            scaled = top * self.norm()
-        elif self.matrix is not None and self.matrix.shape[1] <= EXACT_CARRY:
+        if self.matrix is not None and self.matrix.shape[1] <= EXACT_CARRY:
             if self._gram is None:
                 self._gram = self.matrix.T @ self.matrix
             scaled = column_scaled_norms(self._gram, flat)
@@ -182,8 +181,7 @@ class Affine(Rule):
             rows = self.abs_linear(e).flatten(1).amax(1)
             cols = (e * self._column_sums).flatten(1).amax(1)
             scaled = torch.sqrt(rows * cols) * (1 + 1e-6)
-        scaled = torch.minimum(scaled, self.norm() * top)
-        return torch.ones(e.shape[0], *self.ctx.out_shape, dtype=e.dtype, device=e.device), lv * scaled
+        return None, lv * torch.minimum(scaled, self.norm() * flat.amax(1))
 
 
 class Elementwise(Rule):
@@ -211,7 +209,9 @@ class Elementwise(Rule):
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
         d_lo, d_hi = self.act.derivative_range(*bounds[0])
-        return inputs[0][0] * torch.maximum(d_lo.abs(), d_hi.abs()), inputs[0][1]
+        e, lv = inputs[0]
+        bound = torch.maximum(d_lo.abs(), d_hi.abs())
+        return (bound if e is None else e * bound), lv
 
 
 class Sum(Rule):
@@ -240,10 +240,9 @@ class Sum(Rule):
                 for c, s in zip(self.coefs, self.ctx.in_shapes, strict=True)]  # fmt: skip
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
-        e0 = inputs[0][0]
-        total = sum(abs(c) * m * e.flatten(1).amax(1) * lv
+        total = sum(abs(c) * m * (lv if e is None else e.flatten(1).amax(1) * lv)
                     for c, m, (e, lv) in zip(self.coefs, self.repeats, inputs, strict=True))  # fmt: skip
-        return torch.ones(e0.shape[0], *self.ctx.out_shape, dtype=e0.dtype, device=e0.device), total
+        return None, total
 
 
 class Concat(Rule):
@@ -272,7 +271,13 @@ class Concat(Rule):
         ]
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
-        return self.call(*[e for e, _ in inputs]), torch.stack([lv for _, lv in inputs]).pow(2).sum(0).sqrt()
+        norm = torch.stack([lv for _, lv in inputs]).pow(2).sum(0).sqrt()
+        if all(e is None for e, _ in inputs):
+            return None, norm
+        n = inputs[0][1].shape[0]
+        parts = [torch.ones(n, *s, dtype=lv.dtype, device=lv.device) if e is None else e
+                 for (e, lv), s in zip(inputs, self.ctx.in_shapes, strict=True)]  # fmt: skip
+        return self.call(*parts), norm
 
 
 class SortValues(Rule):
@@ -308,7 +313,7 @@ class SortValues(Rule):
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
         e, lv = inputs[0]  # P diag(a) M = diag(P a) P M with P a permutation of each group: the group's largest e
-        return e.amax(self.dim, keepdim=True).expand_as(e), lv
+        return (None if e is None else e.amax(self.dim, keepdim=True).expand_as(e)), lv
 
 
 class Extreme(Rule):
@@ -340,7 +345,8 @@ class Extreme(Rule):
         return [(jc * pc, jc.abs() * pr + jr * (pc + pr))]
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
-        return self.call(inputs[0][0]), inputs[0][1]  # a selection of distinct inputs: the selected e, norm <= 1
+        e, lv = inputs[0]  # a selection of distinct inputs: the selected e, norm <= 1
+        return (None if e is None else self.call(e)), lv
 
 
 class MaxPool(Rule):
@@ -362,7 +368,8 @@ class MaxPool(Rule):
         return self.call(lo), self.call(hi)
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
-        return self.call(inputs[0][0]), inputs[0][1] * math.sqrt(self.coverage)
+        e, lv = inputs[0]
+        return (None if e is None else self.call(e)), lv * math.sqrt(self.coverage)
 
 
 class ConstantLike(Rule):
@@ -382,8 +389,7 @@ class ConstantLike(Rule):
         return [None] * self.n_inputs
 
     def carry(self, inputs: list[Carry], bounds: list[Bounds]) -> Carry:
-        e0 = inputs[0][0]
-        return torch.zeros(e0.shape[0], *self.ctx.out_shape, dtype=e0.dtype, device=e0.device), inputs[0][1] * 0
+        return None, inputs[0][1] * 0
 
 
 # --- the table ----------------------------------------------------------------------------------------------------
