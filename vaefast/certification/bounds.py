@@ -14,13 +14,18 @@ ends in an affine map. The bound is ``min`` of that and ``max(w) L(mu)``.
 
 1. intervals of every node: exact for nodes affine in x (``v(x) +- R ||row_i(d v / d x)||_2``, the row norms
    computed once per model by pushing the identity basis through the affine ops), then each rule's interval map;
-2. an interval Jacobian propagated backwards from the outputs (seeds ``diag(w)`` at mu and ``I / 2`` at logvar) in
-   centre-radius form through every rule (exact transposes for affine ops, the derivative ranges of elementwise ones
-   on their input intervals, selections for sort / max); at x it encloses ``d out / d x (x')`` for every x' in the
-   ball, so ``sup ||J(x')||_2 <= min(||C||_2 + ||R||_2, || |C| + R ||_2)`` bounds the constant on the ball (mean
-   value theorem; the functions are piecewise smooth, the ranges cover both sides of every kink);
-3. the local constant is the ``min`` of that and the global one. A ball in which a function with a jump (softplus'
-   threshold) may jump falls back to the global constants with their jump term.
+2. a diagonal carry forwards (:meth:`vaefast.certification.rules.Rule.carry`): every node's Jacobian is
+   ``diag(a) M`` with ``|a| <= e`` (derivative bounds of the elementwise ops on their intervals) and ``||M|| <= L``
+   (norms such as ``||W diag(e)||`` taken with the carried diagonal); at each head
+   ``||diag(w') J_A diag(e_cut)||_2 L_cut``, ``w'`` the whitening times the commuting ops' local derivative bounds;
+3. an interval Jacobian backwards from the outputs (seeds ``diag(w)`` at mu and ``I / 2`` at logvar) in centre-radius
+   form through every rule (exact transposes for affine ops, the derivative ranges of elementwise ones, selections
+   for sort / max); at every cut vertex v (all paths from the outputs to x pass through it) it encloses
+   ``d out / d v`` on the ball, so ``sup ||J||_2 <= ||J_top(v) diag(e_v)||_int L_v`` with
+   ``||.||_int = min(||C||_2 + ||R||_2, || |C| + R ||_2)`` (mean value theorem: the functions are piecewise smooth,
+   the ranges cover both sides of every kink); at x itself this is the plain interval-Jacobian bound;
+4. the local constant is the ``min`` of all of these and the global one. A ball in which a function with a jump
+   (softplus' threshold) may jump falls back to the global constants with their jump term.
 """
 
 from __future__ import annotations
@@ -167,15 +172,9 @@ def _region_jacobian(graph: Graph, top: int, cut: int) -> torch.Tensor | None:
     d, n = math.prod(graph.nodes[top].shape), math.prod(graph.nodes[cut].shape)
     if d * n > MATERIALISE_LIMIT:
         return None
-    eye = torch.eye(d, dtype=torch.float64, device=_device(graph)).reshape(1, d, *graph.nodes[top].shape)
+    eye = torch.eye(d, dtype=torch.float64, device=graph.device).reshape(1, d, *graph.nodes[top].shape)
     jac = backward(graph, {top: (eye, torch.zeros_like(eye))}, None, stop=cut).get(cut)
     return torch.zeros(d, n, dtype=torch.float64, device=eye.device) if jac is None else jac[0].reshape(d, n)
-
-
-def _device(graph: Graph) -> torch.device:
-    for node in graph.nodes[1:]:
-        return node.rule.ctx.device if hasattr(node.rule, "ctx") else torch.device("cpu")
-    return torch.device("cpu")
 
 
 def _region_norm(graph: Graph, index: int) -> tuple[int, float] | None:
@@ -441,7 +440,7 @@ class EncoderBounds:
 
     def _jumped(self, bounds: list[Bounds | None], n: int) -> torch.Tensor:
         """Balls in which some function with a jump may jump."""
-        out = torch.zeros(n, dtype=torch.bool, device=self.graph_device)
+        out = torch.zeros(n, dtype=torch.bool, device=self.graph.device)
         for node in self.graph.nodes[1:]:
             if isinstance(node.rule, Elementwise) and node.rule.act.jump > 0:
                 lo, hi = bounds[node.inputs[0]]
@@ -449,11 +448,6 @@ class EncoderBounds:
                     if k.values:
                         out |= ((lo <= k.at) & (k.at <= hi)).flatten(1).any(1)
         return out
-
-    @property
-    def graph_device(self) -> torch.device:
-        """The device of the graph's constants."""
-        return _device(self.graph)
 
 
 def _interval_norm(jc: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
@@ -472,7 +466,7 @@ def _row_norms(graph: Graph, affine: set[int]) -> dict[int, torch.Tensor]:
     """Row norms of ``d v / d x`` for the affine nodes read by nonlinear ones (identity basis pushed in chunks)."""
     needed = {i for i in affine if any(u not in affine for u in graph.users[i]) or i in graph.outputs}
     n_in = math.prod(graph.nodes[0].shape)
-    device = _device(graph)
+    device = graph.device
     per_row = 8 * sum(math.prod(graph.nodes[i].shape) for i in affine)
     size = rows_that_fit(per_row, default_max_memory(device), "one basis vector of the input")
     sums = {i: torch.zeros(graph.nodes[i].shape, dtype=torch.float64, device=device) for i in needed}

@@ -82,16 +82,11 @@ class EncoderCertifier:
             raise CertificationRefused(f"certify: the model must be an nn.Module to be traced, got {type(model)}")
         key = (tuple(x.shape[1:]), model_digest(model))
         cached = _CACHE.get(model)
-        if cached is not None and cached.key == key and cached.graph_device == x.device:
+        if cached is not None and cached.key == key and cached.graph.device == x.device:
             return cached
         certifier = cls(model, trace_encoder(model, x), key[1])
         _CACHE[model] = certifier
         return certifier
-
-    @property
-    def graph_device(self) -> torch.device:
-        """Where the graph's constants live (the model's device)."""
-        return self.bounds.graph_device
 
     def radii(self, x: torch.Tensor, p_low: torch.Tensor, method: str = "global") -> Radii:
         """Certified radii of the points ``x`` for each lower limit ``p_low[b, k]`` of ``p_r(x_b, 0)``.

@@ -51,10 +51,12 @@ class Node:
 
 @dataclass
 class Graph:
-    """The traced function: ``nodes[0]`` is x, ``outputs`` the output nodes (``(mu, logvar)`` for an encoder)."""
+    """The traced function: ``nodes[0]`` is x, ``outputs`` the output nodes (``(mu, logvar)`` for an encoder),
+    ``device`` where its constants live."""
 
     nodes: list[Node]
     outputs: tuple[int, ...]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     users: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -214,7 +216,7 @@ class _Builder:
                 self._call(n)
             elif n.op == "output":
                 self._output(n)
-        return Graph(self.nodes, self.outputs)
+        return Graph(self.nodes, self.outputs, self.device)
 
     def _input(self, n: fx.Node) -> None:
         if self.nodes:
