@@ -24,7 +24,8 @@ ends in an affine map. The bound is ``min`` of that and ``max(w) L(mu)``.
    ``d out / d v`` on the ball, so ``sup ||J||_2 <= ||J_top(v) diag(e_v)||_int L_v`` with
    ``||.||_int = min(||C||_2 + ||R||_2, || |C| + R ||_2)`` (mean value theorem: the functions are piecewise smooth,
    the ranges cover both sides of every kink); at x itself this is the plain interval-Jacobian bound;
-4. the local constant is the ``min`` of all of these and the global one. A ball in which a function with a jump
+4. the local constant is the ``min`` of all of these and the global one (the interval Jacobian only where its work
+   per ball, rows times the nodes' sizes, is at most ``INTERVAL_JACOBIAN_WORK``). A ball in which a function with a jump
    (softplus' threshold) may jump falls back to the global constants with their jump term.
 """
 
@@ -43,29 +44,9 @@ from vaefast.certification.trace import Graph
 
 __all__ = ["EncoderBounds", "Head", "backward", "lipschitz_constant"]
 
-EXACT_NORM_OPS = (
-    "linear",
-    "mm",
-    "matmul",
-    "addmm",
-    "batch_norm",
-    "_native_batch_norm_legit_no_training",
-    "view",
-    "reshape",
-    "_unsafe_view",
-    "flatten",
-    "unflatten",
-    "squeeze",
-    "unsqueeze",
-    "permute",
-    "transpose",
-    "mul",
-    "div",
-    "neg",
-    "add",
-    "sub",
-    "rsub",
-)  # fmt: skip  (ops whose own norm bound is their norm)
+REGION_LIMIT = 2**21  # entries of a region's matrix materialised for its exact norm
+REGION_SIDE = 512  # and its smaller side
+INTERVAL_JACOBIAN_WORK = 2**19  # rows x node sizes per ball of the backward interval Jacobian (else the carry alone)
 ISOMETRIES = ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose")
 
 
@@ -179,22 +160,28 @@ def _region_jacobian(graph: Graph, top: int, cut: int) -> torch.Tensor | None:
 
 def _region_norm(graph: Graph, index: int) -> tuple[int, float] | None:
     """``(cut, exact norm of d index / d cut)`` when node ``index`` ends a region of affine ops read from one node
-    whose own bounds may be loose (several ops, a sum or concatenation, or a loosely bounded op), and it is small."""
+    whose own bounds multiply (several ops that are not isometries, or a sum or concatenation), and its matrix is
+    small (``REGION_LIMIT`` entries, smaller side at most ``REGION_SIDE``)."""
     users = graph.users[index]
     ends = index in graph.outputs or any(not isinstance(graph.nodes[u].rule, (Affine, Sum, Concat)) for u in users)
     if not ends:
         return None
     cut, ops = _region(graph, index)
-    exact_ops = [i for i in ops if isinstance(graph.nodes[i].rule, Affine) and (
-        graph.nodes[i].rule.scalar is not None or _packet(graph.nodes[i].rule) in EXACT_NORM_OPS)]  # fmt: skip
-    if cut is None or (len(ops) - len(exact_ops) == 0 and len(exact_ops) - _isometries(graph, exact_ops) <= 1):
+    if cut is None or len(ops) - _isometries(graph, ops) < 2:
+        return None
+    m, n = math.prod(graph.nodes[index].shape), math.prod(graph.nodes[cut].shape)
+    if m * n > REGION_LIMIT or min(m, n) > REGION_SIDE:
         return None
     jac = _region_jacobian(graph, index, cut)
     return None if jac is None else (cut, spectral_norm(jac))
 
 
 def _isometries(graph: Graph, ops: list[int]) -> int:
-    return sum(_packet(graph.nodes[i].rule) in ISOMETRIES or graph.nodes[i].rule.scalar is not None for i in ops)
+    return sum(
+        isinstance(graph.nodes[i].rule, Affine)
+        and (_packet(graph.nodes[i].rule) in ISOMETRIES or graph.nodes[i].rule.scalar is not None)
+        for i in ops
+    )
 
 
 class EncoderBounds:
@@ -345,11 +332,19 @@ class EncoderBounds:
         bounds = self._ball_bounds(centre, radius)
         carry = self._carry(bounds, w)
         lw, ls = self._carried(carry, bounds, w)
-        if all(node.rule.has_backward for node in self.graph.nodes[1:]):
+        if self._interval_jacobian_affordable():
             iw, is_ = self._interval_jacobian(bounds, w, carry)
             lw, ls = torch.minimum(lw, iw), torch.minimum(ls, is_)
         lw, ls = torch.nan_to_num(lw, nan=math.inf), torch.nan_to_num(ls, nan=math.inf)
         return lw, ls, self._jumped(bounds, w.shape[0])
+
+    def _interval_jacobian_affordable(self) -> bool:
+        """Whether every rule has an interval Jacobian and its work per ball (rows x the nodes' sizes) is at most
+        ``INTERVAL_JACOBIAN_WORK`` (wide convolutional encoders use the carry alone)."""
+        nodes = self.graph.nodes
+        rows = math.prod(nodes[self.mu].shape) + math.prod(nodes[self.logvar].shape)
+        work = rows * sum(math.prod(node.shape) for node in nodes)
+        return work <= INTERVAL_JACOBIAN_WORK and all(node.rule.has_backward for node in nodes[1:])
 
     def _interval_jacobian(self, bounds: list[Bounds | None], w: torch.Tensor, carry: list) -> tuple[torch.Tensor, ...]:
         """The interval-Jacobian bound of both outputs on the balls (module docstring, step 2), combined at every cut

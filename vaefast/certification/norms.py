@@ -49,7 +49,11 @@ def spectral_norm(matrix: torch.Tensor) -> float:
     """
     if matrix.numel() == 0:
         return 0.0
-    return float(torch.linalg.matrix_norm(matrix.detach().double(), ord=2)) * (1 + SPECTRAL_SLACK)
+    m = matrix.detach().double()
+    if min(m.shape) > 64 and max(m.shape) > 2 * min(m.shape):  # the smaller Gram matrix's top eigenvalue
+        gram = m @ m.T if m.shape[0] < m.shape[1] else m.T @ m
+        return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0)) * (1 + SPECTRAL_SLACK)
+    return float(torch.linalg.matrix_norm(m, ord=2)) * (1 + SPECTRAL_SLACK)
 
 
 def row_scaled_norms(matrix: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
