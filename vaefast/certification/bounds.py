@@ -366,9 +366,9 @@ class EncoderBounds:
                 return
             e, lv = carry[index]
             jc, jr = jac if e is None else (jac[0] * e.unsqueeze(1), jac[1] * e.unsqueeze(1))
-            jc, jr = jc.flatten(2), jr.flatten(2)
-            for k, cols in enumerate((slice(0, d_mu), slice(d_mu, rows))):
-                best[k] = torch.minimum(best[k], _interval_norm(jc[:, cols], jr[:, cols]) * lv)
+            norms = _interval_norms(jc.flatten(2), jr.flatten(2), (d_mu, rows - d_mu))
+            for k in range(2):
+                best[k] = torch.minimum(best[k], norms[k] * lv)
 
         if not backward(self.graph, seeds, bounds, on_cut=at_cut):  # the outputs do not depend on x
             return torch.zeros_like(best[0]), torch.zeros_like(best[1])
@@ -445,13 +445,21 @@ class EncoderBounds:
         return out
 
 
-def _interval_norm(jc: torch.Tensor, jr: torch.Tensor) -> torch.Tensor:
-    """Per row block ``[N, rows, n]``: an upper bound of ``||J||_2`` over ``|J - jc| <= jr`` (module docstring)."""
-    return torch.minimum(_spectral(jc) + _spectral(jr), _spectral(jc.abs() + jr))
+def _interval_norms(jc: torch.Tensor, jr: torch.Tensor, blocks: tuple[int, ...]) -> list[torch.Tensor]:
+    """Per block of rows of ``[N, rows, n]`` (sizes ``blocks``): an upper bound of ``||J||_2`` over
+    ``|J - jc| <= jr``, ``min(||C|| + ||R||, || |C| + R ||)`` (module docstring); one batched eigensolve per block."""
+    out, start = [], 0
+    for size in blocks:
+        c, r = jc[:, start : start + size], jr[:, start : start + size]
+        start += size
+        norms = _spectral(torch.cat([c, r, c.abs() + r])).reshape(3, -1)
+        out.append(torch.minimum(norms[0] + norms[1], norms[2]))
+    return out
 
 
 def _spectral(m: torch.Tensor) -> torch.Tensor:
-    if m.shape[1] == 0:
+    """``||m_b||_2`` of a batch ``[N, rows, n]`` from the smaller Gram matrix (inflated for rounding)."""
+    if m.shape[1] == 0 or m.shape[2] == 0:
         return torch.zeros(m.shape[0], dtype=m.dtype, device=m.device)
     gram = m @ m.transpose(1, 2) if m.shape[1] <= m.shape[2] else m.transpose(1, 2) @ m
     return torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt() * (1 + 1e-6)

@@ -108,8 +108,8 @@ def schur_norm(abs_linear: Linear, in_shape: Sequence[int], dtype, device) -> fl
 
 
 def _tap_phases(kernel: Sequence[int], dilation: Sequence[int], grid: Sequence[int], freqs: torch.Tensor):
-    taps = torch.tensor(list(itertools.product(*[range(k) for k in kernel])), dtype=torch.float64)
-    scale = torch.tensor([d / n for d, n in zip(dilation, grid, strict=True)], dtype=torch.float64)
+    taps = torch.tensor(list(itertools.product(*[range(k) for k in kernel])), dtype=torch.float64, device=freqs.device)
+    scale = torch.tensor([d / n for d, n in zip(dilation, grid, strict=True)], dtype=torch.float64, device=freqs.device)
     angle = 2 * math.pi * (freqs.double() * scale) @ taps.T  # [F, T]
     return torch.polar(torch.ones_like(angle), -angle)
 
@@ -126,7 +126,7 @@ def conv_norm(weight: torch.Tensor, groups: int, dilation: Sequence[int], grid: 
     Returns:
         The bound.
     """
-    w = weight.detach().double().cpu()
+    w = weight.detach().double()
     ca, cb, *kernel = w.shape
     blocks = w.reshape(groups, ca // groups, cb, -1)
     tap_sum = float(torch.linalg.matrix_norm(blocks.permute(0, 3, 1, 2), ord=2).sum(dim=1).max())
@@ -134,7 +134,7 @@ def conv_norm(weight: torch.Tensor, groups: int, dilation: Sequence[int], grid: 
     work = n_freq * groups * (ca // groups) * cb * (min(ca // groups, cb) + blocks.shape[-1])
     if work > FFT_FLOP_LIMIT:
         return tap_sum * (1 + SPECTRAL_SLACK)
-    freqs = torch.tensor(list(itertools.product(*[range(n) for n in grid])), dtype=torch.float64)
+    freqs = torch.tensor(list(itertools.product(*[range(n) for n in grid])), dtype=torch.float64, device=w.device)
     best = 0.0
     complex_blocks = blocks.to(torch.complex128)
     for start in range(0, n_freq, 256):

@@ -6,9 +6,9 @@ E_w``, ``||log sigma(x') - log sigma(x)|| <= L_s R + E_s``), every ``||delta|| <
     ``p_r(x, delta) >= Phi(q - (L_w R + E_w)) - sqrt(1 - exp(-(L_s R + E_s)^2 / 2))``
 
 (:mod:`vaefast.certification` derives it). R is certified when this exceeds 1/2. The bound decreases in R for fixed
-constants, so with global constants the largest R is found by bisection (64 halvings, float64). With local
-constants (which grow with R) a multi-section search evaluates ``M`` radii per point and radius at once, keeps the
-largest accepted one and narrows the bracket; the returned radius is always one that was verified.
+constants, so with global constants the largest R is found by bisection (48 halvings, float64). With local
+constants (which grow with R) a bracketing fixed-point search (:func:`local_radii`) evaluates one ball per point and
+radius per round; the returned radius is always one that was verified.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ __all__ = ["R_MAX", "certified_p", "global_radii", "local_radii"]
 
 R_MAX = 1e6  # the largest radius reported (a constant encoder is certified everywhere)
 TV_LIMIT = math.sqrt(2 * math.log(4 / 3))  # t with sqrt(1 - exp(-t^2/2)) = 1/2: no radius beyond t / L_s
-CANDIDATES = 4  # radii evaluated per point and radius in each round of the local search
-ROUNDS = 4
-RTOL = 1e-3
+ROUNDS = 4  # balls evaluated per point and radius by the local search (after the one at radius 0)
+STEP = 0.25  # the next radius tried, as a fraction of the bracket above the verified one
+RTOL = 1e-2  # the search stops once every bracket is this narrow (relative)
+BISECTIONS = 48  # halvings of the global search (relative precision 2^-48 of the bracket)
 
 Constants = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (L_w, E_w, L_s, E_s)
 
@@ -57,52 +58,47 @@ def global_radii(q: torch.Tensor, constants: Constants) -> torch.Tensor:
     constants = tuple(torch.as_tensor(c, dtype=torch.float64, device=q.device).expand_as(q) for c in constants)
     lo = torch.zeros_like(q)
     hi = upper_radius(q, constants[0], constants[2])
-    for _ in range(64):
+    for _ in range(BISECTIONS):
         mid = (lo + hi) / 2
         good = certified_p(q, constants, mid) > 0.5
         lo, hi = torch.where(good, mid, lo), torch.where(good, hi, mid)
     return torch.where(certified_p(q, constants, lo) > 0.5, lo, torch.zeros_like(lo))
 
 
-def _candidates(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``CANDIDATES`` radii strictly inside ``(lo, hi)`` per entry: geometric when the bracket spans a factor > 8."""
-    steps = torch.arange(1, CANDIDATES + 1, dtype=torch.float64, device=lo.device) / (CANDIDATES + 1)
-    floor = torch.maximum(lo, hi * 1e-6)
-    geometric = floor[..., None] * (hi / floor)[..., None] ** steps
-    linear = lo[..., None] + (hi - lo)[..., None] * steps
-    return torch.where((hi > 8 * floor)[..., None], geometric, linear)
-
-
 def local_radii(
     q: torch.Tensor, start: torch.Tensor, start_constants: Constants, hi: torch.Tensor,
     local: Callable[[torch.Tensor], Constants],
 ) -> tuple[torch.Tensor, Constants]:  # fmt: skip
-    """The largest radius verified with constants over its own ball.
+    """The largest radius verified with constants over its own ball, by a bracketing fixed-point search.
+
+    ``lo`` is always verified, ``hi`` never exceeded. Each round evaluates the constants on one ball per point and
+    radius, of radius ``c`` in ``(lo, hi]`` (first ``hi``): if they certify ``c``, ``lo = c``; else ``hi = c``, and the
+    largest radius they certify, ``c' < c``, is verified too (constants valid on the ball of radius c hold on the
+    smaller one): ``lo = max(lo, c')``. The next ``c`` is ``lo + STEP (hi - lo)``.
 
     Args:
         q: ``[B, K]``.
         start: ``[B, K]`` a verified radius to start from (the global one, or 0).
         start_constants: the constants that verified it, each ``[B, K]``.
         hi: ``[B, K]`` a radius not to search beyond.
-        local: ``radius [B, J] -> constants [B, J]`` on the balls of those radii around each point.
+        local: ``radius [B, K] -> constants [B, K]`` on the balls of those radii around each point.
 
     Returns:
         ``(radius, constants)`` ``[B, K]``: the largest verified radius and the constants that verified it.
     """
-    b, k = q.shape
-    lo, best = start.clone(), [c.clone() for c in start_constants]
+    lo, best = start.clone(), list(start_constants)
     hi = torch.maximum(hi, lo)
+    cand = hi.clone()
     for _ in range(ROUNDS):
         if bool(((hi - lo) <= RTOL * hi).all()):
             break
-        cand = _candidates(lo, hi)  # [B, K, M]
-        constants = [c.reshape(b, k, CANDIDATES) for c in local(cand.reshape(b, -1))]
-        good = certified_p(q[..., None], tuple(constants), cand) > 0.5
-        pick = torch.where(good, torch.arange(CANDIDATES, device=q.device), -1).amax(-1)  # largest accepted
-        found = pick >= 0
-        take = pick.clamp_min(0)[..., None]
-        lo_new = torch.where(found, cand.gather(-1, take)[..., 0], lo)
-        best = [torch.where(found, c.gather(-1, take)[..., 0], old) for c, old in zip(constants, best, strict=True)]
-        above = torch.where(~good & (cand > lo_new[..., None]), cand, torch.full_like(cand, math.inf)).amin(-1)
-        lo, hi = lo_new, torch.minimum(hi, above)
+        constants = local(cand)
+        accepted = certified_p(q, constants, cand) > 0.5
+        inner = torch.minimum(global_radii(q, constants), cand)  # verified on the ball of radius cand
+        found = torch.where(accepted, cand, inner)
+        better = found > lo
+        lo = torch.where(better, found, lo)
+        best = [torch.where(better, c, old) for c, old in zip(constants, best, strict=True)]
+        hi = torch.where(accepted, hi, torch.minimum(hi, cand))
+        cand = lo + STEP * (hi - lo)
     return lo, tuple(best)
