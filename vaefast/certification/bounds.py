@@ -362,8 +362,9 @@ class EncoderBounds:
         best = [torch.full((n,), math.inf, dtype=w.dtype, device=w.device) for _ in range(2)]
 
         def at_cut(index: int, jac: Jac) -> None:
-            if carry[index] is None:
-                return
+            rule = self.graph.nodes[index].rule
+            if carry[index] is None or (isinstance(rule, Affine) and (rule.copy or rule.scalar is not None)):
+                return  # (the cut at a copy's or a scalar multiple's input is at least as tight)
             e, lv = carry[index]
             jc, jr = jac if e is None else (jac[0] * e.unsqueeze(1), jac[1] * e.unsqueeze(1))
             norms = _interval_norms(jc.flatten(2), jr.flatten(2), (d_mu, rows - d_mu))

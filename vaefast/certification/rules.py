@@ -41,7 +41,7 @@ from vaefast.certification.norms import column_scaled_norms, conv_norm, schur_no
 __all__ = ["Context", "Rule", "build_rule"]
 
 ROUNDING = 1e-12  # relative widening of every affine interval (float64 rounding of the products)
-EXACT_CARRY = 256  # widest dense layer whose ||W diag(e)|| the carry computes per ball (else Schur's test on |W|)
+EXACT_CARRY = 64  # widest dense layer whose ||W diag(e)|| the carry computes per ball (else Schur on |W| diag(e))
 Bounds = tuple[torch.Tensor, torch.Tensor]  # (lo, hi) [N, *shape]
 Carry = tuple[
     torch.Tensor, torch.Tensor
