@@ -30,7 +30,8 @@ per point is against the best of all four.
 
 **Timing** (``--timing``): seconds per point of ``certify`` (process CPU time after a warm-up trace; estimate given)
 on random-weight MLPs, 8x8 (64-128-128-8, 16 points) and MNIST-sized (784-512-512-10, 8 points), global and local;
-``--before FILE`` also times the earlier implementation (a ``vaefast/certify.py`` module file of a previous commit).
+``--before FILE`` also times the earlier implementation (a ``vaefast/certify.py`` module file of a previous commit);
+and seconds per (point, radius) item of ``EncoderCertifier.radii`` with 5 radii per point (the sweep's call).
 
 Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_certify.py [--points 48] [--timing] [--before F]``.
 """
@@ -189,7 +190,27 @@ def timing(before: str | None) -> list[dict]:
                 row["before_seconds_per_point"] = (time.process_time() - t0) / n
                 row["before_radius_median"] = float(before_radius.median())
             rows.append(row)
+        rows.append(_five_radii(model, x, r, name))
     return rows
+
+
+def _five_radii(model, x, r: float, name: str) -> dict:
+    """Seconds per (point, radius) item of ``EncoderCertifier.radii`` with 5 radii per point at once (the sweep's
+    call), global and local together."""
+    from vaefast.stats import clopper_pearson_one_sided
+
+    radii = [r * f for f in (0.6, 0.8, 1.0, 1.25, 1.6)]
+    hits = estimate_r_robustness(model, x, radii, num_samples=500).hits
+    p_low = clopper_pearson_one_sided(hits, 500, 0.05)[0]
+    certifier = EncoderCertifier.for_model(model, x)
+    t0 = time.process_time()
+    for method in ("global", "local"):
+        certifier.radii(x, p_low, method)
+    return {
+        "model": name,
+        "method": "global+local, 5 radii",
+        "seconds_per_item": (time.process_time() - t0) / hits.numel(),
+    }
 
 
 def main() -> None:
