@@ -4,7 +4,9 @@
   functions with a jump (softplus' threshold; see :mod:`.activations`);
 - an interval (elementwise bounds over the ball, for ``method="local"``): ``interval``;
 - an interval Jacobian (``centre +- radius`` elementwise, for ``method="local"``): ``backward`` maps the bounds of
-  ``d out / d x`` to those of ``d in / d x`` (reverse mode, rows = the output coordinates).
+  ``d out / d x`` to those of ``d in / d x`` (reverse mode, rows = the output coordinates);
+- a diagonal carry (for ``method="local"``): ``carry`` maps ``d in / d x = diag(a) M`` (``|a| <= e``,
+  ``||M|| <= L``) forwards to the same form for the output.
 
 Kinds of rule:
 
@@ -16,13 +18,13 @@ Kinds of rule:
 - :class:`SortValues` (sort along a dimension: GroupSort), :class:`Extreme` (max/min over dimensions): 1-Lipschitz,
   monotone in every input (so ``op(lo) <= op(v) <= op(hi)``); their Jacobian is a selection whose possible entries
   follow from which inputs can take which rank.
-- :class:`MaxPool`: ``sqrt(c)``-Lipschitz with ``c`` the largest number of windows an input lies in; monotone; no
-  local rule (refused).
+- :class:`MaxPool`: ``sqrt(c)``-Lipschitz with ``c`` the largest number of windows an input lies in; monotone; a
+  carry (its Jacobian selects one input per window) but no interval Jacobian.
 - :class:`ConstantLike` (``full_like`` ...): constant values, Jacobian 0.
 
 Every rule acts on each point separately: an op that reduces, slices, sorts or concatenates along the batch
-dimension is refused. An op without a rule is refused by :func:`build_rule` with its name; ops that have one but not
-for a method (``exp``: no global constant; max pooling: no local rule) are refused when that method is asked.
+dimension is refused. An op without a rule is refused by :func:`build_rule` with its name; an op without a global
+constant (``exp``, ``log``) is refused when ``method="global"`` is asked.
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def certificates(model: nn.Module, x: torch.Tensor, unit: WorkUnit, est: RRobust
     for method in ("global", "local"):
         try:
             found[method] = certificate_from_estimate(certifier, x, est, method, est.confidence)
-        except CertificationRefused as exc:  # no rule for this method (e.g. max pooling has no local one)
+        except CertificationRefused as exc:  # no rule for this method (e.g. exp has no global constant)
             found[method] = None
             reasons.append(f"{method}: {exc}")
     return Certificates(found["global"], found["local"], "; ".join(reasons) or None)
