@@ -56,8 +56,7 @@ def check_core(workdir: Path) -> None:
     est = vaefast.estimate_r_robustness(model, points, radii=[r], num_samples=200, seed=0)
     bound = vaefast.margin_bound(model, points, r, estimate=est)
     margin = vaefast.numerical_margin(model, points, r, num_samples=200, steps=10, estimate=est, progress=False)
-    certify = vaefast.certify if callable(vaefast.certify) else vaefast.certify.certify  # the module, once imported
-    cert = certify(model, points, r, num_samples=200, estimate=est)
+    cert = vaefast.certify(model, points, r, num_samples=200, estimate=est)
     attack = vaefast.MaxDamageAttack(model, eps=[0.5], steps=5)(points)
     assert bound.bound.shape == margin.margin.shape == cert.radius.shape == (4,)
     assert attack.delta.shape[-3:] == (1, 8, 8)

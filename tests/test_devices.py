@@ -62,17 +62,19 @@ CPU_SIDE: dict[str, int] = {
     "models/ecosystem.py:from_diffusers:zeros": 1,
     "models/ecosystem.py:from_encode_decode:ones": 1,
     "models/ecosystem.py:from_encode_decode:zeros": 1,
+    # the certificates' activation tables: float64 scalars evaluated once on the CPU, read back with float()
+    "certification/activations.py:_scalar:tensor": 1,
+    "certification/activations.py:sup_derivative:tensor": 1,
+    "certification/activations.py:interval:tensor": 2,
+    "certification/activations.py:derivative_range:tensor": 1,
+    # a global offset that is a Python float (0.0) where no rule applies; moved to the radii's device where used
+    "certification/bounds.py:local:as_tensor": 1,
     # weights made on the CPU, moved with the module (.to(device)); order-dependent generators are CPU generators
     "models/likelihoods.py:__init__:zeros": 1,
     "models/lipschitz.py:__init__:tensor": 1,
     "testing.py:__init__:rand": 1,
     "testing.py:__init__:randn": 3,
     "training.py:_train_epoch:randperm": 1,
-    # the certificates of vaefast/certify.py move x and sigma to the CPU beside device weights (issue 23's first bug):
-    # vaefast/certification replaces the module, and then these entries go (the stale-entry test says so)
-    "certify.py:lipschitz_upper_bound:tensor": 1,
-    "certify.py:_constants:zeros": 2,
-    "certify.py:_search:zeros": 1,
     # the gloo channel of a distributed sweep carries CPU tensors only
     "sweep/transport.py:_send:tensor": 1,
     "sweep/transport.py:receive:empty": 1,

@@ -50,7 +50,7 @@ _LAZY: dict[str, str] = {
     "likelihood_degradation": "vaefast.attacks",
     "auddc": "vaefast.attacks",
     "numerical_margin": "vaefast.margin",
-    "certify": "vaefast.certify",
+    "certify": "vaefast.certification",
     "NumericalMargin": "vaefast.margin",
     # sweeps, their evidence, the demo
     "run_sweep": "vaefast.sweep",

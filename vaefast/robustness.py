@@ -106,7 +106,7 @@ class RRobustnessResult(ResultMixin):
         Returns:
             ``{q: quantile of r*}``.
         """
-        q = torch.tensor([float(v) for v in quantiles], dtype=torch.float64)
+        q = torch.tensor([float(v) for v in quantiles], dtype=torch.float64, device=self.r_star.device)
         return dict(zip([float(v) for v in quantiles], torch.quantile(self.r_star.double(), q).tolist(), strict=True))
 
     def counts(self) -> dict[str, int]:

@@ -331,7 +331,8 @@ def markdown() -> str:
     lines = [
         "# The results database",
         "",
-        f"A sweep writes one SQLite file (schema {SCHEMA_VERSION}). This page is generated from `vaefast/schema.py`, the "
+        f"A sweep writes one SQLite file (schema {SCHEMA_VERSION}). "
+        "This page is generated from `vaefast/schema.py`, the "
         'one definition of every table and column (`python -c "import vaefast.schema as s; print(s.markdown())"`). '
         "Blobs are little-endian float32 arrays of shape `models.input_shape`; NULL is a missing value.",
     ]

@@ -29,11 +29,13 @@ from vaefast._checks import analysis
 from vaefast._threads import intra_op_threads
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
+from vaefast.certification import CertificationRefused, EncoderCertifier
 from vaefast.core.encoding import Encoding, encode
 from vaefast.core.sampling import Sampler
 from vaefast.margin import NumericalMargin, margins_validated
 from vaefast.rng import derive_seed
 from vaefast.robustness import MarginBound, RRobustnessResult, bounds_from, estimate_validated
+from vaefast.stats import clopper_pearson_one_sided
 from vaefast.sweep.spec import SweepSpec, WorkUnit
 from vaefast.sweep.timing import StageTimer
 
@@ -195,16 +197,16 @@ def certificates(ctx: UnitContext, est: RRobustnessResult) -> Certificates:
     Returns:
         The certificates, or the reason the encoder cannot be certified.
     """
-    from vaefast.certify import certify
-
+    try:
+        certifier = EncoderCertifier.for_model(ctx.model, ctx.x)
+    except CertificationRefused as exc:  # the encoder cannot be traced or has an op without a rule
+        return Certificates(None, None, str(exc))
+    p_low, _ = clopper_pearson_one_sided(est.hits.cpu(), est.num_samples, 1.0 - est.confidence)
     found, reasons = [], []
     for method in ("global", "local"):
         try:
-            per_r = [
-                certify(ctx.model, ctx.x, r, method=method, estimate=est, iterations=12).radius for r in ctx.spec.radii
-            ]
-            found.append(torch.stack(per_r, 1))
-        except TypeError as exc:  # the encoder is not made of supported layers (or not an MLP, for "local")
+            found.append(certifier.radii(ctx.x, p_low, method).radius.cpu())
+        except CertificationRefused as exc:  # no rule for this method (e.g. exp has no global constant)
             found.append(None)
             reasons.append(f"{method}: {exc}")
     return Certificates(found[0], found[1], "; ".join(reasons) or None)
