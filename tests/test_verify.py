@@ -72,6 +72,7 @@ def test_every_stored_delta_is_evidence(swept):
 
 def test_verify_confirms_a_clean_database(swept):
     rep = verify_sweep(swept, sample=None)
+    assert rep.discrepancies == [] and rep.passed and rep.stored
     rows = _rows(swept)
     n_delta = sum(1 for r in rows if r["certified"] and r["bracketed"])
     n_clean = sum(1 for r in rows if r["certified"])
@@ -107,12 +108,16 @@ def test_verify_catches_a_zeroed_delta(swept, capsys):
     _tamper(swept, victim["item_id"], store.to_blob(np.zeros(64, np.float32)))
     rep = verify_sweep(swept)
     failed = {(r["item_id"], r["kind"]) for r in rep.failed}
-    assert failed == {(victim["item_id"], "delta")}
+    assert failed == {(victim["item_id"], "delta")}  # x + 0 is r-robust: the replay refutes the claim
     (reason,) = [r["reason"] for r in rep.failed]
-    assert "!= margin_upper" in reason
+    assert reason.startswith("fresh interval")
+    assert {d.item_id for d in rep.discrepancies} == {victim["item_id"]}
+    assert any("!= margin_upper" in d.reason for d in rep.discrepancies)
+    assert not rep.passed
     assert main(["verify", str(swept), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert f"FAILED {victim['item_id']} [delta]" in out and "claims confirmed" in out
+    assert f"DISCREPANCY {victim['item_id']} [evidence]" in out
 
 
 def test_verify_catches_a_consistent_delta_that_does_not_break(swept):

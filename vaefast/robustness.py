@@ -29,8 +29,8 @@ from vaefast._checks import (
     analysis,
     as_radii,
     check_analysis_inputs,
+    check_num_samples,
     check_positive_float,
-    check_positive_int,
     check_probability,
     check_seed,
 )
@@ -243,12 +243,14 @@ def _check_autocast(autocast: object, device: torch.device) -> str | None:
 
 
 def _check_request(num_samples: int, x: torch.Tensor, max_memory: int | None) -> int:
-    """The memory budget, and the one check that the request can run: the Monte-Carlo counters (int64 hits per
-    point and radius) are tiny, but the samples' indices must fit Philox's 32-bit counter."""
+    """The memory budget of a request of ``num_samples`` (checked: the sample index is a 32-bit counter).
+
+    Returns:
+        The budget in bytes (:func:`vaefast._memory.check_max_memory`).
+    """
     from vaefast._memory import check_max_memory
 
-    if num_samples > 2**32:
-        raise ValueError(f"num_samples must be <= 2**32 (the sample index is a 32-bit counter), got {num_samples}")
+    check_num_samples("num_samples", num_samples)
     return check_max_memory(max_memory, x.device)
 
 
@@ -297,7 +299,7 @@ def estimate_r_robustness(
         An :class:`RRobustnessResult`; distances are float32 (float64 for float64 models).
     """
     radii_t = as_radii("radii", radii)
-    num_samples = check_positive_int("num_samples", num_samples)
+    num_samples = check_num_samples("num_samples", num_samples)
     seed = check_seed("seed", seed)
     confidence = check_probability("confidence", confidence)
     point_offset = check_seed("point_offset", point_offset)
@@ -419,7 +421,7 @@ def is_r_robust(
     """
     r = check_positive_float("r", r)
     confidence = check_probability("confidence", confidence)
-    max_samples = check_positive_int("max_samples", max_samples)
+    max_samples = check_num_samples("max_samples", max_samples)
     seed = check_seed("seed", seed)
     point_offset = check_seed("point_offset", point_offset)
     x, delta, _ = check_analysis_inputs(model, x, delta)
@@ -516,7 +518,7 @@ def column_for(
     )
 
 
-def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per point (float64, CPU): ``sigma_min``, ``||J_mu||_F``, ``||J_mu||_2`` and ``||diag(sigma)^-1 J_mu||_2``."""
     from vaefast.jacobian import jacobian_frobenius, jacobian_spectral
 
@@ -534,14 +536,34 @@ def _encoder_geometry(model: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry: 0 unless the
-    clean point is decided robust."""
-    hits, p_hat, ci_low = est.hits[:, 0], est.p_hat[:, 0], est.ci_low[:, 0]
-    s = est.num_samples
-    decision = est.decision[:, 0]
+def bounds_from_counts(
+    hits: torch.Tensor, num_samples: int, confidence: float, geometry: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Every bound of :class:`MarginBound` from the clean counts and the encoder's geometry: the one formula, which
+    the sweep stores and ``vaefast verify`` re-derives from the stored columns.
+
+    With ``p_hat = hits / S`` (``1 - 1/(2S)`` when ``hits = S``), ``q = Phi^-1(p_hat)`` and the one-sided
+    Clopper–Pearson lower limit ``p_low`` at ``confidence``: ``latent_margin = sigma_min q``, ``bound =
+    latent_margin / ||J||_F``, ``certified_bound = sigma_min Phi^-1(p_low) / ||J||_F``, ``spectral_bound =
+    latent_margin / ||J||_2``, ``whitened_bound = q / ||diag(sigma)^-1 J||_2``; all 0 unless the clean point is
+    decided robust (:func:`vaefast.core.decide.clean_decision`).
+
+    Args:
+        hits: ``[B]`` integer counts of the clean estimate.
+        num_samples: ``S``.
+        confidence: the clean decision's confidence.
+        geometry: per point (float64, CPU) ``sigma_min``, ``jac_frobenius``, ``jac_spectral`` and
+            ``jac_whitened_spectral``.
+
+    Returns:
+        The bounds, the geometry, and ``p_hat``, ``p_low``, ``hits``, ``decision``, ``certified``, ``saturated``.
+    """
+    hits = hits.cpu()
+    s = num_samples
+    p_hat = hits.to(torch.float64) / s
+    decision = clean_decision(hits, s, confidence)
     certified, saturated = decision == ROBUST, hits == s
-    p_low = clopper_pearson_one_sided(hits, s, 1.0 - est.confidence)[0]
+    p_low = clopper_pearson_one_sided(hits, s, 1.0 - confidence)[0]
     p_eff = torch.where(saturated, torch.full_like(p_hat, 1.0 - 0.5 / s), p_hat)
     q = torch.from_numpy(sps.norm.ppf(p_eff.numpy())).where(certified, torch.zeros_like(p_hat))
     q_low = torch.from_numpy(sps.norm.ppf(p_low.numpy())).where(certified, torch.zeros_like(p_low))
@@ -555,12 +577,19 @@ def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[s
         "latent_margin": latent_margin,
         **geometry,
         "p_hat": p_hat,
-        "ci_low": ci_low,
         "p_low": p_low,
         "hits": hits,
         "decision": decision,
         "certified": certified,
         "saturated": saturated,
+    }
+
+
+def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fields of :class:`MarginBound` from a single-radius estimate and the encoder's geometry."""
+    return {
+        **bounds_from_counts(est.hits[:, 0], est.num_samples, est.confidence, geometry),
+        "ci_low": est.ci_low[:, 0],
     }
 
 
@@ -615,7 +644,7 @@ def margin_bound(
     else:
         est = column_for(estimate, r, x, model=model)
     return MarginBound(
-        **_bounds(est, _encoder_geometry(model, x)),
+        **_bounds(est, encoder_geometry(model, x)),
         r=r,
         num_samples=est.num_samples,
         confidence=est.confidence,
@@ -635,7 +664,7 @@ def bounds_from(model: Any, x: torch.Tensor, estimate: RRobustnessResult) -> lis
     Returns:
         One :class:`MarginBound` per radius of the estimate, in its order.
     """
-    geometry = _encoder_geometry(model, x)
+    geometry = encoder_geometry(model, x)
     out = []
     for r in estimate.radii.tolist():
         col = column_for(estimate, r, x)

@@ -1,9 +1,13 @@
-"""``vaefast verify results.db``: replay the stored evidence of a sweep with independent random numbers.
+"""``vaefast verify results.db``: re-derive every deterministic column of a sweep and replay its stored evidence
+with independent random numbers (:mod:`vaefast.verify`).
 
-For each checked row: the stored δ must break r-robustness (‖δ‖ = margin, inside the box, and a fresh estimate with
-more samples must not show x + δ r-robust at the chosen confidence), and a certified point must be r-robust at
-δ = 0. Prints the confirmed fraction per model and r and every row that failed. Exit status: 0 all confirmed,
-1 some claims failed, 2 usage error.
+Every row: the sweep's identity and completeness against its spec, the clean decision, intervals and bounds from
+the stored counts and components, the margins' order, the evidence's norm, box and counts; the rows checked (all,
+or ``--sample N``) also against the model (geometry, and the clean and evidence counts recounted on the sweep's own
+random numbers). Then each stored δ must break r-robustness and each certified point must be r-robust at δ = 0
+under a fresh estimate with more samples. Prints the confirmed fraction per model and r, every claim that failed
+and every discrepancy with its row. The database is opened read-only (the claims are stored in it when it can be
+written). Exit status: 0 all confirmed and consistent, 1 a claim failed or a column disagrees, 2 usage error.
 """
 
 from __future__ import annotations
@@ -78,4 +82,9 @@ def run(args: argparse.Namespace) -> int:
             f"FAILED {row['item_id']} [{row['kind']}]: p_hat {row['p_hat']:.4f} "
             f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}] n={row['num_samples']}: {row['reason']}"
         )
-    return 0 if rep.all_confirmed else 1
+    print(f"re-derived columns: {len(rep.discrepancies)} discrepancies")
+    for d in rep.discrepancies:
+        print(f"DISCREPANCY {d.item_id} [{d.check}]: {d.reason}")
+    if not rep.stored:
+        print(f"{args.db} is read-only: the replayed claims were not stored in it")
+    return 0 if rep.passed else 1

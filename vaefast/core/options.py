@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from vaefast._checks import (
     check_choice,
+    check_num_samples,
     check_positive_float,
     check_positive_int,
     check_probability,
@@ -52,7 +53,7 @@ class EstimateOptions:
     autocast: str | None = None
 
     def __post_init__(self) -> None:
-        check_positive_int("num_samples", self.num_samples)
+        check_num_samples("num_samples", self.num_samples)
         check_probability("confidence", self.confidence)
         if self.max_memory is not None:
             check_positive_int("max_memory", self.max_memory)
@@ -114,7 +115,7 @@ class MarginOptions:
             if getattr(self, name) is not None:
                 check_positive_float(name, getattr(self, name))
         check_choice("decision", self.decision, DECISIONS)
-        check_positive_int("num_samples", self.num_samples)
+        check_num_samples("num_samples", self.num_samples)
         check_probability("confidence", self.confidence)
         check_positive_int("restarts", self.restarts)
         check_positive_int("steps", self.steps)

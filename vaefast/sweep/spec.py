@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vaefast._checks import as_radii, check_positive_int, check_probability, check_seed
+from vaefast._checks import as_radii, check_num_samples, check_positive_int, check_probability, check_seed
 from vaefast.core.box import UNIT_BOX, Box, as_box
 from vaefast.core.options import DEFAULT_CONFIDENCE, DEFAULT_NUM_SAMPLES, MarginOptions
 
@@ -171,7 +171,7 @@ class SweepSpec:
             unknown = set(self.curve_radii) - set(self.radii)
             if unknown:
                 raise ValueError(f"curve_radii must be among radii, got {sorted(unknown)}")
-        check_positive_int("num_samples", self.num_samples)
+        check_num_samples("num_samples", self.num_samples)
         check_probability("confidence", self.confidence)
         check_seed("seed", self.seed)
         check_positive_int("batch_size", self.batch_size)

@@ -29,6 +29,7 @@ from vaefast._checks import analysis
 from vaefast._threads import intra_op_threads
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
+from vaefast.core.decide import clean_decision
 from vaefast.core.encoding import Encoding, encode
 from vaefast.core.sampling import Sampler
 from vaefast.margin import NumericalMargin, margins_validated
@@ -127,8 +128,22 @@ def margin(ctx: UnitContext, est: RRobustnessResult) -> NumericalMargin:
     Returns:
         The ``[B, K]`` margins, brackets and evidence.
     """
+    return search_margins(ctx, est.hits)
+
+
+def search_margins(ctx: UnitContext, hits: torch.Tensor) -> NumericalMargin:
+    """The margin search of a unit from its clean counts (the clean decision follows from them): the margin stage,
+    and ``vaefast verify``'s recomputation of it from the stored counts.
+
+    Args:
+        ctx: the unit's context.
+        hits: ``[B, K]`` int64 clean counts of ``spec.num_samples`` samples (CPU).
+
+    Returns:
+        The ``[B, K]`` margins, brackets and evidence.
+    """
     s = ctx.spec
-    clean = (est.decision, est.hits, torch.full_like(est.hits, est.num_samples))
+    clean = (clean_decision(hits, s.num_samples, s.confidence), hits, torch.full_like(hits, s.num_samples))
     with intra_op_threads(ctx.model, ctx.x.device):
         return margins_validated(
             ctx.model, ctx.x, ctx.enc, ctx.radii, ctx.ids, clean, s.margin, s.box, ctx.seed, ctx.sampler
