@@ -453,7 +453,10 @@ def check_model_outputs(model: object, x: torch.Tensor, name: str = "model") -> 
                 raise ValueError(f"{name}: parameter {pname!r} holds NaN or Inf")
     shape = tuple(int(s) for s in model.input_shape)  # type: ignore[attr-defined]
     with torch.no_grad(), eval_mode(model):
-        out = model.encode(x[:1])  # type: ignore[attr-defined]
+        try:
+            out = model.encode(x[:1])  # type: ignore[attr-defined]
+        except RuntimeError as exc:  # e.g. a shape mismatch inside the network
+            raise ValueError(f"{name}.encode fails on x[0]: {' '.join(str(exc).split())}") from exc
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
             raise TypeError(f"{name}.encode must return a pair of tensors (mu, logvar), got {type(out).__name__}")
         mu, logvar = out
@@ -465,7 +468,10 @@ def check_model_outputs(model: object, x: torch.Tensor, name: str = "model") -> 
             )
         if not bool(torch.isfinite(mu).all() & torch.isfinite(logvar).all()):
             raise ValueError(f"{name}.encode returned NaN or Inf for x[0]")
-        g = model.decode(mu)  # type: ignore[attr-defined]
+        try:
+            g = model.decode(mu)  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            raise ValueError(f"{name}.decode fails on the mean latent of x[0]: {' '.join(str(exc).split())}") from exc
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"{name}.decode must return a tensor, got {type(g).__name__}")
         if tuple(g.shape) != (1, *shape):

@@ -15,10 +15,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from vaefast.cli._errors import failure
 
 DEBUG_HELP = "show the traceback of a failure instead of one line"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line too: ``vaefast <command>: error: <message>`` (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the error in one line and exit with status 2.
+
+        Args:
+            message: argparse's description of the problem.
+        """
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
 
 SUBCOMMANDS: list[str] = ["sweep", "verify", "export", "report", "demo", "train", "info", "estimate", "margin"]
 
@@ -31,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from vaefast import __version__
 
-    parser = argparse.ArgumentParser(prog="vaefast", description="Adversarial robustness of VAEs, fast.")
+    parser = OneLineParser(prog="vaefast", description="Adversarial robustness of VAEs, fast.")
     parser.add_argument("--version", action="version", version=f"vaefast {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name in SUBCOMMANDS:
         importlib.import_module(f"vaefast.cli.{name}").register(sub)
     for command in sub.choices.values():  # also after the command; SUPPRESS keeps the top level's value

@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="NAME=RUN_DIR: load model NAME from RUN_DIR instead of its stored source (repeat)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--no-recompute",
+        action="store_true",
+        help="do not run the margin search of the rows checked again (faster; margins are then only checked "
+        "against each other and their evidence)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=check_device("--device", args.device),
         progress=not args.no_progress,
+        recompute=not args.no_recompute,
     )
     if rep.version_note:
         print(rep.version_note)

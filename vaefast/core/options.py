@@ -159,5 +159,5 @@ def with_overrides(options: _O | None, cls: type[_O], overrides: dict[str, Any],
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        raise TypeError(f"{name}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
     return dataclasses.replace(options, **overrides) if overrides else options

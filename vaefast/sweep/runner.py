@@ -112,10 +112,11 @@ def plan_sweep(
     """Check everything a sweep needs before any work or write, then load the models onto the device, resolve the
     radii and build the specification and units.
 
-    Checked first, in this order: the database's location (a file, writable, in a folder that can be written) and,
-    when it exists, that it holds a results database this call may add to (``resume``); the points; every setting;
-    then each model, once loaded: finite weights, and one probe on the first point (``encode`` returns ``(mu,
-    logvar)`` of shape ``[1, latent_dim]``, ``decode`` the input's shape, all finite).
+    Checked in this order, nothing written: the database's location (a file, writable, in a folder that can be
+    written); the points; every setting; each model, once loaded: finite weights, and one probe on the first point
+    (``encode`` returns ``(mu, logvar)`` of shape ``[1, latent_dim]``, ``decode`` the input's shape, all finite);
+    last, once the radii are resolved, an existing database read-only: a results database of this schema and of
+    this sweep, which the call may add to (``resume``).
 
     Args:
         models: ``{name: nn.Module or run folder}`` (or run folders).
@@ -137,11 +138,11 @@ def plan_sweep(
     db = check_path("db", db)
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
-    dist.on_rank0(lambda: _check_existing_db(db, resume))  # only rank 0 writes it (other machines need no folder)
+    dist.on_rank0(lambda: store.check_database_target(db, "db"))  # only rank 0 writes it: other machines need no folder
     points = as_point_set(points)
-    base = dataclasses.asdict(spec) if spec is not None else {}
     if spec is not None and not isinstance(spec, SweepSpec):
         raise TypeError(f"spec must be a SweepSpec or None, got {type(spec).__name__}")
+    base = dataclasses.asdict(spec) if spec is not None else {}
     unknown = sorted(set(spec_fields) - {f.name for f in dataclasses.fields(SweepSpec)} - {"radii", "box"})
     if unknown:
         raise TypeError(f"unknown sweep setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(SweepSpec)]}")
@@ -162,6 +163,7 @@ def plan_sweep(
     rows = [model_row(n, m, sources[n]) for n, m in loaded.items()]
     digest = fingerprint(spec, points.describe(), [(r["name"], r["weights_sha256"]) for r in rows])
     units = enumerate_units(list(loaded), points.x.shape[0], spec.batch_size)
+    dist.on_rank0(lambda: _check_existing_db(db, resume, digest))
     return SweepPlan(Path(db), spec, loaded, points, rows, digest, units)
 
 
@@ -171,11 +173,10 @@ def _check_resume(db: Path, done: set[str], resume: bool) -> None:
         raise ValueError(f"db {str(db)!r} already holds results: pass resume=True (--resume) or remove it")
 
 
-def _check_existing_db(db: Path, resume: bool) -> None:
-    """``db`` can be written (:func:`vaefast.store.check_database_target`) and, if it exists and is not empty, holds
-    a results database of this schema that this call may add to (read only: nothing is created or changed). Its
-    fingerprint is compared once the radii are known (:func:`_open_db`)."""
-    store.check_database_target(db, "db")
+def _check_existing_db(db: Path, resume: bool, digest: str) -> None:
+    """An existing, non-empty ``db`` holds a results database of this schema and of this sweep (or none that has a
+    unit), which this call may add to; read only, so that a refusal changes nothing (:func:`_open_db` checks it
+    again as the writer)."""
     if not db.exists() or db.stat().st_size == 0:
         return
     try:
@@ -184,22 +185,31 @@ def _check_existing_db(db: Path, resume: bool) -> None:
         raise SweepMismatchError(str(exc)) from None
     try:
         done = store.completed_units(conn)
+        recorded = store.get_meta(conn).get("fingerprint")
     finally:
         conn.close()
+    _check_fingerprint(db, recorded, digest, done)
     _check_resume(db, done, resume)
+
+
+def _check_fingerprint(db: Path, recorded: str | None, digest: str, done: set[str]) -> None:
+    """Refuse a database that holds units of another sweep."""
+    if done and recorded is not None and recorded != digest:
+        raise SweepMismatchError(f"db {str(db)!r} holds a different sweep (other models/points/spec); use another file")
 
 
 @dataclass
 class _Database:
     """Rank 0's hold on the results database during one call: its connection, the writer lock, the sweep's header
     (written with the first unit committed, None when the database already holds it), whether this call created the
-    file, and the units committed before the call."""
+    file (``"new"``) or filled an empty one (``"empty"``; None: it held a database), and the units committed before the
+    call."""
 
     path: Path
     conn: Any
     lock: store.WriterLock
     header: store.SweepHeader | None
-    created: bool
+    created: str | None
     done: set[str]
 
     def commit(self, unit_row: dict[str, Any], results: list[dict], curves: list[dict]) -> None:
@@ -221,8 +231,8 @@ class _Database:
         when the call failed (a failed start leaves nothing behind)."""
         store.close_writer(self.conn)
         try:
-            if failed and self.created and self.header is not None and not self.header.written:
-                store.remove_database(self.path)
+            if failed and self.created is not None and self.header is not None and not self.header.written:
+                _undo(self.path, self.created)
         finally:
             self.lock.release()
 
@@ -231,7 +241,7 @@ def _open_db(plan: SweepPlan, resume: bool) -> _Database:
     """Open (or create) the database as its one writer; refuse another sweep's database (or a non-empty one without
     ``resume``). A database that records a sweep but holds no unit of it is reset (the trace of a failed start)."""
     db = plan.db
-    created = not db.exists() or db.stat().st_size == 0
+    created = "new" if not db.exists() else "empty" if db.stat().st_size == 0 else None
     try:
         conn = store.connect(db)
     except store.SchemaVersionError as exc:  # an older vaefast's sweep: another sweep as far as resuming goes
@@ -244,23 +254,27 @@ def _open_db(plan: SweepPlan, resume: bool) -> _Database:
     try:
         header = _header(plan, conn, resume)
     except BaseException:
-        conn.close()
-        if created:
-            store.remove_database(db)
+        store.close_writer(conn)
+        if created is not None:
+            _undo(db, created)
         lock.release()
         raise
     return _Database(db, conn, lock, header, created, store.completed_units(conn))
+
+
+def _undo(db: Path, created: str) -> None:
+    """Leave ``db`` as this call found it: absent (``"new"``) or an empty file (``"empty"``)."""
+    store.remove_database(db)
+    if created == "empty":
+        db.touch()
 
 
 def _header(plan: SweepPlan, conn: Any, resume: bool) -> store.SweepHeader | None:
     """The header still to write (None when the database holds this sweep), after refusing another sweep."""
     meta = store.get_meta(conn)
     done = store.completed_units(conn)
+    _check_fingerprint(plan.db, meta.get("fingerprint"), plan.fingerprint, done)
     if "fingerprint" in meta and meta["fingerprint"] != plan.fingerprint:
-        if done:
-            raise SweepMismatchError(
-                f"db {str(plan.db)!r} holds a different sweep (other models/points/spec); use another file"
-            )
         with store.transaction(conn):  # a sweep recorded without any unit: nothing to keep
             for table in ("results", "curves", "models", "points"):
                 conn.execute(f"DELETE FROM {table}")
