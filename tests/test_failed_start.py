@@ -3,13 +3,17 @@
 Each bad command fails with one line and exit status 2 and leaves the working folder as it was; then the corrected
 command (same output paths) succeeds. Also: a full disk in the middle of a sweep keeps the committed units, which
 ``verify`` and ``report`` read as an unfinished sweep, and ``--resume`` completes it; a read-only database is verified
-all the same.
+all the same, and nothing writes into a read-only folder. (The demo's failed starts: ``tests/test_demo.py``; two
+processes on one database: ``tests/test_sweep.py``.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,4 +211,49 @@ def test_verify_of_a_database_it_cannot_write(runs: Path, tmp_path: Path, capsys
     out = _ok(["verify", db, "--no-progress"], capsys)
     assert "is read-only: the replayed claims were not stored" in out
     assert hashlib.sha256(Path(db).read_bytes()).hexdigest() == before
-    shutil.rmtree(tmp_path / "rep", ignore_errors=True)
+
+
+READ_ONLY_SCRIPT = """
+import sys
+from vaefast.cli import main
+db, sweep = sys.argv[1], sys.argv[2:]
+print("verify", main(["verify", db, "--no-progress"]))
+print("resume", main([*sweep, "--db", db, "--resume"]))
+print("new", main([*sweep, "--db", db + ".new"]))
+print("export", main(["export", db, "--json", db + ".json"]))
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_read_only_database_and_folder(runs: Path, tmp_path: Path, capsys) -> None:
+    """A real read-only file in a read-only folder (as root: without the capabilities that bypass permissions):
+    verify checks it and says the claims were not stored, a resume and a new database there are one-line errors
+    before any work, and nothing is created or changed."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = folder / "r.db"
+    sweep = [*SWEEP, "--model", f"m={runs / 'run'}"]
+    _ok([*sweep, "--db", str(db)], capsys)
+    db.chmod(0o444)
+    folder.chmod(0o555)
+    before = _state(folder)
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root bypasses permissions and setpriv (to drop that capability) is not installed")
+        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-c", READ_ONLY_SCRIPT, str(db), *sweep], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        folder.chmod(0o755)
+    status = dict(line.split() for line in done.stdout.splitlines() if line.split()[0] in ("verify", "resume", "new",
+                  "export"))  # fmt: skip
+    assert status == {"verify": "0", "resume": "2", "new": "2", "export": "2"}, (done.stdout, done.stderr)
+    assert "is read-only: the replayed claims were not stored" in done.stdout
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 3 and "Traceback" not in done.stderr, done.stderr
+    assert "not writable" in errors[0] and "cannot write in the folder" in errors[1] and "--json" in errors[2]
+    assert _state(folder) == before

@@ -40,6 +40,7 @@ float rounding with the device and the batch size (README, "Determinism"), far l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -50,9 +51,8 @@ from typing import Any
 import torch
 
 from vaefast import schema, store
-from vaefast.core.decide import BROKEN, ROBUST, UNDECIDED, Rule, clean_decision
-from vaefast.rng import id_runs
-from vaefast.stats import clopper_pearson, clopper_pearson_one_sided, sequential_schedule
+from vaefast.core.decide import BROKEN, ROBUST, UNDECIDED, Rule
+from vaefast.stats import clopper_pearson, sequential_schedule
 from vaefast.sweep.spec import SweepSpec, curve_item_id, enumerate_units, fingerprint, item_id
 
 __all__ = [
@@ -164,8 +164,8 @@ def _complete(sweep: StoredSweep) -> list[Discrepancy]:
             if i not in stored]  # fmt: skip
     out += [Discrepancy(i, "complete", "row not implied by the spec or in no committed unit") for i in stored
             if i not in expected]  # fmt: skip
-    out += [Discrepancy(u, "complete", "unit not implied by the spec") for u in committed
-            if u not in {unit.unit_id for unit in units}]  # fmt: skip
+    implied = {unit.unit_id for unit in units}
+    out += [Discrepancy(u, "complete", "unit not implied by the spec") for u in committed if u not in implied]
     curves = {c["item_id"] for c in sweep.curves}
     out += [Discrepancy(c, "complete", "curve row missing") for c in sorted(expected_curves - curves)]
     out += [Discrepancy(c, "complete", "curve row not implied by the spec") for c in sorted(curves - expected_curves)]
@@ -190,37 +190,65 @@ def _row_identity(row: Mapping[str, Any], sweep: StoredSweep) -> list[str]:
     return problems
 
 
-def _counts(row: Mapping[str, Any], spec: SweepSpec) -> list[str]:
-    """The clean estimate's columns from ``hits`` and ``num_samples``."""
+def _is_count(hits: object, n: object) -> bool:
+    return isinstance(hits, int) and isinstance(n, int) and n >= 1 and 0 <= hits <= n
+
+
+def _derived(rows: Sequence[Mapping[str, Any]], spec: SweepSpec) -> dict[str, dict[str, float]]:
+    """Per row (by ``item_id``) what follows from its stored counts and components: the clean estimate's columns,
+    its decision and bounds, and the evidence's interval (one batched computation per sample count)."""
+    from vaefast.robustness import bounds_from_counts
+
+    out: dict[str, dict[str, float]] = {r["item_id"]: {} for r in rows}
+    clean = [r for r in rows if _is_count(r["hits"], r["num_samples"])]
+    for n in sorted({r["num_samples"] for r in clean}):
+        group = [r for r in clean if r["num_samples"] == n]
+        hits = torch.tensor([r["hits"] for r in group], dtype=torch.int64)
+        low, high = clopper_pearson(hits, n, spec.confidence)
+        geometry = {c: torch.tensor([math.nan if r[c] is None else float(r[c]) for r in group], dtype=torch.float64)
+                    for c in GEOMETRY}  # fmt: skip
+        derived = bounds_from_counts(hits, n, spec.confidence, geometry)
+        for i, row in enumerate(group):
+            values = {c: float(derived[c][i]) for c in (*_BOUND_COLUMNS, "p_hat", "p_low")}
+            values.update(ci_low=float(low[i]), ci_high=float(high[i]), robust=int(2 * hits[i] > n))
+            values.update(clean_decision=int(derived["decision"][i]), certified=int(derived["certified"][i]))
+            out[row["item_id"]].update(values)
+    evidence = [r for r in rows if _is_count(r["hits_adv"], r["num_samples_adv"])]
+    for n in sorted({r["num_samples_adv"] for r in evidence}):
+        group = [r for r in evidence if r["num_samples_adv"] == n]
+        hits = torch.tensor([r["hits_adv"] for r in group], dtype=torch.int64)
+        low, high = clopper_pearson(hits, n, spec.confidence)
+        for i, row in enumerate(group):
+            out[row["item_id"]].update(p_hat_adv=int(hits[i]) / n, ci_low_adv=float(low[i]), ci_high_adv=float(high[i]))
+    return out
+
+
+def _counts(row: Mapping[str, Any], derived: Mapping[str, float]) -> list[str]:
+    """The clean estimate's columns against those derived from ``hits`` and ``num_samples``."""
     hits, n = row["hits"], row["num_samples"]
-    if not isinstance(hits, int) or not isinstance(n, int) or n < 1 or not 0 <= hits <= n:
+    if not _is_count(hits, n):
         return [f"hits {hits} of num_samples {n} is not a count"]
-    problems = []
-    low, high = (float(v) for v in clopper_pearson(hits, n, spec.confidence))
-    p_low = float(clopper_pearson_one_sided(hits, n, 1.0 - spec.confidence)[0])
-    decision = int(clean_decision(torch.tensor([hits]), n, spec.confidence)[0])
-    for column, value in (("p_hat", hits / n), ("ci_low", low), ("ci_high", high), ("p_low", p_low)):
-        if not _close(row[column], value, EXACT):
-            problems.append(f"{column} {row[column]} != {value:.12g} from hits {hits} of {n}")
-    for column, value in (("robust", int(2 * hits > n)), ("clean_decision", decision), ("certified",
-                          int(decision == ROBUST))):  # fmt: skip
-        if row[column] != value:
-            problems.append(f"{column} {row[column]} != {value} from hits {hits} of {n}")
+    problems = [
+        f"{c} {row[c]} != {derived[c]:.12g} from hits {hits} of {n}"
+        for c in ("p_hat", "ci_low", "ci_high", "p_low")
+        if not _close(row[c], derived[c], EXACT)
+    ]
+    problems += [
+        f"{c} {row[c]} != {derived[c]} from hits {hits} of {n}"
+        for c in ("robust", "clean_decision", "certified")
+        if row[c] != derived[c]
+    ]
     return problems
 
 
-def _bounds(row: Mapping[str, Any], spec: SweepSpec) -> list[str]:
-    """Every bound from the stored components (``hits``, ``sigma_min`` and the Jacobian norms)."""
-    from vaefast.robustness import bounds_from_counts
-
+def _bounds(row: Mapping[str, Any], derived: Mapping[str, float]) -> list[str]:
+    """Every bound against the one derived from its stored components (``hits``, ``sigma_min``, the norms)."""
     if any(row[c] is None for c in GEOMETRY):
         return ["a bound component is missing"]
-    geometry = {c: torch.tensor([float(row[c])], dtype=torch.float64) for c in GEOMETRY}
-    derived = bounds_from_counts(torch.tensor([row["hits"]]), row["num_samples"], spec.confidence, geometry)
     return [
-        f"{c} {row[c]} != {float(derived[c][0]):.12g} from its components"
+        f"{c} {row[c]} != {derived[c]:.12g} from its components"
         for c in _BOUND_COLUMNS
-        if not (_close(row[c], float(derived[c][0]), EXACT) or (row[c] == math.inf == float(derived[c][0])))
+        if not (_close(row[c], derived[c], EXACT) or row[c] == math.inf == derived[c])
     ]
 
 
@@ -249,7 +277,7 @@ def _margin(row: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _evidence(row: Mapping[str, Any], x: torch.Tensor, spec: SweepSpec) -> list[str]:
+def _evidence(row: Mapping[str, Any], x: torch.Tensor, spec: SweepSpec, derived: Mapping[str, float]) -> list[str]:
     """The evidence group: its norm, the box, its counts and interval, its likelihoods."""
     group = schema.RESULTS.group(schema.EVIDENCE)
     present = [row[c] is not None for c in group]
@@ -267,7 +295,7 @@ def _evidence(row: Mapping[str, Any], x: torch.Tensor, spec: SweepSpec) -> list[
             problems.append(f"||delta|| = {norm:.8g} != {column} {row[column]}")
     if spec.box is not None and not bool(spec.box.contains((x.double().flatten() + delta)[None])[0]):
         problems.append(f"x + delta leaves the box {tuple(spec.box)}")
-    problems += _evidence_counts(row, spec)
+    problems += _evidence_counts(row, spec, derived)
     clean, adv = row["ll_clean"], row["ll_adv"]
     drop = clean - adv
     rel = abs(drop) / abs(clean) if clean != 0 else 0.0
@@ -279,35 +307,47 @@ def _evidence(row: Mapping[str, Any], x: torch.Tensor, spec: SweepSpec) -> list[
     return problems
 
 
-def _evidence_counts(row: Mapping[str, Any], spec: SweepSpec) -> list[str]:
-    """``p_hat_adv``, its interval, and a decision to break that the search's test can make."""
+def _evidence_counts(row: Mapping[str, Any], spec: SweepSpec, derived: Mapping[str, float]) -> list[str]:
+    """``p_hat_adv`` and its interval against its counts, and a break the search's test can decide."""
     hits, n = row["hits_adv"], row["num_samples_adv"]
-    if not isinstance(hits, int) or not isinstance(n, int) or n < 1 or not 0 <= hits <= n:
+    if not _is_count(hits, n):
         return [f"hits_adv {hits} of num_samples_adv {n} is not a count"]
-    problems = []
-    low, high = (float(v) for v in clopper_pearson(hits, n, spec.confidence))
-    for column, value in (("p_hat_adv", hits / n), ("ci_low_adv", low), ("ci_high_adv", high)):
-        if not _close(row[column], value, EXACT):
-            problems.append(f"{column} {row[column]} != {value:.12g} from hits_adv {hits} of {n}")
-    if spec.margin.decision == "fixed":
-        rounds, k_broken = [spec.num_samples], n // 2
-    else:  # the most lenient level a decision of the search can have: its level before the Bonferroni split
-        rounds, k_broken = sequential_schedule(spec.num_samples), Rule((n,), 1.0 - spec.confidence).critical(n)[1]
-    if n not in rounds or hits > k_broken:
+    problems = [
+        f"{c} {row[c]} != {derived[c]:.12g} from hits_adv {hits} of {n}"
+        for c in ("p_hat_adv", "ci_low_adv", "ci_high_adv")
+        if not _close(row[c], derived[c], EXACT)
+    ]
+    if n not in _rounds(spec) or hits > _k_broken(n, spec):
         problems.append(f"hits_adv {hits} of {n} is not a break the search's test decides")
     return problems
 
 
-def _row(row: Mapping[str, Any], sweep: StoredSweep) -> list[Discrepancy]:
+def _rounds(spec: SweepSpec) -> list[int]:
+    """The sample counts at which the search decides."""
+    return [spec.num_samples] if spec.margin.decision == "fixed" else sequential_schedule(spec.num_samples)
+
+
+@functools.cache
+def _k_broken_at(n: int, level: float | None) -> int:
+    return n // 2 if level is None else Rule((n,), level).critical(n)[1]
+
+
+def _k_broken(n: int, spec: SweepSpec) -> int:
+    """The largest count the search can decide broken after ``n`` samples: the fixed rule's ``n // 2``, or the
+    sequential rule's at the most lenient level a decision of the search has (before its Bonferroni split)."""
+    return _k_broken_at(n, None if spec.margin.decision == "fixed" else 1.0 - spec.confidence)
+
+
+def _row(row: Mapping[str, Any], sweep: StoredSweep, derived: Mapping[str, float]) -> list[Discrepancy]:
     """Every check of one results row that needs no model."""
     problems = [("identity", p) for p in _row_identity(row, sweep)]
-    problems += [("counts", p) for p in _counts(row, sweep.spec)]
+    problems += [("counts", p) for p in _counts(row, derived)]
     if not problems:
-        problems += [("bounds", p) for p in _bounds(row, sweep.spec)]
+        problems += [("bounds", p) for p in _bounds(row, derived)]
         problems += [("margin", p) for p in _margin(row)]
         if row["pos"] in sweep.points and row["model"] in sweep.input_shape:
             x = sweep.point(row["pos"], row["model"])
-            problems += [("evidence", p) for p in _evidence(row, x, sweep.spec)]
+            problems += [("evidence", p) for p in _evidence(row, x, sweep.spec, derived)]
             problems += [("margin", p) for p in _max_radius(row, x, sweep.spec)]
     return [Discrepancy(row["item_id"], check, reason) for check, reason in problems]
 
@@ -331,8 +371,9 @@ def stored_discrepancies(sweep: StoredSweep) -> list[Discrepancy]:
         The discrepancies (empty for an untouched, complete sweep).
     """
     out = _identity(sweep) + _complete(sweep)
+    derived = _derived(sweep.results, sweep.spec)
     for row in sweep.results:
-        out += _row(row, sweep)
+        out += _row(row, sweep, derived[row["item_id"]])
     for curve in sweep.curves:
         values = (curve["ci_low"], curve["p_hat"], curve["ci_high"])
         if None in values or not 0 <= values[0] <= values[1] <= values[2] <= 1:
@@ -345,19 +386,16 @@ def stored_discrepancies(sweep: StoredSweep) -> list[Discrepancy]:
 # --- from the model --------------------------------------------------------------------------------------------------
 def _counts_at(model, x, delta, radii, samples, seed, positions) -> tuple[torch.Tensor, torch.Tensor]:
     """Hits ``[N, K]`` at ``radii`` and r* ``[N]`` of ``samples`` draws on stream ``seed``, row i keyed by
-    ``positions[i]`` (runs of consecutive positions share one call)."""
-    from vaefast.robustness import estimate_r_robustness
+    ``positions[i]`` (one call of the internal core: the inputs are the stored, validated points)."""
+    from vaefast._checks import eval_mode
+    from vaefast.core.sampling import Sampler
+    from vaefast.robustness import estimate_validated
 
-    hits, r_star = [], []
-    for start, length, first in id_runs(torch.tensor(positions)):
-        sl = slice(start, start + length)
-        est = estimate_r_robustness(
-            model, x[sl], radii, num_samples=samples, seed=seed, point_offset=first,
-            delta=None if delta is None else delta[sl],
-        )  # fmt: skip
-        hits.append(est.hits)
-        r_star.append(est.r_star)
-    return torch.cat(hits), torch.cat(r_star)
+    ids = torch.tensor(positions, dtype=torch.int64)
+    radii_t = torch.tensor(radii, dtype=torch.float64)
+    with eval_mode(model), torch.no_grad():
+        est = estimate_validated(model, x, delta, radii_t, ids, samples, seed, 0.5, Sampler(model, x.device))
+    return est.hits, est.r_star
 
 
 def _band(radii: Sequence[float]) -> list[float]:
