@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -161,10 +162,20 @@ def test_cifar10_demo_from_python_batches(roots: dict[str, Path], tmp_path: Path
 
 
 def test_cli_fashion_mnist_prints_the_published_correlation(roots, tmp_path, capsys, monkeypatch) -> None:
+    """Failed starts first (a bad setting, corrupt files: one line, no folder, no training), then the corrected
+    command succeeds."""
     recipe = RECIPES["fashion-mnist"]
     monkeypatch.setitem(RECIPES, "fashion-mnist", replace(recipe, arch={**recipe.arch, **SMALL_MLP}))
     out = tmp_path / "out"
     argv = ["demo", "--data", "fashion-mnist", "--root", str(roots["fashion-mnist"]), "--points", "3", *TINY_CLI]
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(roots["fashion-mnist"], corrupt)
+    body = (corrupt / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (corrupt / "t10k-images-idx3-ubyte.gz").write_bytes(body[:40] + bytes(b ^ 0x5A for b in body[40:]))
+    for extra, names in [(["--samples", "0"], "num_samples"), (["--epochs", "0"], "epochs"),
+                         (["--attack-steps", "0"], "steps"), (["--root", str(corrupt)], "t10k-images")]:  # fmt: skip
+        assert main([*argv, *extra, "--out", str(out)]) == 2
+        assert names in _one_error_line(capsys) and not out.exists()
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "published Pearson r = 0.831" in printed and "on fashion-mnist: measured Pearson r = " in printed

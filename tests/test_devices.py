@@ -41,7 +41,6 @@ CPU_SIDE: dict[str, int] = {
     "sweep/stages.py:curves:tensor": 1,
     "sweep/inputs.py:auto_radii:tensor": 1,
     "sweep/inputs.py:from_dataset:tensor": 1,
-    "verify.py:_check_group:zeros": 1,  # a dtype/device probe, then .to(the model's)
     "verify.py:_estimate:tensor": 1,
     "verify.py:_tensor:zeros": 1,
     # the lambda grid of the penalised attacks is a list of floats
@@ -69,6 +68,12 @@ CPU_SIDE: dict[str, int] = {
     "certification/activations.py:derivative_range:tensor": 1,
     # a global offset that is a Python float (0.0) where no rule applies; moved to the radii's device where used
     "certification/bounds.py:local:as_tensor": 1,
+    # verify's re-derivations: stored columns are CPU statistics; point ids and radii are CPU tensors, as the sweep's
+    # (UnitContext), and a parameterless model's dtype scalar is the CPU default
+    "rederive.py:_derived:tensor": 3,
+    "rederive.py:_counts_at:tensor": 2,
+    "rederive.py:search_discrepancies:tensor": 1,
+    "rederive.py:model_scalar:zeros": 1,
     # weights made on the CPU, moved with the module (.to(device)); order-dependent generators are CPU generators
     "models/likelihoods.py:__init__:zeros": 1,
     "models/lipschitz.py:__init__:tensor": 1,

@@ -136,7 +136,8 @@ def _sweep_one_thread(models, db, **kw):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_sweep(models, _lg_points(), db=db, progress=False, **{**SWEEP_KW, **kw})
+        points = kw.pop("points", None) or _lg_points()
+        return run_sweep(models, points, db=db, progress=False, **{**SWEEP_KW, **kw})
     finally:
         torch.set_num_threads(threads)
 
@@ -383,6 +384,33 @@ def test_kill9_then_resume_equals_uninterrupted(script, lg_db, tmp_path):
     assert len(after) == total
     # units finished before the kill were kept as they were (same timings/finish stamps): not computed twice
     assert all(after[u] == row for u, row in before.items())
+
+
+def test_a_second_process_on_the_same_database_stops_at_once(script, lg_db, tmp_path, capsys):
+    """Two sweeps of one database at a time: the second one is refused before computing anything (one line, exit
+    status 2), and once the first has finished the same command resumes with nothing left to do."""
+    from vaefast.cli import main
+
+    db, n = tmp_path / "busy.db", 6
+    proc = subprocess.Popen([sys.executable, str(script), str(db), "0", str(n)], env=_env())
+    try:
+        deadline = time.time() + 90
+        while count_units(db) < 1 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the first sweep finished before the second one started"
+        t0 = time.perf_counter()
+        with pytest.raises(store.DatabaseBusyError, match="being written by another sweep process"):
+            _sweep_one_thread(_lg_models(), db, resume=True, points=_lg_points(n))
+        assert time.perf_counter() - t0 < 30  # refused before any unit: not after redoing them
+        assert main(["export", str(db), "--csv", str(tmp_path / "while.csv")]) == 0  # readers go on meanwhile
+        capsys.readouterr()
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == 0
+    res = _sweep_one_thread(_lg_models(), db, resume=True, points=_lg_points(n))
+    assert res.units_computed == 0 and res.units_skipped == res.units_total == 2 * n // 2
+    assert _tables(db) == _tables(lg_db)
+    assert not Path(f"{db}-wal").exists()  # the last writer put the database back in rollback-journal mode
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@ tampered database (library and command line)."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 
 import numpy as np
@@ -72,6 +73,7 @@ def test_every_stored_delta_is_evidence(swept):
 
 def test_verify_confirms_a_clean_database(swept):
     rep = verify_sweep(swept, sample=None)
+    assert rep.discrepancies == [] and rep.passed and rep.stored
     rows = _rows(swept)
     n_delta = sum(1 for r in rows if r["certified"] and r["bracketed"])
     n_clean = sum(1 for r in rows if r["certified"])
@@ -85,6 +87,13 @@ def test_verify_confirms_a_clean_database(swept):
     # an independent stream: the replay's seeds differ from the sweep's
     assert {r["seed"] for r in rep.rows}.isdisjoint({r["seed"] for r in rows})
     assert verify_sweep(swept, sample=2).checked <= 4
+    # family-wise: each interval at 1 - (1 - confidence) / N, so the level holds for all N claims together
+    assert rep.claim_confidence == pytest.approx(1 - 0.01 / rep.checked)
+    assert all(r["confidence"] == pytest.approx(rep.claim_confidence) for r in rep.rows)
+    each = verify_sweep(swept, familywise=False, recompute=False)
+    assert each.claim_confidence == 0.99 and all(r["confidence"] == 0.99 for r in each.rows)
+    wider = {r["item_id"] + r["kind"]: r["ci_high"] - r["ci_low"] for r in rep.rows}
+    assert all(wider[r["item_id"] + r["kind"]] >= r["ci_high"] - r["ci_low"] for r in each.rows)
 
 
 def _robust_victim(db):
@@ -107,12 +116,16 @@ def test_verify_catches_a_zeroed_delta(swept, capsys):
     _tamper(swept, victim["item_id"], store.to_blob(np.zeros(64, np.float32)))
     rep = verify_sweep(swept)
     failed = {(r["item_id"], r["kind"]) for r in rep.failed}
-    assert failed == {(victim["item_id"], "delta")}
+    assert failed == {(victim["item_id"], "delta")}  # x + 0 is r-robust: the replay refutes the claim
     (reason,) = [r["reason"] for r in rep.failed]
-    assert "!= margin_upper" in reason
+    assert reason.startswith("fresh interval")
+    assert {d.item_id for d in rep.discrepancies} == {victim["item_id"]}
+    assert any("!= margin_upper" in d.reason for d in rep.discrepancies)
+    assert not rep.passed
     assert main(["verify", str(swept), "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert f"FAILED {victim['item_id']} [delta]" in out and "claims confirmed" in out
+    assert f"DISCREPANCY {victim['item_id']} [evidence]" in out
 
 
 def test_verify_catches_a_consistent_delta_that_does_not_break(swept):
@@ -205,3 +218,105 @@ def test_reconstructions_are_recomputed_from_the_models(swept, run_dir, tmp_path
     assert "weights differ" in plots.example_reconstructions(data, rows, models={"m": str(other)})[1]["m"]
     with pytest.raises(ValueError, match="not in the sweep"):
         plots.example_reconstructions(data, rows, models={"zz": str(run_dir)})
+
+
+# --- every tampered column is caught (issue 21) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pristine(run_dir, tmp_path_factory):
+    db = tmp_path_factory.mktemp("pristine") / "r.db"
+    run_sweep({"m": str(run_dir)}, X, db=db, progress=False, attack_eps=[0.2], **SWEEP)
+    assert verify_sweep(db).passed
+    return db
+
+
+def _sql(db, query, *args):
+    conn = sqlite3.connect(db)
+    conn.execute(query, args)
+    conn.commit()
+    conn.close()
+
+
+def _tampers(victim, point):
+    """``name -> (SQL, parameters)`` over the victim row (an evidence row of a clearly robust point)."""
+    from vaefast.stats import clopper_pearson, clopper_pearson_one_sided
+
+    vid, delta = victim["item_id"], store.from_blob(victim["delta"])
+    h, n = victim["hits"] - 1, victim["num_samples"]
+    low, high = (float(v) for v in clopper_pearson(h, n, 0.95))
+    p_low = float(clopper_pearson_one_sided(h, n, 0.05)[0])
+    row = "UPDATE results SET {} WHERE item_id = ?"
+    return {
+        # the six the issue lists as missed
+        "clean hits contradicting certified": (row.format("hits = 20"), vid),
+        "num_samples": (row.format("num_samples = num_samples + 1"), vid),
+        "clean p_hat": (row.format("p_hat = p_hat - 0.01"), vid),
+        "bound x 10": (row.format("bound = bound * 10"), vid),
+        "deleted row": ("DELETE FROM results WHERE item_id = ?", vid),
+        "delta and margin doubled": (row.format("delta = ?, margin = margin * 2"), store.to_blob(2 * delta), vid),
+        # and every other column a tamperer could change, alone or consistently
+        "delta, margin and its radii doubled": (
+            row.format("delta = ?, margin = margin * 2, margin_upper = margin_upper * 2, adv_norm = adv_norm * 2"),
+            store.to_blob(2 * delta),
+            vid,
+        ),  # fmt: skip
+        "delta scaled": (row.format("delta = ?"), store.to_blob(1.5 * delta), vid),
+        "delta reversed": (row.format("delta = ?"), store.to_blob(-delta), vid),
+        "margin inside its bracket": (row.format("margin = (margin + margin_lower) / 2"), vid),
+        "margin_lower raised": (row.format("margin_lower = margin"), vid),
+        "evidence counts": (row.format("hits_adv = hits_adv - 1, p_hat_adv = (hits_adv - 1.0) / num_samples_adv"), vid),
+        "certified flipped": (row.format("certified = 0"), vid),
+        "clean decision": (row.format("clean_decision = 0"), vid),
+        "ci_high": (row.format("ci_high = ci_high + 0.001"), vid),
+        "point changed": ("UPDATE points SET x = ? WHERE pos = ?", store.to_blob(0.9 * point), victim["pos"]),
+        "jacobian and bounds together": (
+            row.format(
+                "jac_frobenius = jac_frobenius * 10, bound = bound / 10, certified_bound = certified_bound / 10"
+            ),
+            vid,
+        ),  # fmt: skip
+        "sigma_min and bounds together": (
+            row.format(
+                "sigma_min = sigma_min * 1.01, bound = bound * 1.01, certified_bound = certified_bound * 1.01, "
+                "spectral_bound = spectral_bound * 1.01, latent_margin = latent_margin * 1.01"
+            ),
+            vid,
+        ),  # fmt: skip
+        "one hit less, every count column consistent": (
+            row.format("hits = ?, p_hat = ?, ci_low = ?, ci_high = ?, p_low = ?"),
+            h,
+            h / n,
+            low,
+            high,
+            p_low,
+            vid,
+        ),  # fmt: skip
+        "r_star": (row.format("r_star = r_star * 1.01"), vid),
+        "max_radius": (row.format("max_radius = max_radius * 1.01"), vid),
+        "likelihoods": (row.format("ll_clean = ll_clean + 1, ll_drop = ll_drop + 1"), vid),
+        "seed": (row.format("seed = seed + 1"), vid),
+        "deleted unit": ("DELETE FROM units WHERE unit_id = ?", victim["unit_id"]),
+        "deleted curve": ("DELETE FROM curves WHERE item_id = (SELECT MIN(item_id) FROM curves)",),
+        "spec": (
+            "UPDATE meta SET value = replace(value, '\"num_samples\": 256', '\"num_samples\": 257') WHERE key = 'spec'",
+        ),  # fmt: skip
+    }
+
+
+TAMPERS = list(_tampers({"item_id": "", "delta": store.to_blob(np.zeros(1, np.float32)), "hits": 2,
+                         "num_samples": 4, "pos": 0, "unit_id": ""}, np.zeros(1)))  # fmt: skip
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_verify_catches_every_tampered_column(pristine, tmp_path, tamper):
+    db = tmp_path / "r.db"
+    shutil.copy(pristine, db)
+    victim = _robust_victim(db)
+    conn = store.connect(db, readonly=True)
+    point = store.from_blob(conn.execute("SELECT x FROM points WHERE pos = ?", (victim["pos"],)).fetchone()[0])
+    conn.close()
+    query, *args = _tampers(victim, point)[tamper]
+    _sql(db, query, *args)
+    rep = verify_sweep(db)
+    assert not rep.passed and rep.discrepancies, tamper
+    ids = {d.item_id for d in rep.discrepancies}
+    assert ids & {victim["item_id"], victim["unit_id"], "meta"} or tamper == "deleted curve", rep.discrepancies

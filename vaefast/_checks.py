@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -32,6 +34,8 @@ def check_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a tensor without data); move it to 'cpu' or 'cuda'")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.dim() not in allowed:
@@ -62,6 +66,17 @@ def check_positive_int(name: str, value: object, *, minimum: int = 1) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+MAX_SAMPLES = 2**32  # Monte-Carlo sample indices are Philox's 32-bit counter
+
+
+def check_num_samples(name: str, value: object) -> int:
+    """A Monte-Carlo sample count: an int in ``[1, 2**32]`` (the sample index is a 32-bit counter of the generator)."""
+    value = check_positive_int(name, value)
+    if value > MAX_SAMPLES:
+        raise ValueError(f"{name} must be <= 2**32 (the sample index is a 32-bit counter), got {value}")
     return value
 
 
@@ -100,7 +115,12 @@ def as_radii(name: str, value: object, *, dtype: torch.dtype = torch.float64, de
     """A float or sequence of floats (or 1-D tensor) of radii, all finite and ``> 0``, as a 1-D tensor."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
-    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if isinstance(value, (str, bytes)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {type(value).__name__} {value!r}")
+    try:
+        t = torch.as_tensor(value, dtype=dtype, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a number or a sequence of numbers, got {value!r} ({exc})") from None
     if t.dim() != 1:
         raise ValueError(f"{name} must be a number or a 1-D sequence, got shape {tuple(t.shape)}")
     if t.numel() == 0:
@@ -408,4 +428,146 @@ def check_analysis_inputs(
         if delta.device != device:
             raise ValueError(f"delta is on {delta.device} but the model is on {device}")
         delta = delta.to(dtype)
-    return x.to(dtype), delta, shape
+    x = x.to(dtype)
+    check_model_outputs(model, x)
+    return x, delta, shape
+
+
+def check_model_outputs(model: object, x: torch.Tensor, name: str = "model") -> None:
+    """One probe of a protocol model before any work: finite weights, and on ``x[:1]`` an encoder that returns
+    ``(mu, logvar)`` of shape ``[1, latent_dim]`` and a decoder that returns ``g(mu)`` of shape ``[1, *input_shape]``,
+    all finite.
+
+    Args:
+        model: a protocol model (its input shape known, e.g. after :func:`model_input_shape`).
+        x: a validated batch on the model's device, in its dtype (only its first point is used).
+        name: the model's name in error messages (e.g. ``"models['beta4']"``).
+
+    Raises:
+        TypeError / ValueError: naming ``name`` and what is wrong (a non-finite parameter by its name, a wrong shape
+        with the expected one, NaN/Inf outputs).
+    """
+    if isinstance(model, torch.nn.Module):
+        for pname, t in (*model.named_parameters(), *model.named_buffers()):
+            if t.is_floating_point() and t.numel() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: parameter {pname!r} holds NaN or Inf")
+    shape = tuple(int(s) for s in model.input_shape)  # type: ignore[attr-defined]
+    with torch.no_grad(), eval_mode(model):
+        try:
+            out = model.encode(x[:1])  # type: ignore[attr-defined]
+        except RuntimeError as exc:  # e.g. a shape mismatch inside the network
+            raise ValueError(f"{name}.encode fails on x[0]: {' '.join(str(exc).split())}") from exc
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+            raise TypeError(f"{name}.encode must return a pair of tensors (mu, logvar), got {type(out).__name__}")
+        mu, logvar = out
+        d = int(model.latent_dim)  # type: ignore[attr-defined]
+        if tuple(mu.shape) != (1, d) or tuple(logvar.shape) != (1, d):
+            raise ValueError(
+                f"{name}.encode returned mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} for one input; "
+                f"expected (1, {d}) each (latent_dim = {d})"
+            )
+        if not bool(torch.isfinite(mu).all() & torch.isfinite(logvar).all()):
+            raise ValueError(f"{name}.encode returned NaN or Inf for x[0]")
+        try:
+            g = model.decode(mu)  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            raise ValueError(f"{name}.decode fails on the mean latent of x[0]: {' '.join(str(exc).split())}") from exc
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{name}.decode must return a tensor, got {type(g).__name__}")
+        if tuple(g.shape) != (1, *shape):
+            raise ValueError(
+                f"{name}.decode returned shape {tuple(g.shape)} for one latent; expected {(1, *shape)} "
+                "(the likelihood mean of one input)"
+            )
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"{name}.decode returned NaN or Inf for the mean latent of x[0]")
+
+
+# --- where results go --------------------------------------------------------------------------------------------
+def check_path(name: str, value: object) -> Path:
+    """A path argument: a non-empty ``str`` or ``os.PathLike``.
+
+    Args:
+        name: the argument's name for error messages (e.g. ``"--out"`` or ``"db"``).
+        value: the value.
+
+    Returns:
+        It as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError: not a str or os.PathLike.
+        ValueError: empty, or holding a NUL character.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    text = os.fsdecode(os.fspath(value))
+    if not text or "\x00" in text:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {text!r}")
+    return Path(text)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _check_creatable(name: str, path: Path, folder: Path) -> None:
+    """``folder`` exists or can be created: its nearest existing ancestor is a folder this process may write in."""
+    ancestor = folder.absolute()
+    while not _exists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{name} {path}: cannot create it, {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path}: cannot write in the folder {ancestor} (permission denied or read-only)")
+
+
+def check_output_file(name: str, value: object) -> Path:
+    """A file a command will write: not a folder, writable if it exists, else creatable (its missing parent folders
+    too). Checked before any work, so that a result is never computed only to be lost.
+
+    Args:
+        name: the argument's name (e.g. ``"--out"``).
+        value: the path.
+
+    Returns:
+        The path.
+
+    Raises:
+        TypeError / ValueError: naming ``name`` and the path.
+    """
+    path = check_path(name, value)
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a folder; give a file name")
+    if _exists(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{name} {path} is not writable (permission denied or read-only)")
+        return path
+    _check_creatable(name, path, path.parent)
+    return path
+
+
+def check_output_dir(name: str, value: object) -> Path:
+    """A folder a command will write into: a writable folder if it exists, else creatable.
+
+    Args:
+        name: the argument's name (e.g. ``"--out"``).
+        value: the path.
+
+    Returns:
+        The path.
+
+    Raises:
+        TypeError / ValueError: naming ``name`` and the path.
+    """
+    path = check_path(name, value)
+    if _exists(path):
+        if not path.is_dir():
+            raise ValueError(f"{name} {path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{name} {path}: cannot write in this folder (permission denied or read-only)")
+        return path
+    _check_creatable(name, path, path)
+    return path

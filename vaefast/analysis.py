@@ -99,7 +99,7 @@ def load(db: str | os.PathLike | sqlite3.Connection) -> SweepData:
         The database as :class:`SweepData`: every table's rows in primary-key order, models ordered β-VAEs first
         by β, then β-TCVAEs.
     """
-    conn = db if isinstance(db, sqlite3.Connection) else store.connect(db, create=False)
+    conn = db if isinstance(db, sqlite3.Connection) else store.connect(db, readonly=True)
     try:
         models = store.model_info(conn)
         return SweepData(

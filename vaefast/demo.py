@@ -190,6 +190,32 @@ class DemoConfig:
         VAEConfig.from_dict({**merged, **MODELS["beta1"]})
         return merged
 
+    def check(self) -> None:
+        """Every setting checked before any data is read, any model trained or any file written: the recipe, the
+        architecture, the device, ``epochs``, ``points`` (its type; the count against the test split once it is
+        read) and the sweep's settings (:class:`vaefast.sweep.SweepSpec`).
+
+        Raises:
+            TypeError / ValueError: naming the setting.
+        """
+        from vaefast._checks import check_device, check_positive_int
+        from vaefast.sweep.spec import SweepSpec
+
+        self.recipe()
+        self.model_arch()
+        check_device("device", self.device)
+        if self.epochs is not None:
+            check_positive_int("epochs", self.epochs)
+        if isinstance(self.points, int) or self.points is None:
+            if self.points is not None:
+                check_positive_int("points", self.points)
+        elif not (isinstance(self.points, str) and self.points.strip().lower() == "all"):
+            raise ValueError(f"points must be a positive int, 'all' or None, got {self.points!r}")
+        for name in ("retrain", "fresh"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        SweepSpec(radii=(1.0,), **self.sweep_settings())
+
     def sweep_settings(self) -> dict[str, Any]:
         """The sweep's settings.
 
@@ -459,6 +485,9 @@ def _verify(db: Path, config: DemoConfig, device: Any, progress: bool, log: Log)
     log(f"[demo] evidence re-verified: {checked.confirmed} of {checked.checked} claims confirmed")
     for row in checked.failed:
         log(f"[demo] FAILED {row['item_id']} [{row['kind']}]: {row['reason']}")
+    log(f"[demo] re-derived columns: {len(checked.discrepancies)} discrepancies")
+    for d in checked.discrepancies:
+        log(f"[demo] DISCREPANCY {d.item_id} [{d.check}]: {d.reason}")
     return checked
 
 
@@ -509,9 +538,10 @@ def run_demo(
 
     Runs with the recipe's intra-op threads (digits: one thread; tiny MLPs are fastest so on a shared machine, and
     the reduction order is fixed); the caller's thread count is restored afterwards. Every input is checked before
-    any training: the dataset name, ``device`` (a CUDA request without a GPU is a ``ValueError``), the files under
-    ``root`` (the loader's ``FileNotFoundError`` names them) and the point count (a ``ValueError`` when the test
-    split holds fewer).
+    any training or write: every setting (:meth:`DemoConfig.check`: the dataset name, ``device``, a CUDA request
+    without a GPU being a ``ValueError``, the epochs, the sweep's settings), the folder ``out`` (writable), the
+    files under ``root`` (the loader's ``FileNotFoundError`` names them) and the point count (a ``ValueError`` when
+    the test split holds fewer).
 
     Args:
         out: the demo folder: ``runs/``, ``results.db`` and ``report/`` go there (None: :func:`default_out`).
@@ -526,13 +556,13 @@ def run_demo(
     import torch
 
     from vaefast import analysis, report
-    from vaefast._checks import check_device
+    from vaefast._checks import check_device, check_output_dir
 
     config = config or DemoConfig()
+    config.check()  # every setting fails here, before any data is read, any model trained or any file written
     recipe = config.recipe()
-    config.model_arch()  # an invalid architecture fails here, before any data is read
     device = check_device("device", config.device)
-    out = default_out(config.data) if out is None else Path(out)
+    out = check_output_dir("out", default_out(config.data) if out is None else out)
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)

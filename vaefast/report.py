@@ -284,7 +284,9 @@ def write_report(db: str | os.PathLike, out: str | os.PathLike) -> Path:
         The path of ``index.html``.
     """
     from vaefast import plots  # matplotlib: loaded only when figures are drawn
+    from vaefast._checks import check_output_dir
 
+    out = check_output_dir("out", out)
     data = load(db)
     if not data.results:
         raise ValueError(f"db {str(db)!r} holds no results yet")

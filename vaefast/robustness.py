@@ -30,8 +30,8 @@ from vaefast._checks import (
     as_radii,
     check_analysis_inputs,
     check_choice,
+    check_num_samples,
     check_positive_float,
-    check_positive_int,
     check_probability,
     check_seed,
 )
@@ -300,12 +300,14 @@ def _check_autocast(autocast: object, device: torch.device) -> str | None:
 
 
 def _check_request(num_samples: int, x: torch.Tensor, max_memory: int | None) -> int:
-    """The memory budget, and the one check that the request can run: the Monte-Carlo counters (int64 hits per
-    point and radius) are tiny, but the samples' indices must fit Philox's 32-bit counter."""
+    """The memory budget of a request of ``num_samples`` (checked: the sample index is a 32-bit counter).
+
+    Returns:
+        The budget in bytes (:func:`vaefast._memory.check_max_memory`).
+    """
     from vaefast._memory import check_max_memory
 
-    if num_samples > 2**32:
-        raise ValueError(f"num_samples must be <= 2**32 (the sample index is a 32-bit counter), got {num_samples}")
+    check_num_samples("num_samples", num_samples)
     return check_max_memory(max_memory, x.device)
 
 
@@ -354,7 +356,7 @@ def estimate_r_robustness(
         An :class:`RRobustnessResult`; distances are float32 (float64 for float64 models).
     """
     radii_t = as_radii("radii", radii)
-    num_samples = check_positive_int("num_samples", num_samples)
+    num_samples = check_num_samples("num_samples", num_samples)
     seed = check_seed("seed", seed)
     confidence = check_probability("confidence", confidence)
     point_offset = check_seed("point_offset", point_offset)
@@ -476,7 +478,7 @@ def is_r_robust(
     """
     r = check_positive_float("r", r)
     confidence = check_probability("confidence", confidence)
-    max_samples = check_positive_int("max_samples", max_samples)
+    max_samples = check_num_samples("max_samples", max_samples)
     seed = check_seed("seed", seed)
     point_offset = check_seed("point_offset", point_offset)
     x, delta, _ = check_analysis_inputs(model, x, delta)
@@ -573,11 +575,30 @@ def column_for(
     )
 
 
-def _encoder_geometry(
-    model: Any, x: torch.Tensor, jacobian: str, confidence: float, seed: int, point_offset: int, max_memory: int | None
+def encoder_geometry(
+    model: Any,
+    x: torch.Tensor,
+    jacobian: str = "exact",
+    confidence: float = 0.975,
+    seed: int = 0,
+    point_offset: int = 0,
+    max_memory: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], str, float]:
-    """Per point (float64, CPU): ``sigma_min`` and the Jacobian norms the bounds use (:func:`vaefast.jacobian.
-    jacobian_norms`: exact, or randomized with upper limits at ``confidence``), the norms' method and confidence."""
+    """The encoder's geometry that every bound uses, at each point (it does not depend on r).
+
+    Args:
+        model: a protocol model with ``mean_encoder``, in eval mode.
+        x: validated points on the model's device.
+        jacobian: the norms' method, "exact", "randomized" or "auto" (:func:`vaefast.jacobian.jacobian_norms`).
+        confidence: of a randomized method's upper limits.
+        seed, point_offset: key a randomized method's probes (with the global point ids ``point_offset + b``).
+        max_memory: the Jacobian's memory budget in bytes (None: the device's default).
+
+    Returns:
+        ``(geometry, method, confidence)``: per point (float64, CPU) ``sigma_min``, ``jac_frobenius`` (its estimate),
+        ``jac_frobenius_upper``, ``jac_spectral`` and ``jac_whitened_spectral`` (upper limits when randomized), the
+        method used and the norms' confidence.
+    """
     from vaefast.jacobian import jacobian_norms
 
     sigma = torch.exp(0.5 * posterior(model, x)[1])
@@ -595,18 +616,40 @@ def _encoder_geometry(
     return geometry, norms.method, norms.confidence
 
 
-def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor], exact: bool = True) -> dict[str, torch.Tensor]:
-    """The bounds of :class:`MarginBound` from a single-radius estimate and the encoder's geometry (``exact``: the
-    Jacobian norms are exact, so the certified bound's p-part takes the whole confidence): 0 unless the clean point
-    is decided robust."""
-    hits, p_hat, ci_low = est.hits[:, 0], est.p_hat[:, 0], est.ci_low[:, 0]
-    s = est.num_samples
-    decision = est.decision[:, 0]
+def bounds_from_counts(
+    hits: torch.Tensor, num_samples: int, confidence: float, geometry: dict[str, torch.Tensor], exact: bool = True
+) -> dict[str, torch.Tensor]:
+    """Every bound of :class:`MarginBound` from the clean counts and the encoder's geometry: the one formula, which
+    the sweep stores and ``vaefast verify`` re-derives from the stored columns.
+
+    With ``p_hat = hits / S`` (``1 - 1/(2S)`` when ``hits = S``), ``q = Phi^-1(p_hat)`` and the one-sided
+    Clopper–Pearson lower limit ``p_low`` at ``confidence``: ``latent_margin = sigma_min q``, ``bound =
+    latent_margin / ||J||_F``, ``certified_bound = sigma_min Phi^-1(p_low) / U_F`` (``U_F = ||J||_F`` when exact;
+    with randomized norms the upper limit of ``||J||_F`` and, for p, the two-sided interval's lower end ``ci_low``
+    in place of ``p_low``: each part takes half the error rate), ``spectral_bound = latent_margin / ||J||_2``,
+    ``whitened_bound = q / ||diag(sigma)^-1 J||_2``; all 0 unless the clean point is decided robust
+    (:func:`vaefast.core.decide.clean_decision`).
+
+    Args:
+        hits: ``[B]`` integer counts of the clean estimate.
+        num_samples: ``S``.
+        confidence: the clean decision's confidence.
+        geometry: per point (float64, CPU) ``sigma_min``, ``jac_frobenius``, ``jac_frobenius_upper``,
+            ``jac_spectral`` and ``jac_whitened_spectral`` (:func:`encoder_geometry`).
+        exact: whether the Jacobian norms are exact.
+
+    Returns:
+        The bounds, the geometry, and ``p_hat``, ``p_low``, ``hits``, ``decision``, ``certified``, ``saturated``.
+    """
+    hits = hits.cpu()
+    s = num_samples
+    p_hat = hits.to(torch.float64) / s
+    decision = clean_decision(hits, s, confidence)
     certified, saturated = decision == ROBUST, hits == s
-    p_low = clopper_pearson_one_sided(hits, s, 1.0 - est.confidence)[0]
+    p_low = clopper_pearson_one_sided(hits, s, 1.0 - confidence)[0]
     p_eff = torch.where(saturated, torch.full_like(p_hat, 1.0 - 0.5 / s), p_hat)
     q = torch.from_numpy(sps.norm.ppf(p_eff.numpy())).where(certified, torch.zeros_like(p_hat))
-    p_part = p_low if exact else ci_low  # randomized norms: half the error rate each (MarginBound's docstring)
+    p_part = p_low if exact else clopper_pearson(hits, s, confidence)[0]  # randomized: half the error rate each
     q_low = torch.from_numpy(sps.norm.ppf(p_part.numpy())).where(certified & (p_part > 0.5), torch.zeros_like(p_low))
     sigma_min, fro = geometry["sigma_min"], geometry["jac_frobenius"]
     latent_margin = sigma_min * q
@@ -618,12 +661,19 @@ def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor], exact: bo
         "latent_margin": latent_margin,
         **geometry,
         "p_hat": p_hat,
-        "ci_low": ci_low,
         "p_low": p_low,
         "hits": hits,
         "decision": decision,
         "certified": certified,
         "saturated": saturated,
+    }
+
+
+def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor], exact: bool = True) -> dict[str, torch.Tensor]:
+    """The fields of :class:`MarginBound` from a single-radius estimate and the encoder's geometry."""
+    return {
+        **bounds_from_counts(est.hits[:, 0], est.num_samples, est.confidence, geometry, exact),
+        "ci_low": est.ci_low[:, 0],
     }
 
 
@@ -694,7 +744,7 @@ def margin_bound(
     else:
         est = column_for(estimate, r, x, model=model)
     jac_conf = (1.0 + est.confidence) / 2
-    geometry, method, jac_conf = _encoder_geometry(model, x, jacobian, jac_conf, seed, point_offset, max_memory)
+    geometry, method, jac_conf = encoder_geometry(model, x, jacobian, jac_conf, seed, point_offset, max_memory)
     return MarginBound(
         **_bounds(est, geometry, exact=method != "randomized"),
         r=r,
@@ -724,7 +774,7 @@ def bounds_from(
     """
     offset = int(estimate.point_index[0])
     jac_conf = (1.0 + estimate.confidence) / 2
-    geometry, method, jac_conf = _encoder_geometry(model, x, jacobian, jac_conf, seed, offset, None)
+    geometry, method, jac_conf = encoder_geometry(model, x, jacobian, jac_conf, seed, offset)
     out = []
     for r in estimate.radii.tolist():
         col = column_for(estimate, r, x)

@@ -349,7 +349,12 @@ def _train_loop(
     try:
         for epoch in bar:
             t0 = time.perf_counter()
-            means = _train_epoch(model, optimizer, x_train, batch_size, device, generators)
+            try:
+                means = _train_epoch(model, optimizer, x_train, batch_size, device, generators)
+            except RuntimeError as exc:  # an update too large for the weights' dtype: the run diverged
+                if "overflow" not in str(exc):
+                    raise
+                raise FloatingPointError(f"training diverged at epoch {epoch} ({exc}); try a lower lr") from exc
             row = _epoch_row(model, epoch, means, x_val, batch_size, seed)
             row["seconds"] = time.perf_counter() - t0
             history.rows.append(row)

@@ -1,27 +1,34 @@
-"""Replay the evidence stored in a sweep database with independent random numbers (``vaefast verify``).
+"""Re-check a sweep database (``vaefast verify``): every deterministic column re-derived, every stored claim replayed
+with independent random numbers.
 
-Every results row makes up to two claims:
+**Re-derived** (:mod:`vaefast.rederive`): the identity and completeness of the sweep against its specification, the
+clean estimate's columns and decision from its counts, the bounds from their components, the margins' order and the
+evidence's norm, box, counts and likelihoods, on every row; and, on the rows checked, the encoder's geometry, the
+clean counts and the evidence counts recounted from the model on the sweep's own random numbers. Each disagreement
+is a :class:`~vaefast.rederive.Discrepancy` naming its row: any tampered column is caught.
 
-- ``"delta"`` (certified rows whose margin search found a decided break): the stored perturbation δ breaks
-  r-robustness, i.e. ``p_r(x, δ) <= 1/2``. Checked exactly first (‖δ‖₂ equals ``margin_upper``, x + δ lies in the box,
-  the stored ``p_hat_adv = hits_adv / num_samples_adv <= 1/2``), then statistically: a fresh Monte-Carlo estimate
-  of ``p_r(x, δ)`` with ``factor`` × the sweep's sample count, on a Philox stream keyed by
-  ``H(row seed, "verify", seed)`` (independent of every stream the sweep used), and its two-sided Clopper–Pearson
-  interval at ``confidence``. The claim is **confirmed** unless the interval lies entirely above 1/2
-  (``ci_low > 1/2``: the fresh samples show, at that confidence, that x + δ is r-robust).
+**Replayed**, per checked row, up to two claims:
+
+- ``"delta"`` (rows with evidence: decided robust at δ = 0 and a decided break): the stored perturbation δ breaks
+  r-robustness, i.e. ``p_r(x, δ) <= 1/2``. A fresh Monte-Carlo estimate of ``p_r(x, δ)`` with ``factor`` × the
+  sweep's sample count, on a Philox stream keyed by ``H(row seed, "verify", seed)`` (independent of every stream
+  the sweep used), and its two-sided Clopper–Pearson interval at ``confidence``: the claim is **confirmed** unless
+  the interval lies entirely above 1/2 (``ci_low > 1/2``).
 - ``"clean"`` (certified rows, decided robust at the sweep's confidence): the clean point is r-robust,
-  ``p_r(x, 0) > 1/2``; confirmed unless the
-  fresh interval lies entirely at or below 1/2 (``ci_high <= 1/2``).
+  ``p_r(x, 0) > 1/2``; confirmed unless the fresh interval lies entirely at or below 1/2 (``ci_high <= 1/2``).
 
-For a true claim each check fails with probability at most ``(1 - confidence) / 2``; a perturbation that was
-tampered with (zeroed, rescaled, moved) fails the exact checks, and a δ that does not break the point fails the
-statistical one with a power that grows with ``factor``.
+The intervals are family-wise (Bonferroni): with N claims replayed, each interval is at ``1 - (1 - confidence) / N``,
+so the chance that any true claim is refuted is at most ``(1 - confidence) / 2`` however many claims a sweep makes
+(``familywise=False``: each interval at ``confidence``, a per-claim rate). A δ that does not break the point fails
+the statistical check with a power that grows with ``factor``.
+
+The database is read read-only; the replayed claims are then stored in its ``verifications`` table when it can be
+written (a read-only file is checked all the same, and the report says the claims were not stored).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -38,6 +45,14 @@ from vaefast import store
 from vaefast._checks import check_positive_int, check_probability, check_seed
 from vaefast._progress import progress_bar
 from vaefast._version import version_note
+from vaefast.rederive import (
+    Discrepancy,
+    StoredSweep,
+    model_discrepancies,
+    model_scalar,
+    search_discrepancies,
+    stored_discrepancies,
+)
 from vaefast.rng import derive_seed, id_runs
 from vaefast.robustness import estimate_r_robustness
 from vaefast.sweep.inputs import load_stored_models
@@ -54,9 +69,12 @@ class VerifyReport:
 
     Attributes:
         db: the database checked.
-        rows: one ``verifications`` row per checked claim (also written to the database).
+        rows: one ``verifications`` row per checked claim (also written to the database when it can be written).
         confidence, factor, seed: the settings of the replay.
+        familywise: whether ``confidence`` holds for all claims together (each interval at ``claim_confidence``).
         written_by: the vaefast version that wrote the database (its ``meta``), None if not recorded.
+        discrepancies: every stored value its re-derivation contradicts (:mod:`vaefast.rederive`).
+        stored: whether ``rows`` were written to the database's ``verifications`` table (False: read-only).
     """
 
     db: Path
@@ -65,6 +83,15 @@ class VerifyReport:
     factor: int
     seed: int
     written_by: str | None = None
+    discrepancies: list[Discrepancy] = dataclasses.field(default_factory=list)
+    stored: bool = True
+    familywise: bool = True
+
+    @property
+    def claim_confidence(self) -> float:
+        """The confidence of each claim's interval: ``1 - (1 - confidence) / N`` (family-wise) or ``confidence``."""
+        n = max(self.checked, 1) if self.familywise else 1
+        return 1.0 - (1.0 - self.confidence) / n
 
     @property
     def version_note(self) -> str | None:
@@ -90,6 +117,11 @@ class VerifyReport:
     def all_confirmed(self) -> bool:
         """Whether every claim checked was confirmed."""
         return self.confirmed == self.checked
+
+    @property
+    def passed(self) -> bool:
+        """Whether every claim was confirmed and every re-derived column agrees."""
+        return self.all_confirmed and not self.discrepancies
 
     def summary(self) -> list[dict[str, Any]]:
         """The replay per group.
@@ -117,6 +149,8 @@ def verify_sweep(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    recompute: bool = True,
+    familywise: bool = True,
 ) -> VerifyReport:
     """Replay the evidence of every (or ``sample`` random) results row of ``db`` (module docstring).
 
@@ -125,60 +159,122 @@ def verify_sweep(
         models: ``{name: nn.Module or run folder}`` overriding the stored sources (needed for models swept from
             memory); the weights must match the sweep's (checked by SHA-256).
         factor: the replay draws ``factor`` × the sweep's ``num_samples`` per claim.
-        confidence: confidence of the replay's Clopper–Pearson intervals.
+        confidence: confidence of the replay's Clopper–Pearson intervals, for all claims together (``familywise``).
+        familywise: Bonferroni over the claims (each interval at ``1 - (1 - confidence) / N``); False: each at
+            ``confidence``.
         sample: check this many randomly chosen rows (drawn with ``seed``) instead of all.
         seed: seeds the replay's random stream and the row sample.
         device: where the models run.
         progress: show a progress bar over (model, r) groups.
+        recompute: run the margin search of every unit holding a checked row again and compare its margins and
+            evidence (:func:`vaefast.rederive.search_discrepancies`; about the margin stage's share of the sweep's
+            time for the rows checked).
 
     Returns:
-        A :class:`VerifyReport`; its rows are also stored in the database's ``verifications`` table.
+        A :class:`VerifyReport`: the replayed claims (also stored in the database's ``verifications`` table when it
+        can be written) and every discrepancy of a re-derived column (on every row; the model's re-derivations on
+        the rows checked).
     """
     factor = check_positive_int("factor", factor)
     confidence = check_probability("confidence", confidence)
     seed = check_seed("seed", seed)
-    conn = store.connect(db, create=False)
+    if sample is not None:
+        check_positive_int("sample", sample)
+    sweep, info = _read(db)
+    rows = _select(sweep.results, sample, seed)
+    loaded = load_stored_models(info, sorted({r["model"] for r in rows} & set(info)), models, device)
+    found = stored_discrepancies(sweep)
+    for name, model in loaded.items():
+        mine = [r for r in rows if r["model"] == name]
+        found += model_discrepancies(model, name, mine, sweep)
+        if recompute:
+            found += search_discrepancies(model, name, mine, sweep)
+    replayable = [r for r in rows if _replayable(r, sweep)]
+    claims = sum(_claims(r, kind) for r in replayable for kind in KINDS) if familywise else 1
+    checks = _replay(replayable, loaded, sweep, factor, 1.0 - (1.0 - confidence) / max(claims, 1), seed, progress)
+    stored = _store(db, checks)
+    written_by = sweep.meta.get("vaefast_version")
+    return VerifyReport(Path(db), checks, confidence, factor, seed, written_by, found, stored, familywise)
+
+
+def _read(db: str | os.PathLike) -> tuple[StoredSweep, dict[str, dict[str, Any]]]:
+    """The tables of ``db``, read read-only, and its ``models`` rows by name."""
+    conn = store.connect(db, readonly=True)
     try:
-        rows = _select(store.read_table(conn, "results", blobs=True), sample, seed)
-        info = store.model_info(conn)
-        points = {p["pos"]: p["x"] for p in store.read_table(conn, "points", blobs=True)}
         meta = store.get_meta(conn)
-        spec = json.loads(meta.get("spec", "{}"))
-        loaded = load_stored_models(info, sorted({r["model"] for r in rows}), models, device)
-        checks = _replay(rows, loaded, info, points, spec, factor, confidence, seed, progress)
-        store.write_verifications(conn, [{k: c[k] for k in store.VERIFY_COLUMNS} for c in checks])
+        info = store.model_info(conn)
+        order = [tuple(r) for r in conn.execute("SELECT name, weights_sha256 FROM models ORDER BY rowid")]
+        sweep = StoredSweep(
+            meta=meta,
+            spec=_spec(meta, db),
+            models=order,
+            points={p["pos"]: p for p in store.read_table(conn, "points", blobs=True)},
+            units=store.read_table(conn, "units"),
+            results=store.read_table(conn, "results", blobs=True),
+            curves=store.read_table(conn, "curves"),
+            input_shape={name: row["input_shape"] for name, row in info.items()},
+        )
     finally:
         conn.close()
-    return VerifyReport(Path(db), checks, confidence, factor, seed, meta.get("vaefast_version"))
+    return sweep, info
+
+
+def _spec(meta: Mapping[str, str], db: str | os.PathLike) -> SweepSpec:
+    """The sweep's specification from ``meta`` (a database without one holds no sweep)."""
+    if "spec" not in meta:
+        raise ValueError(f"{str(db)!r} holds no sweep yet (no specification in its meta table)")
+    try:
+        return SweepSpec.from_json(meta["spec"])
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{str(db)!r}: its stored sweep specification is unreadable ({exc})") from None
+
+
+def _store(db: str | os.PathLike, checks: list[dict[str, Any]]) -> bool:
+    """Write the replayed claims to ``verifications``; False when the database cannot be written (read-only)."""
+    try:
+        conn = store.connect(db, create=False)
+    except store.DatabaseError:
+        return False
+    try:
+        store.write_verifications(conn, [{k: c[k] for k in store.VERIFY_COLUMNS} for c in checks])
+    except store.DatabaseError:
+        return False
+    finally:
+        store.close_writer(conn)
+    return True
+
+
+def _replayable(row: Mapping[str, Any], sweep: StoredSweep) -> bool:
+    """Whether a row's claims can be replayed: its model, point and δ are well formed (else a discrepancy says so)."""
+    shape = sweep.input_shape.get(row["model"])
+    if shape is None or row["pos"] not in sweep.points or row["r"] is None or not row["r"] > 0:
+        return False
+    size = 4 * math.prod(shape)
+    return len(sweep.points[row["pos"]]["x"]) == size and (row["delta"] is None or len(row["delta"]) == size)
 
 
 def _select(rows: list[dict[str, Any]], sample: int | None, seed: int) -> list[dict[str, Any]]:
-    rows = sorted(rows, key=lambda r: (r["model"], r["r"], r["pos"]))
-    if sample is None:
-        return rows
-    check_positive_int("sample", sample)
-    if sample >= len(rows):
+    rows = sorted(rows, key=lambda r: (str(r["model"]), float(r["r"] or 0.0), int(r["pos"] or 0)))
+    if sample is None or sample >= len(rows):
         return rows
     picked = set(random.Random(seed).sample(range(len(rows)), sample))
     return [r for i, r in enumerate(rows) if i in picked]
 
 
-def _replay(rows, models, info, points, spec, factor, confidence, seed, progress) -> list[dict[str, Any]]:
+def _replay(rows, models, sweep: StoredSweep, factor, confidence, seed, progress) -> list[dict[str, Any]]:
     """Check every claim of ``rows``, grouped by (model, r) so each group is one batched estimate per kind."""
-    box = SweepSpec.from_json(json.dumps(spec)).box
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["r"]), []).append(row)
     checks: list[dict[str, Any]] = []
+    samples = factor * sweep.spec.num_samples
     for (name, r), group in progress_bar(
         groups.items(), desc="verify", unit="group", total=len(groups), enabled=progress
     ):
-        model = models[name]
-        shape = info[name]["input_shape"]
         for kind in KINDS:
             claims = [row for row in group if _claims(row, kind)]
             if claims:
-                checks += _check_group(model, shape, claims, kind, r, points, box, factor, confidence, seed)
+                checks += _check_group(models[name], sweep, claims, kind, r, samples, confidence, seed)
     return checks
 
 
@@ -194,58 +290,31 @@ def _tensor(blob: bytes | None, shape: Sequence[int], like: torch.Tensor | None 
     return t if like is None else t.to(like)
 
 
-def _check_group(model, shape, claims, kind, r, points, box, factor, confidence, seed) -> list[dict[str, Any]]:
-    """Exact checks, then one fresh estimate per run of consecutive positions (random numbers keyed by pos)."""
-    param = next(iter(model.parameters()), None)
-    ref = (
-        torch.zeros((), dtype=torch.float32)
-        if param is None
-        else torch.zeros((), dtype=param.dtype, device=param.device)
-    )
-    x = torch.stack([_tensor(points[row["pos"]], shape, ref) for row in claims])
+def _check_group(model, sweep: StoredSweep, claims, kind, r, samples, confidence, seed) -> list[dict[str, Any]]:
+    """One fresh estimate per run of consecutive positions (random numbers keyed by pos) for the group's claims."""
+    ref = model_scalar(model)
+    name = claims[0]["model"]
+    shape = sweep.input_shape[name]
+    x = torch.stack([sweep.point(row["pos"], name).to(ref) for row in claims])
     delta = torch.stack([_tensor(row["delta"], shape, ref) for row in claims]) if kind == "delta" else None
-    reasons = [_exact_reason(row, x[i], None if delta is None else delta[i], box) for i, row in enumerate(claims)]
     stream = derive_seed(claims[0]["seed"], "verify", seed)
-    samples = factor * int(claims[0]["num_samples"])
     est = _estimate(model, x, delta, r, samples, stream, confidence, [row["pos"] for row in claims])
     out = []
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for i, row in enumerate(claims):
         low, high = float(est.ci_low[i, 0]), float(est.ci_high[i, 0])
-        statistical = low <= 0.5 if kind == "delta" else high > 0.5
-        reason = reasons[i]
-        if not statistical:
-            side = "above" if kind == "delta" else "at or below"
-            reason = "; ".join(filter(None, [reason, f"fresh interval [{low:.4f}, {high:.4f}] lies {side} 1/2"]))
+        confirmed = low <= 0.5 if kind == "delta" else high > 0.5
+        side = "above" if kind == "delta" else "at or below"
         out.append(
             {
                 "item_id": row["item_id"], "kind": kind, "model": row["model"], "r": r, "pos": row["pos"],
                 "p_hat": float(est.p_hat[i, 0]), "ci_low": low, "ci_high": high, "hits": int(est.hits[i, 0]),
-                "num_samples": samples, "seed": stream, "confidence": confidence,
-                "confirmed": int(not reason), "reason": reason or None, "checked_at": now,
+                "num_samples": samples, "seed": stream, "confidence": confidence, "confirmed": int(confirmed),
+                "reason": None if confirmed else f"fresh interval [{low:.4f}, {high:.4f}] lies {side} 1/2",
+                "checked_at": now,
             }
         )  # fmt: skip
     return out
-
-
-def _exact_reason(row, x: torch.Tensor, delta: torch.Tensor | None, box) -> str | None:
-    """Why a stored δ cannot be the evidence of the row's margin (None when it can)."""
-    if delta is None:
-        return None
-    problems = []
-    norm = float(delta.double().flatten().norm())
-    upper = row["margin_upper"]
-    if upper is None or not math.isclose(norm, float(upper), rel_tol=1e-4, abs_tol=1e-6):
-        problems.append(f"||delta|| = {norm:.6g} != margin_upper {upper}")
-    if box is not None:
-        adv = (x + delta).double()
-        tol = 1e-5 * (box[1] - box[0])
-        if bool((adv < box[0] - tol).any()) or bool((adv > box[1] + tol).any()):
-            problems.append(f"x + delta leaves the box {tuple(box)}")
-    hits, n = row["hits_adv"], row["num_samples_adv"]
-    if hits is None or not n or row["p_hat_adv"] is None or 2 * hits > n or row["p_hat_adv"] != hits / n:
-        problems.append(f"stored p_hat_adv {row['p_hat_adv']} is not a count <= 1/2 ({hits} of {n})")
-    return "; ".join(problems) or None
 
 
 def _estimate(model, x, delta, r, samples, seed, confidence, positions):

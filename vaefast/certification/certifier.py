@@ -148,7 +148,7 @@ class EncoderCertifier:
         return local_radii(q, start, start_constants, hi, local)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Certificate(ResultMixin):
     """Sound certified radii of ``B`` points at one reconstruction radius r (CPU tensors).
 
@@ -174,6 +174,13 @@ class Certificate(ResultMixin):
     joint: bool
     num_samples: int
     point_index: torch.Tensor
+
+    _SHOW = ("point", "r", "method", "p_low", "radius", "lipschitz_mean", "lipschitz_log_sigma")
+
+    def counts(self) -> dict[str, int]:
+        """Points with a certificate (radius > 0) and without (``p_low <= 1/2``)."""
+        n = int((self.radius > 0).sum())
+        return {"certified": n, "not certified": len(self) - n}
 
     def to_rows(self) -> list[dict[str, Any]]:
         """One dict per point."""

@@ -77,8 +77,11 @@ def run(args: argparse.Namespace) -> int:
         The exit status (0).
     """
     from vaefast import report
-    from vaefast._checks import check_device
+    from vaefast._checks import check_device, check_output_dir
     from vaefast.demo import run_demo
+
+    if args.out is not None:
+        check_output_dir("--out", args.out)
 
     config = DemoConfig(
         data=args.data, root=args.root, device=check_device("--device", args.device), points=args.points,

@@ -39,10 +39,15 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit status (0).
     """
-    from vaefast._checks import as_radii
+    from vaefast._checks import as_radii, check_num_samples, check_output_file, check_probability, check_seed
     from vaefast.robustness import estimate_r_robustness
 
     as_radii("--r", args.r)
+    check_num_samples("--samples", args.samples)
+    check_probability("--confidence", args.confidence)
+    check_seed("--seed", args.seed)
+    if args.out:
+        check_output_file("--out", args.out)  # before the work: a result is never computed only to be lost
     model, x, box = load_model_and_points(args)
     res = estimate_r_robustness(
         model, x, args.r, num_samples=args.samples, seed=args.seed, confidence=args.confidence,

@@ -30,10 +30,14 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit status (0).
     """
+    from vaefast._checks import check_output_file
     from vaefast.store import export
 
     if not args.csv and not args.json:
         raise ValueError("give --csv and/or --json")
+    for name, path in (("--csv", args.csv), ("--json", args.json)):
+        if path:
+            check_output_file(name, path)
     n = export(args.db, csv_path=args.csv, json_path=args.json, table=args.table)
     print(f"exported {n} {args.table} rows" + "".join(f" -> {p}" for p in (args.csv, args.json) if p))
     return 0

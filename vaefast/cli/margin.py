@@ -49,9 +49,14 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit status (0).
     """
+    from vaefast._checks import check_output_file, check_positive_float, check_seed
     from vaefast.margin import numerical_margin
     from vaefast.robustness import estimate_r_robustness, margin_bound
 
+    check_positive_float("--r", args.r)
+    check_seed("--seed", args.seed)
+    if args.out:
+        check_output_file("--out", args.out)  # before the work: a result is never computed only to be lost
     options = MarginOptions(
         method=args.method, tol=args.tol, granularity=args.granularity, max_radius=args.max_radius,
         num_samples=args.samples, confidence=args.confidence, steps=args.steps, restarts=args.restarts,

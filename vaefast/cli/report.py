@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
         The exit status (0).
     """
     from vaefast import report
+    from vaefast._checks import check_output_dir
     from vaefast._version import version_note
 
+    check_output_dir("--out", args.out)
     page = report.write_report(args.db, args.out)
     data = report.load(args.db)
     note = version_note(data.meta.get("vaefast_version"), str(args.db))

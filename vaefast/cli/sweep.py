@@ -105,15 +105,19 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit status (0).
     """
-    from vaefast import report
+    from vaefast import report, store
     from vaefast._checks import check_device, check_positive_int
     from vaefast.sweep import PointSet, run_sweep
 
     names = [n for n, _ in args.models]
     if len(set(names)) != len(names):
         raise ValueError(f"--model names must be unique, got {names}")
+    store.check_database_target(args.db, "--db")
     if args.indices is None:
         check_positive_int("--points", args.points)
+    elif len(set(args.indices)) != len(args.indices):
+        repeated = sorted({i for i in args.indices if args.indices.count(i) > 1})
+        raise ValueError(f"--indices must be distinct (a point is swept once), got {repeated} more than once")
     points = PointSet.from_dataset(args.data, args.split, args.indices or args.points, root=args.root)
     res = run_sweep(
         dict(args.models), points, radii_arg(args.radii), args.db, attack_eps=args.eps, curve_radii=args.curve_r,

@@ -3,14 +3,20 @@
 Run folder: ``config.json`` + ``model.safetensors`` (the best-validation model; ``vaefast.load_model(out)``),
 ``metrics.csv`` (per epoch), ``checkpoints/{best,last}/``, ``metrics.json`` (test ELBO, IWAE log-likelihood...,
 and ``warnings``: e.g. posterior collapse, printed as ``warning: ...``). An existing run folder is refused unless
-``--force``.
+``--force``. Every option is checked before training; the run is written into a hidden folder beside ``--out``
+and moved into place once complete, so a run that fails (a diverging loss, Ctrl-C, a full disk) leaves nothing
+behind and an earlier run in ``--out`` untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +103,76 @@ def check_out(out: str | Path, force: bool) -> Path:
     return out
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The numeric options and the objective's weights, checked before any data is read or any work done.
+
+    Args:
+        args: the parsed options.
+
+    Raises:
+        TypeError / ValueError: naming the option; a weight the objective ignores (``--beta`` with ``--objective
+            elbo``, the β-TCVAE weights with another objective) is refused rather than recorded unused.
+    """
+    from vaefast._checks import (
+        check_num_samples,
+        check_positive_float,
+        check_positive_int,
+        check_probability,
+        check_seed,
+    )
+
+    for name in ("epochs", "batch_size", "latent"):
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    for width in args.hidden:
+        check_positive_int("--hidden", width)
+    check_positive_float("--lr", args.lr)
+    check_seed("--seed", args.seed)
+    check_probability("--val-fraction", args.val_fraction)
+    check_num_samples("--iw-samples", args.iw_samples)
+    for name in ("patience", "threads"):
+        if getattr(args, name) is not None:
+            check_positive_int(f"--{name}", getattr(args, name))
+    objective = args.objective or ("beta_vae" if args.beta != 1.0 else "elbo")
+    if objective == "elbo" and args.beta != 1.0:
+        raise ValueError(
+            f"--beta {args.beta:g} has no effect with --objective elbo (the ELBO weighs the KL by 1): "
+            "use --objective beta_vae, or leave --beta out"
+        )
+    if objective != "beta_tcvae":
+        given = [f"--{n.replace('_', '-')}" for n, default in (("tc_weight", None), ("mi_weight", 1.0),
+                 ("dimkl_weight", 1.0)) if getattr(args, n) != default]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --objective beta_tcvae (got --objective {objective})")
+
+
+@contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write the run into, moved into ``out`` when the block completes and removed
+    when it fails.
+
+    Args:
+        out: the run folder (checked: it can be created, and holds no run unless ``--force``).
+
+    Yields:
+        The staging folder.
+    """
+    staging = out.absolute().parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+
+
 def model_config(args: argparse.Namespace, input_shape: tuple[int, ...]) -> VAEConfig:
     """The model configuration the options describe.
 
@@ -163,37 +239,30 @@ def run(args: argparse.Namespace) -> int:
         The exit status (0).
     """
     from vaefast import data
-    from vaefast._checks import check_device
+    from vaefast._checks import check_device, check_output_dir
     from vaefast.models import VAE
     from vaefast.training import run_metrics, train, write_metrics
 
-    out = check_out(args.out, args.force)
+    check_options(args)
+    out = check_out(check_output_dir("--out", args.out), args.force)
     device = check_device("--device", args.device)
-    if args.threads is not None or args.arch == "mlp":
-        torch.set_num_threads(args.threads if args.threads is not None else 1)
     start = time.perf_counter()
     full = data.load(args.data, "train", args.root)
     test = data.load(args.data, "test", args.root)
     train_split, val_split = full.split(args.val_fraction, seed=args.seed)
     config = model_config(args, full.input_shape)
+    if args.threads is not None or args.arch == "mlp":
+        torch.set_num_threads(args.threads if args.threads is not None else 1)
     model = VAE(config, seed=args.seed)
-    history = train(
-        model,
-        train_split,
-        val_split,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=device,
-        out=out,
-        patience=args.patience,
-        progress=not args.no_progress,
-    )
-    metrics = run_metrics(model, history, train_split, val_split, test, iw_samples=args.iw_samples, seed=args.seed)
-    metrics = {"data": args.data, **metrics, "total_seconds": time.perf_counter() - start}
-    metrics.update(seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=str(device))
-    write_metrics(out, metrics)
+    with staging_folder(out) as staging:
+        history = train(
+            model, train_split, val_split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            seed=args.seed, device=device, out=staging, patience=args.patience, progress=not args.no_progress,
+        )  # fmt: skip
+        metrics = run_metrics(model, history, train_split, val_split, test, iw_samples=args.iw_samples, seed=args.seed)
+        metrics = {"data": args.data, **metrics, "total_seconds": time.perf_counter() - start}
+        metrics.update(seed=args.seed, batch_size=args.batch_size, lr=args.lr, device=str(device))
+        write_metrics(staging, metrics)
     print(summary(config.to_dict(), metrics, out))
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from vaefast._checks import (
     check_choice,
+    check_num_samples,
     check_positive_float,
     check_positive_int,
     check_probability,
@@ -52,7 +53,7 @@ class EstimateOptions:
     autocast: str | None = None
 
     def __post_init__(self) -> None:
-        check_positive_int("num_samples", self.num_samples)
+        check_num_samples("num_samples", self.num_samples)
         check_probability("confidence", self.confidence)
         if self.max_memory is not None:
             check_positive_int("max_memory", self.max_memory)
@@ -114,7 +115,7 @@ class MarginOptions:
             if getattr(self, name) is not None:
                 check_positive_float(name, getattr(self, name))
         check_choice("decision", self.decision, DECISIONS)
-        check_positive_int("num_samples", self.num_samples)
+        check_num_samples("num_samples", self.num_samples)
         check_probability("confidence", self.confidence)
         check_positive_int("restarts", self.restarts)
         check_positive_int("steps", self.steps)
@@ -158,5 +159,5 @@ def with_overrides(options: _O | None, cls: type[_O], overrides: dict[str, Any],
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        raise TypeError(f"{name}: unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
     return dataclasses.replace(options, **overrides) if overrides else options

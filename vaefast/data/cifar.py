@@ -50,8 +50,8 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             batch = _SafeUnpickler(fh, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
-        raise ValueError(f"cannot read CIFAR batch {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (a damaged pickle fails in many ways: EOFError, KeyError, struct.error...)
+        raise ValueError(f"cannot read CIFAR batch {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"{path} is not a CIFAR-10 batch (need a dict with b'data' and b'labels')")
     data = np.asarray(batch[b"data"])

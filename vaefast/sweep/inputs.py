@@ -59,6 +59,8 @@ class PointSet:
             self.indices = list(range(self.x.shape[0]))
         if len(self.indices) != self.x.shape[0]:
             raise ValueError(f"points.indices has {len(self.indices)} entries for {self.x.shape[0]} points")
+        if len(set(self.indices)) != len(self.indices):
+            raise ValueError("points.indices must be distinct: each point is swept once")
 
     @classmethod
     def from_dataset(

@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vaefast._checks import as_radii, check_positive_int, check_probability, check_seed
+from vaefast._checks import as_radii, check_num_samples, check_positive_int, check_probability, check_seed
 from vaefast.core.box import UNIT_BOX, Box, as_box
-from vaefast.core.options import DEFAULT_CONFIDENCE, DEFAULT_NUM_SAMPLES, MarginOptions
+from vaefast.core.options import DEFAULT_CONFIDENCE, DEFAULT_NUM_SAMPLES, MarginOptions, with_overrides
 
 SWEEP_FORMAT = "6"  # bump when the per-unit computation changes: resuming across versions is then refused
 
@@ -171,14 +171,14 @@ class SweepSpec:
             unknown = set(self.curve_radii) - set(self.radii)
             if unknown:
                 raise ValueError(f"curve_radii must be among radii, got {sorted(unknown)}")
-        check_positive_int("num_samples", self.num_samples)
+        check_num_samples("num_samples", self.num_samples)
         check_probability("confidence", self.confidence)
         check_seed("seed", self.seed)
         check_positive_int("batch_size", self.batch_size)
         set_(self, "box", as_box(self.box))
         margin = self.margin
         if isinstance(margin, Mapping):
-            margin = MarginOptions(**margin)
+            margin = with_overrides(None, MarginOptions, dict(margin), "margin")
         if not isinstance(margin, MarginOptions):
             raise TypeError(f"margin must be a MarginOptions or a dict of its fields, got {type(margin).__name__}")
         set_(self, "margin", dataclasses.replace(margin, num_samples=self.num_samples, confidence=self.confidence))

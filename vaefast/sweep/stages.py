@@ -30,6 +30,7 @@ from vaefast._threads import intra_op_threads
 from vaefast.attacks.max_damage import MaxDamageAttack
 from vaefast.attacks.metrics import LikelihoodDegradation, likelihood_degradation
 from vaefast.certification import CertificationRefused, EncoderCertifier
+from vaefast.core.decide import clean_decision
 from vaefast.core.encoding import Encoding, encode
 from vaefast.core.sampling import Sampler
 from vaefast.margin import NumericalMargin, margins_validated
@@ -115,7 +116,7 @@ def bound(ctx: UnitContext, est: RRobustnessResult) -> list[MarginBound]:
     Returns:
         One :class:`MarginBound` per radius, in the spec's order.
     """
-    return bounds_from(ctx.model, ctx.x, est)
+    return bounds_from(ctx.model, ctx.x, est, seed=ctx.seed)
 
 
 def margin(ctx: UnitContext, est: RRobustnessResult) -> NumericalMargin:
@@ -129,8 +130,22 @@ def margin(ctx: UnitContext, est: RRobustnessResult) -> NumericalMargin:
     Returns:
         The ``[B, K]`` margins, brackets and evidence.
     """
+    return search_margins(ctx, est.hits)
+
+
+def search_margins(ctx: UnitContext, hits: torch.Tensor) -> NumericalMargin:
+    """The margin search of a unit from its clean counts (the clean decision follows from them): the margin stage,
+    and ``vaefast verify``'s recomputation of it from the stored counts.
+
+    Args:
+        ctx: the unit's context.
+        hits: ``[B, K]`` int64 clean counts of ``spec.num_samples`` samples (CPU).
+
+    Returns:
+        The ``[B, K]`` margins, brackets and evidence.
+    """
     s = ctx.spec
-    clean = (est.decision, est.hits, torch.full_like(est.hits, est.num_samples))
+    clean = (clean_decision(hits, s.num_samples, s.confidence), hits, torch.full_like(hits, s.num_samples))
     with intra_op_threads(ctx.model, ctx.x.device):
         return margins_validated(
             ctx.model, ctx.x, ctx.enc, ctx.radii, ctx.ids, clean, s.margin, s.box, ctx.seed, ctx.sampler

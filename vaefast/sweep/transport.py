@@ -138,10 +138,17 @@ class Collector:
         ctx: rank 0 of a run with several processes.
         db: the results database (prepared).
         on_commit: called with each committed units row (e.g. to advance a progress bar); may run on any thread.
+        header: the sweep's header while it is not yet written (:func:`vaefast.store.commit_unit`).
     """
 
-    def __init__(self, ctx: DistContext, db: str | os.PathLike, on_commit: Callable[[dict], None] | None = None):
-        self.ctx, self.db, self.on_commit = ctx, db, on_commit
+    def __init__(
+        self,
+        ctx: DistContext,
+        db: str | os.PathLike,
+        on_commit: Callable[[dict], None] | None = None,
+        header: store.SweepHeader | None = None,
+    ):
+        self.ctx, self.db, self.on_commit, self.header = ctx, db, on_commit, header
         self.received = 0
         self.errors: dict[int, BaseException] = {}
         self._lock = threading.Lock()
@@ -169,7 +176,7 @@ class Collector:
             return
         try:
             while (rows := receive(self.ctx, src)) is not None:
-                store.commit_unit(conn, *rows)
+                store.commit_unit(conn, *rows, header=self.header)
                 with self._lock:
                     self.received += 1
                 if self.on_commit is not None:
