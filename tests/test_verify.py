@@ -290,6 +290,9 @@ def _tampers(victim, point):
             p_low,
             vid,
         ),  # fmt: skip
+        "global certificate": (row.format("cert_global = cert_global * 1.01"), vid),
+        "local certificate": (row.format("cert_local = cert_local * 1.01"), vid),
+        "certificate erased with a reason": (row.format("cert_local = NULL, cert_reason = 'local: refused'"), vid),
         "r_star": (row.format("r_star = r_star * 1.01"), vid),
         "max_radius": (row.format("max_radius = max_radius * 1.01"), vid),
         "likelihoods": (row.format("ll_clean = ll_clean + 1, ll_drop = ll_drop + 1"), vid),

@@ -160,8 +160,9 @@ def _scatter_bounds(ax, data: SweepData, comp: Sequence[Mapping[str, Any]]) -> N
             sub = [r for r in rows if r["r"] == rr]
             if sub:
                 m = np.array([r["margin"] for r in sub], float)
-                xerr = np.array([[r["margin"] - r["margin_lower"] for r in sub], [r["margin_upper"] - r["margin"]
-                                 for r in sub]], float).clip(min=0)  # fmt: skip
+                # margin_lower = 0 (no attacked radius decided robust) would run off a log axis: no left part
+                left = [r["margin"] - r["margin_lower"] if r["margin_lower"] > 0 else 0.0 for r in sub]
+                xerr = np.array([left, [r["margin_upper"] - r["margin"] for r in sub]], float).clip(min=0)
                 ax.errorbar(m, [capped_bound(r) for r in sub], xerr=xerr, fmt="none", ecolor=colors[name], alpha=0.25,
                             lw=0.6)  # fmt: skip
                 ax.scatter(
@@ -197,7 +198,8 @@ def _fit_line(ax, m: np.ndarray, b: np.ndarray, xs: np.ndarray, log_axes: bool, 
     "Bound vs numerical margin",
     "Each dot is a comparable (point, r) item: decided robust at δ = 0 and with a decided break; x is the margin "
     "estimate (where p̂ crosses 1/2 along the attack path) and its horizontal bar the bracket [margin_lower, "
-    "margin_upper] of radii decided robust and broken at the sweep's confidence. The title says how many items were "
+    "margin_upper] of radii decided robust and broken at the sweep's confidence (no left part where margin_lower = 0: "
+    "no attacked radius was decided robust). The title says how many items were "
     "left out (not robust, undecided, unbracketed). Dots below y = x (dashed) are items where the lower bound is "
     "valid. A bound larger than the largest perturbation the data box allows is capped to that radius and ringed by "
     "a black hexagon.",

@@ -31,7 +31,9 @@ From the model (the rows checked):
   another device or batch size can only move a sample within that band of r), and ``r_star`` must agree;
 - the evidence counts again: ``hits_adv`` from the stored δ on the sweep's stream (same band), so a δ replaced by
   another one that also breaks r-robustness is caught;
-- ``ll_clean`` and ``ll_adv`` at the stored point and δ.
+- ``ll_clean`` and ``ll_adv`` at the stored point and δ;
+- the sound certificates ``cert_global`` and ``cert_local`` from the stored counts (NULL, with a stored reason,
+  exactly where the model's encoder is refused).
 
 Floating-point comparisons: values recomputed from stored float64 numbers by the same formula must agree to
 ``EXACT`` (relative); values recomputed from the model to ``MODEL`` (relative): geometry and likelihoods move by
@@ -535,6 +537,44 @@ def search_discrepancies(
     return out
 
 
+def _certificates(model, rows, sweep: StoredSweep, x: torch.Tensor, index: dict[int, int]) -> list[Discrepancy]:
+    """``cert_global`` and ``cert_local`` again from the model and the stored counts (the certify stage's
+    computation: the one-sided Clopper–Pearson ``p_low`` of ``hits``, then :meth:`EncoderCertifier.radii` for every
+    point and radius at once); a refused method must be NULL with its reason stored."""
+    from vaefast.certification import CertificationRefused, EncoderCertifier
+    from vaefast.stats import clopper_pearson_one_sided
+
+    spec = sweep.spec
+    k = {r: j for j, r in enumerate(spec.radii)}
+    hits = torch.zeros(len(index), len(k), dtype=torch.int64)
+    for row in rows:
+        if row["r"] in k:
+            hits[index[row["pos"]], k[row["r"]]] = row["hits"]
+    p_low, _ = clopper_pearson_one_sided(hits, spec.num_samples, 1.0 - spec.confidence)
+    radii: dict[str, torch.Tensor | None] = {}
+    try:
+        certifier = EncoderCertifier.for_model(model, x)
+    except CertificationRefused:
+        certifier = None
+    for method in ("global", "local"):
+        try:
+            radii[method] = None if certifier is None else certifier.radii(x, p_low, method).radius.cpu()
+        except CertificationRefused:
+            radii[method] = None
+    out = []
+    for row in (r for r in rows if r["r"] in k):
+        for method, found in radii.items():
+            stored, column = row[f"cert_{method}"], f"cert_{method}"
+            if found is None:
+                if stored is not None or not row["cert_reason"]:
+                    out.append(Discrepancy(row["item_id"], "model", f"{column} {stored} where the model is refused"))
+                continue
+            value = float(found[index[row["pos"]], k[row["r"]]])
+            if not _close(stored, value, MODEL, 1e-9):
+                out.append(Discrepancy(row["item_id"], "model", f"{column} {stored} != {value:.8g} from the model"))
+    return out
+
+
 def model_scalar(model: Any) -> torch.Tensor:
     """A scalar of the model's dtype on its device."""
     param = next(iter(model.parameters()), None)
@@ -562,4 +602,8 @@ def model_discrepancies(
     positions = sorted({r["pos"] for r in rows})
     index = {p: i for i, p in enumerate(positions)}
     x = torch.stack([sweep.point(p, name) for p in positions]).to(like)
-    return _clean(model, name, rows, sweep, x, index) + _adversarial(model, name, rows, sweep, x, index)
+    return (
+        _clean(model, name, rows, sweep, x, index)
+        + _adversarial(model, name, rows, sweep, x, index)
+        + _certificates(model, rows, sweep, x, index)
+    )

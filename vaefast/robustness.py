@@ -669,12 +669,21 @@ def bounds_from_counts(
     }
 
 
-def _bounds(est: RRobustnessResult, geometry: dict[str, torch.Tensor], exact: bool = True) -> dict[str, torch.Tensor]:
-    """The fields of :class:`MarginBound` from a single-radius estimate and the encoder's geometry."""
-    return {
-        **bounds_from_counts(est.hits[:, 0], est.num_samples, est.confidence, geometry, exact),
-        "ci_low": est.ci_low[:, 0],
-    }
+def _margin_bound(
+    est: RRobustnessResult, geometry: dict[str, torch.Tensor], method: str, jac_conf: float
+) -> MarginBound:
+    """The :class:`MarginBound` of a single-radius estimate from the encoder's geometry (its norms by ``method`` at
+    ``jac_conf``)."""
+    return MarginBound(
+        **bounds_from_counts(est.hits[:, 0], est.num_samples, est.confidence, geometry, method != "randomized"),
+        ci_low=est.ci_low[:, 0],
+        r=float(est.radii[0]),
+        num_samples=est.num_samples,
+        confidence=est.confidence,
+        point_index=est.point_index,
+        jac_method=method,
+        jac_confidence=jac_conf,
+    )
 
 
 @analysis
@@ -745,15 +754,7 @@ def margin_bound(
         est = column_for(estimate, r, x, model=model)
     jac_conf = (1.0 + est.confidence) / 2
     geometry, method, jac_conf = encoder_geometry(model, x, jacobian, jac_conf, seed, point_offset, max_memory)
-    return MarginBound(
-        **_bounds(est, geometry, exact=method != "randomized"),
-        r=r,
-        num_samples=est.num_samples,
-        confidence=est.confidence,
-        point_index=est.point_index,
-        jac_method=method,
-        jac_confidence=jac_conf,
-    )
+    return _margin_bound(est, geometry, method, jac_conf)
 
 
 def bounds_from(
@@ -775,18 +776,4 @@ def bounds_from(
     offset = int(estimate.point_index[0])
     jac_conf = (1.0 + estimate.confidence) / 2
     geometry, method, jac_conf = encoder_geometry(model, x, jacobian, jac_conf, seed, offset)
-    out = []
-    for r in estimate.radii.tolist():
-        col = column_for(estimate, r, x)
-        out.append(
-            MarginBound(
-                **_bounds(col, geometry, exact=method != "randomized"),
-                r=r,
-                num_samples=col.num_samples,
-                confidence=col.confidence,
-                point_index=col.point_index,
-                jac_method=method,
-                jac_confidence=jac_conf,
-            )  # fmt: skip
-        )
-    return out
+    return [_margin_bound(column_for(estimate, r, x), geometry, method, jac_conf) for r in estimate.radii.tolist()]
