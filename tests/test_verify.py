@@ -323,3 +323,41 @@ def test_verify_catches_every_tampered_column(pristine, tmp_path, tamper):
     assert not rep.passed and rep.discrepancies, tamper
     ids = {d.item_id for d in rep.discrepancies}
     assert ids & {victim["item_id"], victim["unit_id"], "meta"} or tamper == "deleted curve", rep.discrepancies
+
+
+class _WideEncoder(torch.nn.Module):
+    """160 latents (above the exact-Jacobian threshold) behind submodule names the fused op does not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.Tanh())
+        self.fc_mu, self.fc_var = torch.nn.Linear(64, 160), torch.nn.Linear(64, 160)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc_mu(h), self.fc_var(h) - 4
+
+
+def test_verify_rederives_randomized_jacobian_norms(tmp_path):
+    """A sweep whose bounds use randomized Jacobian norms (keyed by the unit's seed and each point's id) verifies
+    clean; an upper limit of ||J||_F raised together with the certified bound it divides is caught from the model."""
+    from vaefast import as_vae
+    from vaefast.core.options import MarginOptions
+    from vaefast.sweep import PointSet
+
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(160, 64), torch.nn.Sigmoid(), torch.nn.Unflatten(1, (1, 8, 8)))
+    model = as_vae(_WideEncoder(), decoder, likelihood="gaussian", decoder_output="mean", input_shape=(1, 8, 8))
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    db = tmp_path / "r.db"
+    run_sweep({"m": model}, PointSet(x), [0.6], db, num_samples=200, batch_size=4,
+              margin=MarginOptions(tol=0.05, steps=5))  # fmt: skip
+    rows = _rows(db)
+    assert {r["jac_method"] for r in rows} == {"randomized"} and any(r["certified"] for r in rows)
+    rep = verify_sweep(db, models={"m": model})
+    assert rep.passed, rep.discrepancies
+    victim = next(r for r in rows if r["certified"])
+    _sql(db, "UPDATE results SET jac_frobenius_upper = jac_frobenius_upper * 1.01, "
+         "certified_bound = certified_bound / 1.01 WHERE item_id = ?", victim["item_id"])  # fmt: skip
+    found = verify_sweep(db, models={"m": model}, recompute=False).discrepancies
+    assert [d.item_id for d in found] == [victim["item_id"]] and "jac_frobenius_upper" in found[0].reason
