@@ -51,8 +51,7 @@ def check_core(workdir: Path) -> None:
     model = VAE(VAEConfig(hidden=(32,), latent_dim=4, likelihood="gaussian", gaussian_std=0.2), seed=0)
     train(model, x, epochs=2, batch_size=32, progress=False)
     points = x[:4]
-    pilot = vaefast.estimate_r_robustness(model, points, radii=[4.0], num_samples=200, seed=0)
-    r = float(pilot.r_star.median())
+    r = vaefast.auto_radii(model, points, num_samples=200)[-1]  # above every point's r*: robust points to claim
     est = vaefast.estimate_r_robustness(model, points, radii=[r], num_samples=200, seed=0)
     bound = vaefast.margin_bound(model, points, r, estimate=est)
     margin = vaefast.numerical_margin(model, points, r, num_samples=200, steps=10, estimate=est, progress=False)
@@ -63,7 +62,8 @@ def check_core(workdir: Path) -> None:
     db = workdir / "results.db"
     vaefast.run_sweep({"m": model}, points, [r], db, num_samples=100, progress=False)
     checked = vaefast.verify_sweep(db, models={"m": model})
-    assert checked.checked > 0 and checked.version_note is None
+    assert checked.checked > 0, "the sweep made no claim to verify"
+    assert checked.passed and checked.version_note is None, (checked.failed, checked.discrepancies)
     print(f"core: r = {r:.3f}, bound {bound.bound.tolist()}, margin {margin.margin.tolist()}, {checked.checked} claims")
 
 
