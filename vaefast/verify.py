@@ -4,7 +4,8 @@ with independent random numbers.
 **Re-derived** (:mod:`vaefast.rederive`): the identity and completeness of the sweep against its specification, the
 clean estimate's columns and decision from its counts, the bounds from their components, the margins' order and the
 evidence's norm, box, counts and likelihoods, on every row; and, on the rows checked, the encoder's geometry, the
-clean counts and the evidence counts recounted from the model on the sweep's own random numbers. Each disagreement
+clean counts and the evidence counts recounted from the model on the sweep's own random numbers, the sound
+certificates, and (``recompute``) the margin search run again. Each disagreement
 is a :class:`~vaefast.rederive.Discrepancy` naming its row: any tampered column is caught.
 
 **Replayed**, per checked row, up to two claims:
