@@ -69,12 +69,11 @@ CPU_SIDE: dict[str, int] = {
     # a global offset that is a Python float (0.0) where no rule applies; moved to the radii's device where used
     "certification/bounds.py:local:as_tensor": 1,
     # verify's re-derivations: stored columns (counts) are CPU statistics; point ids and radii are CPU tensors, as
-    # the sweep's (UnitContext), and a parameterless model's dtype scalar is the CPU default
+    # the sweep's (UnitContext)
     "rederive.py:_derived:tensor": 3,
     "rederive.py:_counts_at:tensor": 2,
     "rederive.py:_certificates:zeros": 1,
     "rederive.py:search_discrepancies:tensor": 1,
-    "rederive.py:model_scalar:zeros": 1,
     # weights made on the CPU, moved with the module (.to(device)); order-dependent generators are CPU generators
     "models/likelihoods.py:__init__:zeros": 1,
     "models/lipschitz.py:__init__:tensor": 1,

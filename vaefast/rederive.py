@@ -55,6 +55,7 @@ import torch
 from vaefast import schema, store
 from vaefast.core.decide import BROKEN, ROBUST, UNDECIDED, Rule
 from vaefast.stats import clopper_pearson, sequential_schedule
+from vaefast.sweep.inputs import on_model
 from vaefast.sweep.spec import SweepSpec, curve_item_id, enumerate_units, fingerprint, item_id
 
 __all__ = [
@@ -520,14 +521,13 @@ def search_discrepancies(
 
     spec, out = sweep.spec, []
     by_id = {r["item_id"]: r for r in sweep.results}
-    like = model_scalar(model)
     for unit_id in sorted({r["unit_id"] for r in rows}):
         unit = next((u for u in enumerate_units([name], len(sweep.points), spec.batch_size) if u.unit_id == unit_id),
                     None)  # fmt: skip
         grid = [[by_id.get(item_id(name, r, p)) for r in spec.radii] for p in unit.positions] if unit else [[None]]
         if any(row is None or not isinstance(row["hits"], int) for line in grid for row in line):
             continue
-        x = torch.stack([sweep.point(p, name) for p in unit.positions]).to(like)
+        x = on_model(model, torch.stack([sweep.point(p, name) for p in unit.positions]))
         hits = torch.tensor([[row["hits"] for row in line] for line in grid], dtype=torch.int64)
         with eval_mode(model):
             nm = search_margins(UnitContext.build(model, x, WorkUnit(name, unit.first_pos, unit.n_points), spec), hits)
@@ -575,12 +575,6 @@ def _certificates(model, rows, sweep: StoredSweep, x: torch.Tensor, index: dict[
     return out
 
 
-def model_scalar(model: Any) -> torch.Tensor:
-    """A scalar of the model's dtype on its device."""
-    param = next(iter(model.parameters()), None)
-    return torch.zeros(()) if param is None else torch.zeros((), dtype=param.dtype, device=param.device)
-
-
 def model_discrepancies(
     model: Any, name: str, rows: Sequence[Mapping[str, Any]], sweep: StoredSweep
 ) -> list[Discrepancy]:
@@ -598,10 +592,9 @@ def model_discrepancies(
     rows = [r for r in rows if r["pos"] in sweep.points and isinstance(r["hits"], int)]
     if not rows:
         return []
-    like = model_scalar(model)
     positions = sorted({r["pos"] for r in rows})
     index = {p: i for i, p in enumerate(positions)}
-    x = torch.stack([sweep.point(p, name) for p in positions]).to(like)
+    x = on_model(model, torch.stack([sweep.point(p, name) for p in positions]))
     return (
         _clean(model, name, rows, sweep, x, index)
         + _adversarial(model, name, rows, sweep, x, index)

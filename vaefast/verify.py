@@ -50,13 +50,12 @@ from vaefast.rederive import (
     Discrepancy,
     StoredSweep,
     model_discrepancies,
-    model_scalar,
     search_discrepancies,
     stored_discrepancies,
 )
 from vaefast.rng import derive_seed, id_runs
 from vaefast.robustness import estimate_r_robustness
-from vaefast.sweep.inputs import load_stored_models
+from vaefast.sweep.inputs import load_stored_models, on_model
 from vaefast.sweep.spec import SweepSpec
 
 __all__ = ["VerifyReport", "verify_sweep"]
@@ -285,19 +284,17 @@ def _claims(row: Mapping[str, Any], kind: str) -> bool:
     return bool(row["certified"])
 
 
-def _tensor(blob: bytes | None, shape: Sequence[int], like: torch.Tensor | None = None) -> torch.Tensor:
+def _tensor(blob: bytes | None, shape: Sequence[int]) -> torch.Tensor:
     arr = store.from_blob(blob, shape)
-    t = torch.zeros(tuple(shape)) if arr is None else torch.from_numpy(arr.copy())
-    return t if like is None else t.to(like)
+    return torch.zeros(tuple(shape)) if arr is None else torch.from_numpy(arr.copy())
 
 
 def _check_group(model, sweep: StoredSweep, claims, kind, r, samples, confidence, seed) -> list[dict[str, Any]]:
     """One fresh estimate per run of consecutive positions (random numbers keyed by pos) for the group's claims."""
-    ref = model_scalar(model)
     name = claims[0]["model"]
     shape = sweep.input_shape[name]
-    x = torch.stack([sweep.point(row["pos"], name).to(ref) for row in claims])
-    delta = torch.stack([_tensor(row["delta"], shape, ref) for row in claims]) if kind == "delta" else None
+    x = on_model(model, torch.stack([sweep.point(row["pos"], name) for row in claims]))
+    delta = on_model(model, torch.stack([_tensor(row["delta"], shape) for row in claims])) if kind == "delta" else None
     stream = derive_seed(claims[0]["seed"], "verify", seed)
     est = _estimate(model, x, delta, r, samples, stream, confidence, [row["pos"] for row in claims])
     out = []
