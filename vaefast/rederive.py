@@ -538,11 +538,9 @@ def search_discrepancies(
 
 
 def _certificates(model, rows, sweep: StoredSweep, x: torch.Tensor, index: dict[int, int]) -> list[Discrepancy]:
-    """``cert_global`` and ``cert_local`` again from the model and the stored counts (the certify stage's
-    computation: the one-sided Clopper–Pearson ``p_low`` of ``hits``, then :meth:`EncoderCertifier.radii` for every
-    point and radius at once); a refused method must be NULL with its reason stored."""
-    from vaefast.certification import CertificationRefused, EncoderCertifier
-    from vaefast.stats import clopper_pearson_one_sided
+    """``cert_global`` and ``cert_local`` again from the model and the stored counts, by the certify stage's own
+    computation (:func:`vaefast.sweep.stages.certify_counts`); a refused method must be NULL with its reason stored."""
+    from vaefast.sweep.stages import certify_counts
 
     spec = sweep.spec
     k = {r: j for j, r in enumerate(spec.radii)}
@@ -550,20 +548,10 @@ def _certificates(model, rows, sweep: StoredSweep, x: torch.Tensor, index: dict[
     for row in rows:
         if row["r"] in k:
             hits[index[row["pos"]], k[row["r"]]] = row["hits"]
-    p_low, _ = clopper_pearson_one_sided(hits, spec.num_samples, 1.0 - spec.confidence)
-    radii: dict[str, torch.Tensor | None] = {}
-    try:
-        certifier = EncoderCertifier.for_model(model, x)
-    except CertificationRefused:
-        certifier = None
-    for method in ("global", "local"):
-        try:
-            radii[method] = None if certifier is None else certifier.radii(x, p_low, method).radius.cpu()
-        except CertificationRefused:
-            radii[method] = None
+    cert = certify_counts(model, x, hits, spec.num_samples, spec.confidence)
     out = []
     for row in (r for r in rows if r["r"] in k):
-        for method, found in radii.items():
+        for method, found in (("global", cert.global_), ("local", cert.local)):
             stored, column = row[f"cert_{method}"], f"cert_{method}"
             if found is None:
                 if stored is not None or not row["cert_reason"]:

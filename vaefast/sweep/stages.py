@@ -203,7 +203,7 @@ class Certificates:
 
 
 def certificates(ctx: UnitContext, est: RRobustnessResult) -> Certificates:
-    """The certify stage: sound certified radii of every (point, r) from the estimate (its one-sided lower limit).
+    """The certify stage: sound certified radii of every (point, r) from the estimate (:func:`certify_counts`).
 
     Args:
         ctx: the unit's context.
@@ -212,15 +212,36 @@ def certificates(ctx: UnitContext, est: RRobustnessResult) -> Certificates:
     Returns:
         The certificates, or the reason the encoder cannot be certified.
     """
+    return certify_counts(ctx.model, ctx.x, est.hits, est.num_samples, est.confidence)
+
+
+def certify_counts(
+    model: nn.Module, x: torch.Tensor, hits: torch.Tensor, num_samples: int, confidence: float
+) -> Certificates:
+    """Sound certified radii of every (point, r) from clean counts: the one-sided Clopper–Pearson lower limit
+    ``p_low`` of ``hits`` of ``num_samples`` at ``confidence``, then the model's cached
+    :class:`~vaefast.certification.EncoderCertifier` globally and locally (what the sweep stores and ``vaefast
+    verify`` re-derives).
+
+    Args:
+        model: the model, in eval mode.
+        x: the points ``[B, *input_shape]`` on the model's device.
+        hits: ``[B, K]`` clean counts, one column per radius.
+        num_samples: the samples behind each count.
+        confidence: of ``p_low``.
+
+    Returns:
+        The :class:`Certificates` (a refused method is None, with its reason).
+    """
     try:
-        certifier = EncoderCertifier.for_model(ctx.model, ctx.x)
+        certifier = EncoderCertifier.for_model(model, x)
     except CertificationRefused as exc:  # the encoder cannot be traced or has an op without a rule
         return Certificates(None, None, str(exc))
-    p_low, _ = clopper_pearson_one_sided(est.hits.cpu(), est.num_samples, 1.0 - est.confidence)
+    p_low, _ = clopper_pearson_one_sided(hits.cpu(), num_samples, 1.0 - confidence)
     found, reasons = [], []
     for method in ("global", "local"):
         try:
-            found.append(certifier.radii(ctx.x, p_low, method).radius.cpu())
+            found.append(certifier.radii(x, p_low, method).radius.cpu())
         except CertificationRefused as exc:  # no rule for this method (e.g. exp has no global constant)
             found.append(None)
             reasons.append(f"{method}: {exc}")
