@@ -57,15 +57,9 @@ def _find_cuda_home() -> str | None:
     return None
 
 
-def _extensions():
-    import torch
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    headers = sorted(glob.glob(os.path.join("csrc", "common", "*.h")))  # a changed header rebuilds the extension
-
-    use_cuda = False
+def _use_cuda(torch, cuda_sources: list[str]) -> bool:
+    """Whether to build the CUDA kernels (a CUDA torch, a GPU or FORCE_CUDA, a toolkit); exits where FORCE_CUDA
+    cannot be honoured, and points torch's extension builder at the real toolkit."""
     if _flag("FORCE_CUDA") and not _flag("FORCE_ONLY_CPU") and torch.version.cuda is None:
         sys.exit(f"FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU-only build.")
     wanted = _flag("FORCE_CUDA") or torch.cuda.is_available()
@@ -80,7 +74,6 @@ def _extensions():
                 sys.exit("FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc + libcudart) was found; set CUDA_HOME.")
             print("vaefast: no CUDA toolkit found, building CPU kernels only", file=sys.stderr)
         else:
-            use_cuda = True
             os.environ["CUDA_HOME"] = cuda_home
             # torch.utils.cpp_extension read CUDA_HOME at import: point it at the real toolkit.
             import torch.utils.cpp_extension as cpp_ext
@@ -89,36 +82,33 @@ def _extensions():
             if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
                 print(f"vaefast: no GPU visible, TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_LIST}", file=sys.stderr)
+            return True
+    return False
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    headers = sorted(glob.glob(os.path.join("csrc", "common", "*.h")))  # a changed header rebuilds the extension
+
+    use_cuda = _use_cuda(torch, cuda_sources)
 
     # -fno-math-errno / -fno-trapping-math let gcc vectorise sqrt and branch-free selects; neither changes
     # IEEE rounding (no reassociation, no contraction), so host and device results stay bit-identical.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-    define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    define_macros = [("Py_LIMITED_API", "0x030A0000")] + ([("VAEFAST_WITH_CUDA", None)] if use_cuda else [])
     extra_link_args = ["-fopenmp"]
+    common = {"depends": headers, "include_dirs": [os.path.join(ROOT, "csrc")], "define_macros": define_macros,
+              "extra_link_args": extra_link_args, "py_limited_api": True}  # fmt: skip
     if use_cuda:
-        define_macros.append(("VAEFAST_WITH_CUDA", None))
         nvcc_flags = ["-O3", "--fmad=false", "--expt-relaxed-constexpr"]
-        ext = CUDAExtension(
-            "vaefast._C",
-            sources + cuda_sources,
-            depends=headers,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=extra_link_args,
-            py_limited_api=True,
-        )
+        flags = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+        ext = CUDAExtension("vaefast._C", sources + cuda_sources, extra_compile_args=flags, **common)
     else:
-        ext = CppExtension(
-            "vaefast._C",
-            sources,
-            depends=headers,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=extra_link_args,
-            py_limited_api=True,
-        )
+        ext = CppExtension("vaefast._C", sources, extra_compile_args={"cxx": cxx_flags}, **common)
     return [ext]
 
 
